@@ -1,0 +1,79 @@
+"""Model surgery and attention modes: parity with transformers' DeepseekV3 / DeepseekV32 models."""
+
+import pytest
+import torch
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM
+
+from tests.conftest import TINY_INDEX, perturb_
+from train.model import AttentionMode, ModelConfig, build_model, convert_to_dsa
+from train.model.hf import export_hf
+
+
+def _source(arch, seed=0):
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**arch, attn_implementation="eager")).eval()
+    perturb_(model, seed)
+    return model
+
+
+@pytest.mark.parametrize("mlp", ["moe", "dense"])
+def test_dense_mode_matches_deepseek_v3(tiny_arch, mlp):
+    if mlp == "dense":
+        tiny_arch["first_k_dense_replace"] = tiny_arch["num_hidden_layers"]
+    source = _source(tiny_arch)
+    ids = torch.randint(0, tiny_arch["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = source(ids, use_cache=False).logits
+        model = convert_to_dsa(source, ModelConfig(arch=tiny_arch, **TINY_INDEX)).eval()
+        got = model(ids, AttentionMode(sparse=False))
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_export_loads_in_transformers_and_matches_sparse_mode(tiny_arch, tmp_path):
+    # 16 indexer heads: an exact tie (every head's relu at 0) is then too rare to meet the top-k boundary,
+    # where transformers' torch.topk and our lower-position-wins rule could pick differently.
+    index = TINY_INDEX | {"index_n_heads": 16}
+    model = convert_to_dsa(_source(tiny_arch), ModelConfig(arch=tiny_arch, **index)).eval()
+    perturb_(model, seed=3)  # indexers off their fresh init too
+    L, k = 48, TINY_INDEX["index_topk"]
+    ids = torch.randint(0, tiny_arch["vocab_size"], (2, L), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        sparse = model(ids, AttentionMode(sparse=True, topk=k))
+        dense = model(ids, AttentionMode(sparse=False))
+    assert (sparse - dense).abs().max().item() > 1e-2, "selection must drop tokens at L > k"
+
+    out = export_hf(model, tmp_path / "export")
+    assert not list(tmp_path.glob(".export.tmp-*")), "no temporary directory left behind"
+    v32, info = DeepseekV32ForCausalLM.from_pretrained(
+        out, attn_implementation="eager", dtype=torch.float32, output_loading_info=True
+    )
+    assert v32.config.model_type == "deepseek_v32"
+    assert (v32.config.index_n_heads, v32.config.index_head_dim, v32.config.index_topk) == (16, 16, k)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    with torch.no_grad():
+        hf_logits = v32.eval()(ids, use_cache=False).logits
+    assert (hf_logits - sparse).abs().max().item() <= 1e-4
+
+    # The export is also a valid source: reloading it keeps the trained indexers (a deepseek_v32 source).
+    reloaded = build_model(ModelConfig(path=str(out), index_topk=k)).eval()
+    with torch.no_grad():
+        again = reloaded(ids, AttentionMode(sparse=True, topk=k))
+    assert torch.equal(again, sparse)
+
+
+def test_export_keeps_backbone_bit_identical(tiny_arch, tmp_path):
+    source = _source(tiny_arch)
+    before = {k: v.clone() for k, v in source.state_dict().items()}
+    model = convert_to_dsa(source, ModelConfig(arch=tiny_arch, **TINY_INDEX))
+    v32 = DeepseekV32ForCausalLM.from_pretrained(export_hf(model, tmp_path / "e"), dtype=torch.float32)
+    after = v32.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    assert sum(".indexer." in k for k in after) == 5 * tiny_arch["num_hidden_layers"]
+
+
+def test_build_from_arch_is_deterministic(tiny_arch):
+    cfg = ModelConfig(arch=tiny_arch, **TINY_INDEX, init_seed=7)
+    a, b = build_model(cfg), build_model(ModelConfig(arch=tiny_arch, **TINY_INDEX, init_seed=7))
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb), na

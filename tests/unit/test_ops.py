@@ -1,0 +1,95 @@
+"""The chunked reference ops against naive full-matrix formulas (small shapes only), forward and backward."""
+
+import pytest
+import torch
+
+from train import ops
+from train.ops import reference
+
+B, L, H, G, D, DI = 2, 37, 3, 4, 12, 8  # odd L so that query blocks end mid-sequence
+
+
+def _rand(*shape, seed, scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).requires_grad_()
+
+
+def _naive_logits(qi, ki, wi):
+    logits = torch.einsum("btg,btgs->bts", wi, torch.einsum("btgd,bsd->btgs", qi, ki).relu())
+    return logits.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+
+
+def _grads(out, inputs):
+    return torch.autograd.grad(out, inputs)
+
+
+@pytest.mark.parametrize("block_elems", [64, 1 << 22])  # many blocks, and one block
+def test_sparse_mla_equals_dense_attention_masked_to_the_selection(block_elems):
+    V, K = 8, 9
+    q, kv = _rand(B, L, H, D, seed=0), _rand(B, L, D, seed=1)
+    idx = ops.indexer_topk(_rand(B, L, G, DI, seed=2), _rand(B, L, DI, seed=3), _rand(B, L, G, seed=4), K)
+    out, p = reference.sparse_mla(q, kv, idx, 0.3, V, block_elems=block_elems)
+
+    hits = torch.zeros(B, L, L).scatter_add_(-1, idx.clamp(min=0), (idx >= 0).float())
+    selected = hits > 0
+    scores = torch.einsum("bthd,bsd->bhts", q, kv) * 0.3
+    probs = scores.masked_fill(~selected[:, None], float("-inf")).softmax(-1)
+    want = torch.einsum("bhts,bsv->bthv", probs, kv[..., :V])
+    assert (out - want).abs().max().item() <= 1e-5
+    assert (p - probs.mean(1).gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, 0)).abs().max() <= 1e-6
+
+    g = torch.randn_like(out)
+    got_dq, got_dkv = _grads((out * g).sum(), [q, kv])
+    want_dq, want_dkv = _grads((want * g).sum(), [q, kv])
+    assert (got_dq - want_dq).abs().max().item() <= 1e-5
+    assert (got_dkv - want_dkv).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("block_elems", [64, 1 << 22])
+def test_dense_indexer_kl_matches_formula_and_gradient(block_elems):
+    qi, ki, wi = _rand(B, L, G, DI, seed=5), _rand(B, L, DI, seed=6), _rand(B, L, G, seed=7)
+    qa, ka = _rand(B, L, H, D, seed=8), _rand(B, L, H, D, seed=9)
+    kl, recall = reference.dense_indexer_kl(qi, ki, wi, qa, ka, 0.4, topk=5, block_elems=block_elems)
+
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    att = (torch.einsum("bthd,bshd->bhts", qa, ka) * 0.4).masked_fill(~causal, float("-inf")).softmax(-1)
+    p = att.sum(1) / att.sum(1).sum(-1, keepdim=True)  # head-summed, L1-normalised
+    logq = _naive_logits(qi, ki, wi).log_softmax(-1)
+    want = torch.where(causal, p * (p.clamp_min(1e-30).log() - logq), 0.0).sum(-1)
+    assert (kl - want).abs().max().item() <= 1e-5
+    top = torch.sort(_naive_logits(qi, ki, wi), dim=-1, descending=True, stable=True).indices[..., :5]
+    assert (recall - p.gather(-1, top).sum(-1)).abs().max().item() <= 1e-5
+    assert torch.all(recall[:, :5] > 1 - 1e-6), "a query with <= k causal tokens selects all of them"
+
+    # dL/dI = softmax(I) - p: check the chain through I's inputs against autograd on the naive formula.
+    got = _grads(kl.sum(), [qi, ki, wi])
+    want_g = _grads(want.sum(), [qi, ki, wi])
+    for a, b in zip(got, want_g):
+        assert (a - b).abs().max().item() <= 1e-5
+    assert qa.grad is None and not any(t.grad is not None for t in (qa, ka)), "no gradient to the attention inputs"
+
+
+@pytest.mark.parametrize("block_elems", [64, 1 << 22])
+def test_sparse_indexer_kl_over_selected_set(block_elems):
+    K = 6
+    qi, ki, wi = _rand(B, L, G, DI, seed=10), _rand(B, L, DI, seed=11), _rand(B, L, G, seed=12)
+    idx = ops.indexer_topk(qi.detach(), ki.detach(), wi.detach(), K)
+    p = torch.rand(B, L, K, generator=torch.Generator().manual_seed(13)).masked_fill(idx < 0, 0)
+    p = p / p.sum(-1, keepdim=True)
+    kl = reference.sparse_indexer_kl(qi, ki, wi, idx, p, block_elems=block_elems)
+
+    full = _naive_logits(qi, ki, wi)
+    sel = full.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, float("-inf"))
+    logq = sel.log_softmax(-1)
+    want = torch.where(idx >= 0, p * (p.clamp_min(1e-30).log() - logq), 0.0).sum(-1)
+    assert (kl - want).abs().max().item() <= 1e-5
+    for a, b in zip(_grads(kl.sum(), [qi, ki, wi]), _grads(want.sum(), [qi, ki, wi])):
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_topk_pads_short_rows_with_minus_one():
+    idx = ops.indexer_topk(_rand(1, L, G, DI, seed=1), _rand(1, L, DI, seed=2), _rand(1, L, G, seed=3), 10)
+    assert idx.shape == (1, L, 10)
+    for t in range(L):
+        row = idx[0, t]
+        assert (row >= 0).sum().item() == min(10, t + 1)
+        assert row.max().item() <= t

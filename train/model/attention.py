@@ -1,0 +1,110 @@
+"""MLA attention with a lightning indexer, run in one of two modes chosen by the stage: dense or sparse.
+
+Dense: the source model's MLA (per-head, non-absorbed), optionally with the warm-up indexer loss.
+Sparse: each query attends to its layer's top-k tokens, in MLA's absorbed (MQA) form, where one gathered
+latent row serves all heads; optionally with the sparse-stage indexer loss over the selected set.
+
+Dimension legend: B batch, L sequence, C hidden, H heads, N qk_nope_head_dim, R qk_rope_head_dim,
+V v_head_dim, A kv_lora_rank (latent), K selected tokens, G indexer heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from train import ops
+from train.model.indexer import Indexer, rope_interleaved
+
+
+@dataclass(frozen=True)
+class AttentionMode:
+    """What an attention layer computes in a forward pass (set by the stage, never by editing code)."""
+
+    sparse: bool = False          # top-k sparse attention instead of dense
+    indexer_loss: bool = False    # compute the indexer KL (dense: full causal span; sparse: selected set)
+    topk: int = 2048              # tokens per query in sparse mode, and for the warm-up recall metric
+
+
+@dataclass
+class AttentionStats:
+    """Per-layer side outputs of the last forward, read by the stage after the model call."""
+
+    kl_BL: torch.Tensor | None = None       # indexer KL per query (differentiable w.r.t. the indexer)
+    recall_BL: torch.Tensor | None = None   # share of head-averaged dense attention inside the indexer's top-k
+    topk_BLK: torch.Tensor | None = None    # selected positions (sparse mode), -1 = none
+    extra: dict = field(default_factory=dict)
+
+
+class DSAAttention(nn.Module):
+    """DeepSeek-V3 MLA plus a lightning indexer. Parameter names match transformers' DeepseekV32Attention."""
+
+    def __init__(self, *, q_a_proj: nn.Module, q_a_layernorm: nn.Module, q_b_proj: nn.Module,
+                 kv_a_proj_with_mqa: nn.Module, kv_a_layernorm: nn.Module, kv_b_proj: nn.Module,
+                 o_proj: nn.Module, indexer: Indexer, num_heads: int, qk_nope_head_dim: int,
+                 qk_rope_head_dim: int, v_head_dim: int, kv_lora_rank: int, softmax_scale: float):
+        super().__init__()
+        self.q_a_proj, self.q_a_layernorm, self.q_b_proj = q_a_proj, q_a_layernorm, q_b_proj
+        self.kv_a_proj_with_mqa, self.kv_a_layernorm, self.kv_b_proj = kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj
+        self.o_proj = o_proj
+        self.indexer = indexer
+        self.num_heads, self.nope_dim, self.rope_dim = num_heads, qk_nope_head_dim, qk_rope_head_dim
+        self.v_dim, self.latent_dim, self.softmax_scale = v_head_dim, kv_lora_rank, softmax_scale
+        self.stats = AttentionStats()
+
+    def forward(self, x_BLC: torch.Tensor, cos_BLR: torch.Tensor, sin_BLR: torch.Tensor,
+                mode: AttentionMode) -> torch.Tensor:
+        B, L, _ = x_BLC.shape
+        H, N, R = self.num_heads, self.nope_dim, self.rope_dim
+        qr_BLQ = self.q_a_layernorm(self.q_a_proj(x_BLC))
+        q_BLHD = self.q_b_proj(qr_BLQ).view(B, L, H, N + R)
+        q_nope_BLHN = q_BLHD[..., :N]
+        q_rope_BLHR = rope_interleaved(q_BLHD[..., N:], cos_BLR[:, :, None], sin_BLR[:, :, None])
+        latent_BLA, k_rope_BLR = self.kv_a_proj_with_mqa(x_BLC).split([self.latent_dim, R], dim=-1)
+        latent_BLA = self.kv_a_layernorm(latent_BLA)
+        k_rope_BLR = rope_interleaved(k_rope_BLR, cos_BLR, sin_BLR)
+
+        self.stats = AttentionStats()
+        if mode.sparse or mode.indexer_loss:
+            # The indexer learns only from its own loss: its inputs are cut from the main graph.
+            qi_BLGD, ki_BLD, wi_BLG = self.indexer(x_BLC.detach(), qr_BLQ.detach(), cos_BLR, sin_BLR)
+        if mode.sparse:
+            out_BLHV = self._sparse(q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, qi_BLGD, ki_BLD, wi_BLG, mode)
+        else:
+            out_BLHV = self._dense(q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, mode,
+                                   (qi_BLGD, ki_BLD, wi_BLG) if mode.indexer_loss else None)
+        return self.o_proj(out_BLHV.reshape(B, L, H * self.v_dim))
+
+    def _dense(self, q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, mode, indexer_out):
+        B, L, H, N = q_nope_BLHN.shape
+        kv_BLHX = self.kv_b_proj(latent_BLA).view(B, L, H, N + self.v_dim)
+        k_BLHD = torch.cat((kv_BLHX[..., :N], k_rope_BLR[:, :, None].expand(B, L, H, self.rope_dim)), dim=-1)
+        v_BLHV = kv_BLHX[..., N:]
+        q_BLHD = torch.cat((q_nope_BLHN, q_rope_BLHR), dim=-1)
+        out_BLHV = ops.dense_attention(q_BLHD, k_BLHD, v_BLHV, self.softmax_scale)
+        if indexer_out is not None:
+            qi_BLGD, ki_BLD, wi_BLG = indexer_out
+            kl_BL, recall_BL = ops.dense_indexer_kl(
+                qi_BLGD, ki_BLD, wi_BLG, q_BLHD.detach(), k_BLHD.detach(), self.softmax_scale, mode.topk
+            )
+            self.stats = AttentionStats(kl_BL=kl_BL, recall_BL=recall_BL)
+        return out_BLHV
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head into W_UK [H, N, A] (absorbed into q) and W_UV [H, V, A] (applied after)."""
+        w_HXA = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)
+        return w_HXA[:, : self.nope_dim], w_HXA[:, self.nope_dim :]
+
+    def _sparse(self, q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, qi_BLGD, ki_BLD, wi_BLG, mode):
+        topk_BLK = ops.indexer_topk(qi_BLGD.detach(), ki_BLD.detach(), wi_BLG.detach(), mode.topk)
+        w_uk_HNA, w_uv_HVA = self.absorbed_weights()
+        q_latent_BLHA = torch.einsum("blhn,hna->blha", q_nope_BLHN, w_uk_HNA)
+        q_BLHD = torch.cat((q_latent_BLHA, q_rope_BLHR), dim=-1)
+        kv_BLD = torch.cat((latent_BLA, k_rope_BLR), dim=-1)
+        out_BLHA, p_BLK = ops.sparse_mla(q_BLHD, kv_BLD, topk_BLK, self.softmax_scale, self.latent_dim)
+        out_BLHV = torch.einsum("blha,hva->blhv", out_BLHA, w_uv_HVA)
+        kl_BL = ops.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, topk_BLK, p_BLK) if mode.indexer_loss else None
+        self.stats = AttentionStats(kl_BL=kl_BL, topk_BLK=topk_BLK)
+        return out_BLHV

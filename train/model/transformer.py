@@ -1,0 +1,93 @@
+"""The DSA model: a DeepSeek-V3 decoder whose attention layers carry lightning indexers.
+
+Plain single-device PyTorch. Parameter names equal transformers' DeepseekV32ForCausalLM state dict, so
+export is a renaming-free hand-over (train/model/hf.py). Built only by train/model/surgery.py.
+
+Dimension legend: B batch, L sequence, C hidden, E vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from train.model.attention import AttentionMode, AttentionStats, DSAAttention
+
+
+class DSADecoderLayer(nn.Module):
+    def __init__(self, input_layernorm: nn.Module, self_attn: DSAAttention, post_attention_layernorm: nn.Module,
+                 mlp: nn.Module):
+        super().__init__()
+        self.input_layernorm, self.self_attn = input_layernorm, self_attn
+        self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
+
+    def forward(self, h_BLC, cos_BLR, sin_BLR, mode: AttentionMode) -> torch.Tensor:
+        h_BLC = h_BLC + self.self_attn(self.input_layernorm(h_BLC), cos_BLR, sin_BLR, mode)
+        return h_BLC + self.mlp(self.post_attention_layernorm(h_BLC))
+
+
+class DSABackbone(nn.Module):
+    def __init__(self, embed_tokens: nn.Module, layers: list[DSADecoderLayer], norm: nn.Module,
+                 rotary_emb: nn.Module):
+        super().__init__()
+        self.embed_tokens, self.layers, self.norm = embed_tokens, nn.ModuleList(layers), norm
+        self.rotary_emb = rotary_emb  # transformers' module: the source's own frequencies (YaRN included)
+
+
+class DSAForCausalLM(nn.Module):
+    """`source_config` is the source checkpoint's config dict; `index_*` are the DSA fields of DeepseekV32Config."""
+
+    def __init__(self, backbone: DSABackbone, lm_head: nn.Module, source_config: dict, index_n_heads: int,
+                 index_head_dim: int, index_topk: int):
+        super().__init__()
+        self.model, self.lm_head = backbone, lm_head
+        self.source_config = source_config
+        self.index_n_heads, self.index_head_dim, self.index_topk = index_n_heads, index_head_dim, index_topk
+        self.activation_checkpointing = False
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def indexer_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers for p in layer.self_attn.indexer.parameters()]
+
+    def layer_stats(self) -> list[AttentionStats]:
+        return [layer.self_attn.stats for layer in self.layers]
+
+    def hidden_states(self, input_ids_BL: torch.Tensor, mode: AttentionMode) -> torch.Tensor:
+        """Final-normed hidden states [B, L, C]; per-layer indexer outputs land in `layer_stats()`."""
+        h_BLC = self.model.embed_tokens(input_ids_BL)
+        positions_BL = torch.arange(input_ids_BL.shape[1], device=input_ids_BL.device)[None]
+        cos_BLR, sin_BLR = self.model.rotary_emb(h_BLC, positions_BL)
+        for layer in self.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h_BLC = checkpoint(layer, h_BLC, cos_BLR, sin_BLR, mode, use_reentrant=False)
+            else:
+                h_BLC = layer(h_BLC, cos_BLR, sin_BLR, mode)
+        return self.model.norm(h_BLC)
+
+    def forward(self, input_ids_BL: torch.Tensor, mode: AttentionMode = AttentionMode()) -> torch.Tensor:
+        """Logits [B, L, E]. For training use `lm_loss`, which never holds all logits at once."""
+        return self.lm_head(self.hidden_states(input_ids_BL, mode))
+
+    def lm_loss(self, input_ids_BL: torch.Tensor, labels_BL: torch.Tensor, mode: AttentionMode,
+                chunk_tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of next-token cross-entropy over labels != -100, number of such tokens).
+
+        labels are aligned with input_ids (label t is the token after t). The LM head runs in chunks of
+        `chunk_tokens` under activation checkpointing, so [tokens, vocab] logits never exist in full.
+        """
+        h_NC = self.hidden_states(input_ids_BL, mode).flatten(0, 1)
+        labels_N = labels_BL.flatten()
+        total = h_NC.new_zeros((), dtype=torch.float32)
+        for n0 in range(0, h_NC.shape[0], chunk_tokens):
+            h, y = h_NC[n0 : n0 + chunk_tokens], labels_N[n0 : n0 + chunk_tokens]
+            total = total + checkpoint(_chunk_ce, self.lm_head, h, y, use_reentrant=False)
+        return total, (labels_N != -100).sum()
+
+
+def _chunk_ce(lm_head: nn.Module, h_NC: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(h_NC).float(), labels_N, ignore_index=-100, reduction="sum")

@@ -1,0 +1,244 @@
+"""Chunked PyTorch implementations of the DSA hot paths: the oracle every fast kernel is tested against.
+
+Every function walks the queries in blocks, so no [L, L] (or [H, L, L]) tensor for a whole sequence ever
+exists; backward passes recompute each block instead of keeping it (see `_QueryBlocks`).
+
+Dimension legend: B batch, T query positions (a block of them), S key positions, L sequence length,
+H attention heads, G indexer heads, D head dim, K selected tokens per query, V value dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Elements (of the largest per-block intermediate) a query block may hold; 2**22 fp32 = 16 MiB.
+DEFAULT_BLOCK_ELEMS = 1 << 22
+
+
+def query_block_size(num_queries: int, elems_per_query: int, block_elems: int = DEFAULT_BLOCK_ELEMS) -> int:
+    """Largest query block whose widest intermediate holds at most `block_elems` elements."""
+    return max(1, min(num_queries, block_elems // max(1, elems_per_query)))
+
+
+class _QueryBlocks(torch.autograd.Function):
+    """Runs `fn` on query blocks; backward recomputes each block under autograd (activation checkpointing).
+
+    `fn(t0, *query_args_block, *full_args)` returns a tuple whose first `num_diff` entries are
+    differentiable [B, T, ...] tensors; the rest are auxiliary outputs (no gradient). Query args are
+    sliced along dim 1; full args (keys) are passed whole.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, block, num_query_args, num_diff, *args):
+        num_queries = args[0].shape[1]
+        pieces = []
+        with torch.no_grad():
+            for t0 in range(0, num_queries, block):
+                q_args = [a[:, t0 : t0 + block] for a in args[:num_query_args]]
+                pieces.append(fn(t0, *q_args, *args[num_query_args:]))
+        outs = tuple(torch.cat(list(p), dim=1) for p in zip(*pieces))
+        ctx.fn, ctx.block, ctx.num_query_args, ctx.num_diff = fn, block, num_query_args, num_diff
+        ctx.save_for_backward(*args)
+        ctx.mark_non_differentiable(*outs[num_diff:])
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        args = ctx.saved_tensors
+        nq, block = ctx.num_query_args, ctx.block
+        wants = ctx.needs_input_grad[4:]
+        grads = [torch.zeros_like(a) if w else None for a, w in zip(args, wants)]
+        full = [a.detach().requires_grad_(w) for a, w in zip(args[nq:], wants[nq:])]
+        for t0 in range(0, args[0].shape[1], block):
+            q_args = [a[:, t0 : t0 + block].detach().requires_grad_(w) for a, w in zip(args[:nq], wants[:nq])]
+            with torch.enable_grad():
+                outs = ctx.fn(t0, *q_args, *full)[: ctx.num_diff]
+                inputs = [x for x in q_args + full if x.requires_grad]
+                block_grads = torch.autograd.grad(
+                    outs, inputs, [g[:, t0 : t0 + block] for g in grad_outs[: ctx.num_diff]], allow_unused=True
+                )
+            it = iter(block_grads)
+            for i, x in enumerate(q_args + full):
+                if not x.requires_grad:
+                    continue
+                g = next(it)
+                if g is None:
+                    continue
+                if i < nq:
+                    grads[i][:, t0 : t0 + block] += g
+                else:
+                    grads[i] += g
+        return (None, None, None, None, *grads)
+
+
+def _gather_rows(x_BSD: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:
+    """x[b, idx[b, t, k]] -> [B, T, K, D]; negative (invalid) indices read row 0 and must be masked by the caller."""
+    B, T, K = idx_BTK.shape
+    flat = idx_BTK.clamp(min=0).reshape(B, T * K, 1).expand(-1, -1, x_BSD.shape[-1])
+    return torch.gather(x_BSD, 1, flat).view(B, T, K, x_BSD.shape[-1])
+
+
+def _causal_mask(t0: int, num_queries: int, num_keys: int, device) -> torch.Tensor:
+    """[T, S] bool, True where key s is visible to query t0 + t."""
+    t = torch.arange(t0, t0 + num_queries, device=device)[:, None]
+    return torch.arange(num_keys, device=device)[None, :] <= t
+
+
+def indexer_logits(q_BTGD: torch.Tensor, k_BSD: torch.Tensor, w_BTG: torch.Tensor, t0: int) -> torch.Tensor:
+    """I[b, t, s] = sum_g w[b, t, g] * relu(q[b, t, g] . k[b, s]), -inf for s > t0 + t. Computed in fp32.
+
+    `w` already carries the G**-0.5 * D**-0.5 factors (see Indexer.forward).
+    """
+    scores_BTGS = torch.einsum("btgd,bsd->btgs", q_BTGD.float(), k_BSD.float()).relu()
+    logits_BTS = torch.einsum("btgs,btg->bts", scores_BTGS, w_BTG.float())
+    visible_TS = _causal_mask(t0, q_BTGD.shape[1], k_BSD.shape[1], q_BTGD.device)
+    return logits_BTS.masked_fill(~visible_TS, float("-inf"))
+
+
+@torch.no_grad()
+def indexer_topk(
+    q_BLGD: torch.Tensor, k_BLD: torch.Tensor, w_BLG: torch.Tensor, topk: int, block_elems: int = DEFAULT_BLOCK_ELEMS
+) -> torch.Tensor:
+    """Top-k key positions per query over the causal span: [B, L, min(topk, L)] int64, -1 where t + 1 < k.
+
+    Indices of a row come in descending logit order; ties go to the lower position (`topk_stable`).
+    """
+    B, L, G, _ = q_BLGD.shape
+    K = min(topk, L)
+    block = query_block_size(L, B * G * L)
+    out = torch.empty(B, L, K, dtype=torch.long, device=q_BLGD.device)
+    for t0 in range(0, L, block):
+        t1 = min(L, t0 + block)
+        logits_BTS = indexer_logits(q_BLGD[:, t0:t1], k_BLD[:, :t1], w_BLG[:, t0:t1], t0)
+        if logits_BTS.shape[-1] < K:
+            logits_BTS = F.pad(logits_BTS, (0, K - logits_BTS.shape[-1]), value=float("-inf"))
+        vals, idx = topk_stable(logits_BTS, K)
+        out[:, t0:t1] = idx.masked_fill(vals == float("-inf"), -1)
+    return out
+
+
+def topk_stable(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along the last dim with a fixed tie rule (the lower position wins), whatever the row length.
+
+    relu makes exact ties common (every head's score clipped to 0); a fixed rule keeps the selected set
+    independent of block sizes, ranks and backends.
+    """
+    vals, idx = torch.sort(x, dim=-1, descending=True, stable=True)
+    return vals[..., :k], idx[..., :k]
+
+
+def _kl_terms(p: torch.Tensor, logq: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """sum over the last dim of p * (log p - log q), counting only valid entries (0 * log 0 = 0)."""
+    terms = torch.xlogy(p, p) - p * logq.masked_fill(~valid, 0.0)
+    return terms.masked_fill(~valid, 0.0).sum(-1)
+
+
+def _dense_kl_block(t0, qi_BTGD, wi_BTG, qa_BTHD, ki_BSD, ka_BSHD, scale, topk):
+    T = qi_BTGD.shape[1]
+    S = t0 + T  # keys past the block's last query are invisible to all of it
+    ki_BSD, ka_BSHD = ki_BSD[:, :S], ka_BSHD[:, :S]
+    visible_TS = _causal_mask(t0, T, S, qi_BTGD.device)
+
+    logits_BTS = indexer_logits(qi_BTGD, ki_BSD, wi_BTG, t0)
+    logq_BTS = torch.log_softmax(logits_BTS, dim=-1)
+
+    with torch.no_grad():  # the target is a constant: attention inputs are detached
+        att_BHTS = torch.einsum("bthd,bshd->bhts", qa_BTHD.float(), ka_BSHD.float()) * scale
+        att_BHTS = att_BHTS.masked_fill(~visible_TS, float("-inf")).softmax(dim=-1)
+        p_BTS = att_BHTS.mean(dim=1)  # head sum, L1-normalised: each head's row sums to 1
+        k = min(topk, S)
+        top_BTK = topk_stable(logits_BTS, k)[1]
+        recall_BT = p_BTS.gather(-1, top_BTK).sum(-1)  # invisible picks carry p = 0
+
+    kl_BT = _kl_terms(p_BTS, logq_BTS, visible_TS.expand_as(p_BTS))
+    return kl_BT, recall_BT
+
+
+def dense_indexer_kl(
+    qi_BLGD: torch.Tensor,
+    ki_BLD: torch.Tensor,
+    wi_BLG: torch.Tensor,
+    qa_BLHD: torch.Tensor,
+    ka_BLHD: torch.Tensor,
+    scale: float,
+    topk: int,
+    block_elems: int = DEFAULT_BLOCK_ELEMS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warm-up loss per query: KL(p_t || softmax(I_t)) over the full causal span, and the indexer's recall.
+
+    p_t is the head-averaged dense attention of queries `qa` over keys `ka` (per-head, non-absorbed MLA
+    form) with softmax scale `scale`; recall is the share of p_t inside the indexer's top-`topk`.
+    Returns (kl [B, L] fp32, differentiable w.r.t. qi, ki, wi; recall [B, L] fp32, no gradient).
+    """
+    B, L, H, _ = qa_BLHD.shape
+    block = query_block_size(L, B * max(H, qi_BLGD.shape[2]) * L, block_elems)
+    fn = lambda t0, qi, wi, qa, ki, ka: _dense_kl_block(t0, qi, wi, qa, ki, ka, scale, topk)  # noqa: E731
+    return _QueryBlocks.apply(fn, block, 3, 1, qi_BLGD, wi_BLG, qa_BLHD.detach(), ki_BLD, ka_BLHD.detach())
+
+
+def _sparse_mla_block(t0, q_BTHD, idx_BTK, kv_BSD, scale, v_dim):
+    valid_BTK = idx_BTK >= 0
+    kv_BTKD = _gather_rows(kv_BSD, idx_BTK).float()
+    s_BTHK = torch.einsum("bthd,btkd->bthk", q_BTHD.float(), kv_BTKD) * scale
+    p_BTHK = s_BTHK.masked_fill(~valid_BTK[:, :, None, :], float("-inf")).softmax(dim=-1)
+    out_BTHV = torch.einsum("bthk,btkv->bthv", p_BTHK, kv_BTKD[..., :v_dim]).to(q_BTHD.dtype)
+    return out_BTHV, p_BTHK.mean(dim=2).detach()
+
+
+def sparse_mla(
+    q_BLHD: torch.Tensor,
+    kv_BLD: torch.Tensor,
+    idx_BLK: torch.Tensor,
+    scale: float,
+    v_dim: int,
+    block_elems: int = DEFAULT_BLOCK_ELEMS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MLA in MQA (absorbed) form: query t attends to latent rows idx[t] (-1 = none), shared by all heads.
+
+    kv holds [latent | rope key] per token (d_qk wide); its first `v_dim` dims are the values.
+    Returns (out [B, L, H, v_dim], differentiable w.r.t. q and kv; p [B, L, K] fp32, the head-averaged
+    attention over the selected rows, which the sparse indexer loss uses as its target).
+    """
+    B, L, H, D = q_BLHD.shape
+    K = idx_BLK.shape[-1]
+    block = query_block_size(L, B * K * max(H, D), block_elems)
+    fn = lambda t0, q, idx, kv: _sparse_mla_block(t0, q, idx, kv, scale, v_dim)  # noqa: E731
+    return _QueryBlocks.apply(fn, block, 2, 1, q_BLHD, idx_BLK, kv_BLD)
+
+
+def _sparse_kl_block(t0, qi_BTGD, wi_BTG, idx_BTK, p_BTK, ki_BSD):
+    valid_BTK = idx_BTK >= 0
+    k_BTKD = _gather_rows(ki_BSD, idx_BTK).float()
+    scores_BTGK = torch.einsum("btgd,btkd->btgk", qi_BTGD.float(), k_BTKD).relu()
+    logits_BTK = torch.einsum("btgk,btg->btk", scores_BTGK, wi_BTG.float())
+    logq_BTK = torch.log_softmax(logits_BTK.masked_fill(~valid_BTK, float("-inf")), dim=-1)
+    return (_kl_terms(p_BTK.float(), logq_BTK, valid_BTK),)
+
+
+def sparse_indexer_kl(
+    qi_BLGD: torch.Tensor,
+    ki_BLD: torch.Tensor,
+    wi_BLG: torch.Tensor,
+    idx_BLK: torch.Tensor,
+    p_BLK: torch.Tensor,
+    block_elems: int = DEFAULT_BLOCK_ELEMS,
+) -> torch.Tensor:
+    """Sparse-stage indexer loss per query: KL(p_t || softmax(I_t)) over the selected set idx[t] only.
+
+    p [B, L, K] is the head-averaged main attention over the selected set (sums to 1 over valid entries).
+    Returns kl [B, L] fp32, differentiable w.r.t. qi, ki, wi.
+    """
+    B, L, G, D = qi_BLGD.shape
+    K = idx_BLK.shape[-1]
+    block = query_block_size(L, B * K * max(G, D), block_elems)
+    (kl_BL,) = _QueryBlocks.apply(_sparse_kl_block, block, 4, 1, qi_BLGD, wi_BLG, idx_BLK, p_BLK.detach(), ki_BLD)
+    return kl_BL
+
+
+def dense_attention(q_BLHD: torch.Tensor, k_BLHD: torch.Tensor, v_BLHV: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal softmax attention through SDPA (flash/memory-efficient kernels: no [L, L] tensor)."""
+    out_BHLV = F.scaled_dot_product_attention(
+        q_BLHD.transpose(1, 2), k_BLHD.transpose(1, 2), v_BLHV.transpose(1, 2), is_causal=True, scale=scale
+    )
+    return out_BHLV.transpose(1, 2)
