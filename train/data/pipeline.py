@@ -1,0 +1,208 @@
+"""Token streams: tokenise documents, pack them into sequences, mix sources, shard by rank, resume exactly.
+
+Packing: each document's tokens are followed by the tokenizer's end-of-document token and the documents
+are concatenated; sequence i holds stream tokens [i*L, (i+1)*L) as inputs and the next L tokens as labels,
+so a document longer than `seq_len` simply continues in the next sequence, and no token is padding.
+The tokens after the last full sequence of an epoch are dropped (fewer than L per source and epoch).
+
+Order: a source's documents are shuffled per epoch (seeded) unless streaming, where they are read in file
+order. A mixture picks each global sequence's source by a seeded draw on its index. Every rank builds the
+same global batch and keeps its contiguous share, so 2 ranks together see exactly what 1 rank sees.
+The state (sequences consumed per source and in all) is part of every checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from train.data.sources import DataError, SourceConfig, load_documents
+from train.data.synthetic import SyntheticConfig
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    valid_sources: list[SourceConfig] = field(default_factory=list)
+    seq_len: int = 1024
+    tokenizer: str | None = None     # null: the model checkpoint's own; "synthetic": the embedded default's
+    streaming: bool = False          # for corpora larger than memory: read lazily, in file order
+    seed: int = 0
+    synthetic: SyntheticConfig | None = None  # set: generate the embedded corpus into `generated_dir` if missing
+    generated_dir: str = "data/generated/synthetic"
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ValueError("data.sources is empty: give at least one source (data=synthetic for the default)")
+        if self.seq_len < 2:
+            raise ValueError(f"data.seq_len={self.seq_len}; must be >= 2")
+        for i, src in enumerate(self.sources):
+            src.validate(f"data.sources[{i}]")
+
+
+def tokenize_batch(tokenizer, texts: list[str]) -> list[np.ndarray]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError(f"tokenizer {type(tokenizer).__name__} has no eos_token: documents cannot be separated")
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [np.asarray(x + [eos], dtype=np.int64) for x in ids]
+
+
+class SourceStream:
+    """Packed (L+1)-token windows of one source, deterministic for a seed; state = (epoch, index in epoch)."""
+
+    def __init__(self, src: SourceConfig, tokenizer, seq_len: int, seed: int, streaming: bool):
+        self.src, self.tokenizer, self.seq_len, self.seed, self.streaming = src, tokenizer, seq_len, seed, streaming
+        self.dataset, self.column = load_documents(src, streaming)
+        self.epoch, self.index = 0, 0
+        self._docs: list[np.ndarray] | None = None   # map-style: all documents, tokenised once
+        self._epoch_tokens: np.ndarray | None = None
+        self._iter = None                            # streaming: the live packer
+
+    def _documents(self):
+        for batch in self.dataset.iter(batch_size=256):
+            yield from tokenize_batch(self.tokenizer, batch[self.column])
+
+    def _load_epoch(self) -> None:
+        if self._docs is None:
+            self._docs = list(self._documents())
+        order = list(range(len(self._docs)))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        self._epoch_tokens = np.concatenate([self._docs[i] for i in order])
+        if self.num_sequences() == 0:
+            raise DataError(f"data source path={self.src.path!r}: {len(self._epoch_tokens)} tokens, fewer than one "
+                            f"sequence of data.seq_len={self.seq_len} (+1) tokens")
+
+    def num_sequences(self) -> int:
+        return (len(self._epoch_tokens) - 1) // self.seq_len
+
+    def _windows_streaming(self):
+        buf, produced = np.zeros(0, dtype=np.int64), 0
+        for doc in self._documents():
+            buf = np.concatenate([buf, doc])
+            while len(buf) >= self.seq_len + 1:
+                yield buf[: self.seq_len + 1]
+                buf = buf[self.seq_len :]
+                produced += 1
+        if produced == 0:
+            raise DataError(f"data source path={self.src.path!r}: fewer than one sequence of "
+                            f"data.seq_len={self.seq_len} (+1) tokens")
+
+    def next_window(self) -> np.ndarray:
+        if self.streaming:
+            if self._iter is None:
+                self._iter = self._windows_streaming()
+                for _ in range(self.index):  # resume: replay up to the saved position
+                    next(self._iter)
+            try:
+                window = next(self._iter)
+            except StopIteration:
+                self.epoch, self.index, self._iter = self.epoch + 1, 0, None
+                return self.next_window()
+        else:
+            if self._epoch_tokens is None:
+                self._load_epoch()
+            if self.index >= self.num_sequences():
+                self.epoch, self.index = self.epoch + 1, 0
+                self._load_epoch()
+            start = self.index * self.seq_len
+            window = self._epoch_tokens[start : start + self.seq_len + 1]
+        self.index += 1
+        return window
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        reload = state["epoch"] != self.epoch
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._iter = None
+        if reload and self._epoch_tokens is not None:
+            self._load_epoch()
+
+
+class TokenPipeline:
+    """The rank's share of each global batch: `next_batch()` -> input_ids and labels [global/world, L]."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1, sources=None):
+        srcs = cfg.sources if sources is None else sources
+        self.streams = [SourceStream(s, tokenizer, cfg.seq_len, cfg.seed + i, cfg.streaming) for i, s in enumerate(srcs)]
+        self.weights = [s.weight for s in srcs]
+        self.seed, self.rank, self.world_size = cfg.seed, rank, world_size
+        self.sequences_consumed = 0   # global, over all ranks
+        self.tokens_consumed = 0      # global input tokens (no padding exists)
+
+    def _pick_source(self, g: int) -> int:
+        if len(self.streams) == 1:
+            return 0
+        return random.Random(self.seed * 7_919 + g).choices(range(len(self.streams)), self.weights)[0]
+
+    def next_batch(self, global_batch: int) -> dict:
+        if global_batch % self.world_size:
+            raise ValueError(f"global batch {global_batch} does not divide by world size {self.world_size}")
+        windows = []
+        for _ in range(global_batch):
+            windows.append(self.streams[self._pick_source(self.sequences_consumed)].next_window())
+            self.sequences_consumed += 1
+        per_rank = global_batch // self.world_size
+        mine = torch.from_numpy(np.stack(windows[self.rank * per_rank : (self.rank + 1) * per_rank]))
+        self.tokens_consumed += global_batch * (mine.shape[1] - 1)
+        return {"input_ids": mine[:, :-1].contiguous(), "labels": mine[:, 1:].contiguous(),
+                "num_tokens": per_rank * (mine.shape[1] - 1), "global_tokens": global_batch * (mine.shape[1] - 1)}
+
+    @property
+    def epochs(self) -> list[int]:
+        return [s.epoch for s in self.streams]
+
+    def state_dict(self) -> dict:
+        return {"sequences_consumed": self.sequences_consumed, "tokens_consumed": self.tokens_consumed,
+                "streams": [s.state_dict() for s in self.streams]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["streams"]) != len(self.streams):
+            raise ValueError(f"checkpoint has {len(state['streams'])} data sources, the config {len(self.streams)}")
+        self.sequences_consumed, self.tokens_consumed = state["sequences_consumed"], state["tokens_consumed"]
+        for stream, s in zip(self.streams, state["streams"]):
+            stream.load_state_dict(s)
+
+
+def load_tokenizer(cfg: DataConfig, model_path: str | None):
+    """The tokenizer named by `data.tokenizer`, or the model checkpoint's own."""
+    from train.data.synthetic import build_tokenizer
+
+    if cfg.tokenizer == "synthetic":
+        return build_tokenizer(cfg.synthetic or SyntheticConfig())
+    path = cfg.tokenizer or model_path
+    if path is None:
+        raise ValueError("data.tokenizer is null and the model has no checkpoint directory (model.path): "
+                         "set data.tokenizer to a tokenizer directory or 'synthetic'")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise DataError(f"tokenizer at {path!r} cannot be loaded ({type(e).__name__}: {e})") from None
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, where: str) -> None:
+    n = len(tokenizer)
+    if n > vocab_size:
+        raise DataError(f"tokenizer {where!r} has {n} tokens but the model's vocab_size is {vocab_size}: "
+                        "they do not belong together")
+
+
+def ensure_generated(cfg: DataConfig) -> None:
+    """Generates the embedded synthetic corpus when the config asks for it and it is missing."""
+    from pathlib import Path
+
+    from train.data.synthetic import generate
+
+    if cfg.synthetic is None:
+        return
+    out = Path(cfg.generated_dir)
+    if not (out / "train.jsonl").exists() or not (out / "valid.jsonl").exists():
+        print(f"[data] generating the synthetic corpus in {out}/ ...", flush=True)
+        generate(out, cfg.synthetic)
