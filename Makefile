@@ -9,7 +9,12 @@ HYDRA_ARGS := $(strip $(foreach a,$(MAKEOVERRIDES),$(if $(filter $(MAKE_VARS),$(
 # CPU-only machines get the CPU build of torch (the CUDA wheels are several GB); GPU machines the default.
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 
-.PHONY: setup test test-all
+BASE_EXPORT := checkpoints/base/base/export/config.json
+# The default model is the one `make base` trains; a command line that names another model skips it.
+NEEDS_BASE := $(if $(filter model=% model.path=% stage.init_from=%,$(HYDRA_ARGS)),,$(BASE_EXPORT))
+EVAL_MODEL ?= $(firstword $(wildcard checkpoints/default/sparse/export) checkpoints/default/warmup/export)
+
+.PHONY: setup test test-all base warmup sparse eval plan
 
 setup: $(VENV)/.installed
 
@@ -27,3 +32,25 @@ test: setup
 # Everything, including end-to-end stage runs marked slow.
 test-all: setup
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+# The embedded default's dense source model (cached: delete checkpoints/base/ to retrain).
+base: setup $(BASE_EXPORT)
+$(BASE_EXPORT):
+	NPROC=$(NPROC) launch/local.sh stage=base run.name=base $(HYDRA_ARGS)
+	$(PYTHON) -m train.eval --model checkpoints/base/base/export --out checkpoints/base/base/eval.json
+
+# Stage 1: dense warm-up of the indexers.
+warmup: setup $(NEEDS_BASE)
+	NPROC=$(NPROC) launch/local.sh stage=warmup $(HYDRA_ARGS)
+
+# Stage 2: sparse training, from the warm-up export of the same run.
+sparse: setup $(NEEDS_BASE)
+	NPROC=$(NPROC) launch/local.sh stage=sparse $(HYDRA_ARGS)
+
+# Held-out figures of the converted model next to the dense base model.
+eval: setup
+	$(PYTHON) -m train.eval --model $(EVAL_MODEL) --baseline checkpoints/base/base/export $(ARGS)
+
+# Tokens, steps and batch split of a stage without building anything (e.g. `make plan preset=paper`).
+plan: setup
+	$(PYTHON) -m train run.dry_run=true $(HYDRA_ARGS)

@@ -151,18 +151,28 @@ def v32_config(source_config: dict, index_n_heads: int, index_head_dim: int, ind
     return config
 
 
-def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = None, tokenizer=None,
+              dense_only: bool = False) -> Path:
     """Writes `model` (a DSAForCausalLM) as a `deepseek_v32` Hugging Face directory, atomically.
 
-    The files appear under `out_dir` only once complete: they are written next to it and renamed.
+    `dense_only` writes the backbone alone as `deepseek_v3` (a dense source, e.g. `make base`'s model).
+    The files (and the tokenizer, if given) appear under `out_dir` only once complete.
     """
-    from transformers import DeepseekV32ForCausalLM
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM
 
-    config = v32_config(model.source_config, model.index_n_heads, model.index_head_dim, model.index_topk)
     state = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach())
              for k, v in model.state_dict().items()}
+    if dense_only:
+        fields = {f.name for f in dataclasses.fields(DeepseekV3Config)} - _NOT_EXPORTED
+        config = DeepseekV3Config(**{k: v for k, v in model.source_config.items() if k in fields})
+        config.architectures = ["DeepseekV3ForCausalLM"]
+        state = {k: v for k, v in state.items() if ".indexer." not in k}
+        model_class = DeepseekV3ForCausalLM
+    else:
+        config = v32_config(model.source_config, model.index_n_heads, model.index_head_dim, model.index_topk)
+        model_class = DeepseekV32ForCausalLM
     with torch.device("meta"):
-        hf_model = DeepseekV32ForCausalLM(config)
+        hf_model = model_class(config)
     result = hf_model.load_state_dict(state, strict=False, assign=True)
     assert not result.missing_keys and not result.unexpected_keys, result  # our names are V3.2's by design
     config.dtype = next(iter(state.values())).dtype
@@ -170,6 +180,8 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     hf_model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

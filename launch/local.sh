@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Single node: every local GPU through the DeepSpeed launcher, or NPROC CPU processes (gloo) where there
+# is none. Arguments are Hydra overrides:  launch/local.sh stage=warmup stage.steps=20
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+NPROC=${NPROC:-}
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  exec "$PY" -m deepspeed.launcher.runner --no_local_rank --num_gpus "${NPROC:-$(nvidia-smi -L | wc -l)}" \
+    --module train "$@"
+elif [ "${NPROC:-1}" -gt 1 ]; then
+  exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m train "$@"
+else
+  exec "$PY" -m train "$@"
+fi

@@ -1,0 +1,37 @@
+"""Hydra entry point: `python -m train [overrides]` (or under deepspeed / torchrun): compose, build, run a stage."""
+
+import os
+import sys
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from train.config import TrainConfig, from_hydra
+
+# The typed schema under conf/config.yaml: every key exists, so any key can be overridden, and types are checked.
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+# The DeepSpeed launcher appends --local_rank=N, which Hydra rejects; the rank is in the environment too.
+sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def main(raw: DictConfig) -> None:
+    from train.loop import run_stage
+
+    try:
+        cfg = from_hydra(raw)
+        run_stage(cfg, raw)
+    except ValueError as e:  # config and input errors: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # DeepSpeed's process group can abort at interpreter shutdown after ZeRO-3 (see NOTES.md); all work is done.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The structured training config (what Hydra composes from conf/) and its validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from train.data import DataConfig
+from train.engine import DeepSpeedConfig
+from train.metrics import LoggingConfig
+from train.model import ModelConfig
+from train.stages import STAGES, StageConfig
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"          # run state lives in <root>/<name>/<stage>/
+    root: str = "checkpoints"
+    seed: int = 0
+    dry_run: bool = False          # print the plan (tokens, steps, batch split) and stop; no model is built
+    resume: bool = True            # continue from the stage's latest checkpoint when there is one
+    num_procs: int | None = None   # CPU processes for `make` launches where there is no GPU (null: 1)
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    preset: dict[str, Any] = field(default_factory=dict)  # conf/preset/*: its name and per-stage sizes
+
+    def validate(self, world_size: int = 1) -> None:
+        """Raises ValueError naming the key, the value and what is allowed; runs before any work."""
+        s = self.stage
+        if s.name not in STAGES:
+            raise ValueError(f"stage.name={s.name!r}; allowed: {', '.join(STAGES)}")
+        if s.steps <= 0:
+            raise ValueError(f"stage.steps={s.steps}; must be > 0")
+        if s.max_tokens is not None and s.max_tokens <= 0:
+            raise ValueError(f"stage.max_tokens={s.max_tokens}; must be > 0 or null")
+        if s.micro_batch <= 0:
+            raise ValueError(f"stage.micro_batch={s.micro_batch}; must be > 0")
+        if s.global_batch <= 0 or s.global_batch % (s.micro_batch * world_size):
+            raise ValueError(
+                f"stage.global_batch={s.global_batch} does not divide into stage.micro_batch={s.micro_batch} x "
+                f"{world_size} ranks x gradient accumulation; allowed: a positive multiple of "
+                f"{s.micro_batch * world_size}")
+        if s.lr <= 0 or (s.indexer_lr is not None and s.indexer_lr <= 0):
+            raise ValueError(f"stage.lr={s.lr}, stage.indexer_lr={s.indexer_lr}; learning rates must be > 0")
+        if s.log_every <= 0 or s.save_every <= 0:
+            raise ValueError(f"stage.log_every={s.log_every}, stage.save_every={s.save_every}; must be > 0")
+        if s.name != "base" and self.model_path() is None:
+            raise ValueError(f"stage {s.name!r} converts a checkpoint, but model.path is null and stage.init_from "
+                             "is null; set model.path=/path/to/deepseek_v3_dir")
+        self.model.validate()
+        self.data.validate()
+        self.deepspeed.validate()
+        self.logging.validate()
+
+    def model_path(self) -> str | None:
+        """The checkpoint this stage starts from; base builds from model.arch unless stage.init_from is set."""
+        if self.stage.name == "base":
+            return self.stage.init_from
+        return self.stage.init_from or self.model.path
+
+    def grad_accum(self, world_size: int) -> int:
+        return self.stage.global_batch // (self.stage.micro_batch * world_size)
+
+    def tokens_per_step(self) -> int:
+        return self.stage.global_batch * self.data.seq_len
+
+
+def from_hydra(cfg: DictConfig) -> TrainConfig:
+    """Typed config from Hydra's; unknown keys and wrong types raise OmegaConf errors naming the key."""
+    name = cfg.stage.name  # checked first: presets look their sizes up by stage name
+    if name not in STAGES:
+        raise ValueError(f"stage.name={name!r}; allowed: {', '.join(STAGES)}")
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    return OmegaConf.to_object(merged)

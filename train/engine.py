@@ -1,0 +1,122 @@
+"""The only module that touches DeepSpeed and torch.distributed: process group, DeepSpeed config, rank helpers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    offload_optimizer: bool = False   # ZeRO-2/3: optimizer state in CPU memory
+    offload_params: bool = False      # ZeRO-3: parameters in CPU memory
+    bf16: str = "auto"                # auto: on where the accelerator supports bf16 (CUDA), off on CPU
+    torch_adam: bool = True           # torch's AdamW; false: DeepSpeed's fused Adam (JIT-built)
+
+    def validate(self) -> None:
+        if self.zero_stage not in ZERO_STAGES:
+            raise ValueError(f"deepspeed.zero_stage={self.zero_stage}; allowed: {', '.join(map(str, ZERO_STAGES))}")
+        if self.offload_optimizer and self.zero_stage < 2:
+            raise ValueError(f"deepspeed.offload_optimizer=true needs deepspeed.zero_stage 2 or 3, not {self.zero_stage}")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"deepspeed.offload_params=true needs deepspeed.zero_stage=3, not {self.zero_stage}")
+        if self.bf16 not in ("auto", "true", "false", True, False):
+            raise ValueError(f"deepspeed.bf16={self.bf16!r}; allowed: auto, true, false")
+
+
+def use_bf16(cfg: DeepSpeedConfig) -> bool:
+    if cfg.bf16 in ("auto",):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return cfg.bf16 in (True, "true")
+
+
+def build_ds_config(cfg: DeepSpeedConfig, *, micro_batch: int, grad_accum: int, world_size: int, lr: float,
+                    weight_decay: float, grad_clip: float, bf16: bool) -> dict:
+    """The DeepSpeed config dict (pure: no process group, no devices)."""
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": weight_decay, "torch_adam": cfg.torch_adam}},
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); a plain `python` start becomes a 1-process group."""
+    import deepspeed
+
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, default)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
+    # The CPU accelerator otherwise JIT-builds a shared-memory collective (~23 s) that training never uses.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def broadcast_object(obj):
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict):
+    """The DeepSpeed engine over `model`, optimising exactly `param_groups` (frozen parameters get no state)."""
+    import deepspeed
+
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
+    return engine, optimizer
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

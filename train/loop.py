@@ -1,0 +1,145 @@
+"""run_stage(): build everything for one stage, then the training loop; train_step(): one optimizer step."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from train import checkpoint, engine as eng
+from train.config import TrainConfig
+from train.data import TokenPipeline, check_tokenizer_fits, ensure_generated, load_tokenizer
+from train.metrics import MetricsLogger, peak_memory_gib
+from train.model import ModelConfig, build_model
+from train.model.hf import export_hf
+from train.stages import STAGES, compute_loss, param_groups
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up over lr_warmup_steps, then cosine from 1 to min_lr_ratio at the last step (a multiplier)."""
+    if step < cfg.lr_warmup_steps:
+        return (step + 1) / cfg.lr_warmup_steps
+    span = max(1, cfg.steps - cfg.lr_warmup_steps)
+    progress = min(1.0, (step - cfg.lr_warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def print_plan(cfg: TrainConfig, world_size: int) -> None:
+    s = cfg.stage
+    eng.print0(
+        f"[plan] stage {s.name}: {s.steps:,} steps x {s.global_batch:,} sequences x {cfg.data.seq_len:,} tokens\n"
+        f"[plan] tokens per step: {cfg.tokens_per_step():,}\n"
+        f"[plan] tokens in stage: {cfg.tokens_per_step() * s.steps:,}"
+        + (f" (capped by stage.max_tokens={s.max_tokens:,})" if s.max_tokens else "") + "\n"
+        f"[plan] ranks: {world_size}, micro batch {s.micro_batch}, gradient accumulation {cfg.grad_accum(world_size)}"
+    )
+
+
+def train_step(engine, model, stage, cfg: TrainConfig, batch: dict, lr_scale: float, base_lrs: list[float]):
+    """One optimizer step over the rank's share of a global batch; returns summed per-micro-batch metrics."""
+    for group, base in zip(engine.optimizer.param_groups, base_lrs):
+        group["lr"] = base * lr_scale
+    mb = cfg.stage.micro_batch
+    totals: dict[str, torch.Tensor] = {}
+    for i in range(0, batch["input_ids"].shape[0], mb):
+        ids = batch["input_ids"][i : i + mb].to(engine.device)
+        labels = batch["labels"][i : i + mb].to(engine.device)
+        loss, metrics = compute_loss(model, stage, cfg.stage, ids, labels)
+        engine.backward(loss)
+        engine.step()
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0) + v.float()
+    return totals
+
+
+def run_stage(cfg: TrainConfig, raw_cfg) -> None:
+    rank, world, _ = eng.init_distributed()
+    cfg.validate(world)
+    if cfg.run.dry_run:
+        print_plan(cfg, world)
+        return
+    stage = STAGES[cfg.stage.name]
+    run_dir = Path(cfg.run.root) / cfg.run.name / stage.name
+    ckpt_dir = run_dir / "ckpt"
+    torch.manual_seed(cfg.run.seed)
+
+    if eng.is_rank0():
+        ensure_generated(cfg.data)
+    eng.barrier()
+    model_cfg = ModelConfig(**{**vars(cfg.model), "path": cfg.model_path()})
+    model = build_model(model_cfg)
+    model.activation_checkpointing = cfg.stage.activation_checkpointing
+    tokenizer = load_tokenizer(cfg.data, model_cfg.path)
+    check_tokenizer_fits(tokenizer, model.source_config["vocab_size"], cfg.data.tokenizer or model_cfg.path)
+    data = TokenPipeline(cfg.data, tokenizer, rank=rank, world_size=world)
+
+    groups = param_groups(model, stage, cfg.stage)
+    base_lrs = [g["lr"] for g in groups]
+    ds_config = eng.build_ds_config(cfg.deepspeed, micro_batch=cfg.stage.micro_batch,
+                                    grad_accum=cfg.grad_accum(world), world_size=world, lr=cfg.stage.lr,
+                                    weight_decay=cfg.stage.weight_decay, grad_clip=cfg.stage.grad_clip,
+                                    bf16=eng.use_bf16(cfg.deepspeed))
+    engine, _ = eng.initialize(model, groups, ds_config)
+    model = engine.module
+
+    step, tokens_total = 0, 0
+    if cfg.run.resume:
+        state = checkpoint.resume(engine, ckpt_dir)
+        if state is not None:
+            if state["world_size"] != world:
+                raise ValueError(f"{ckpt_dir}: saved with {state['world_size']} ranks, resumed with {world}; "
+                                 "relaunch with the same number of ranks")
+            step, tokens_total = state["step"], state["tokens_total"]
+            data.load_state_dict(state["data"])
+            eng.print0(f"[resume] {ckpt_dir} at step {step}, {tokens_total:,} tokens")
+
+    logger = MetricsLogger(run_dir, cfg.logging, f"{cfg.run.name}-{stage.name}",
+                           OmegaConf.to_container(raw_cfg, resolve=True), enabled=eng.is_rank0())
+    if eng.is_rank0():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw_cfg, resolve=True))
+    print_plan(cfg, world)
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+    eng.print0(f"[model] {sum(p.numel() for p in model.parameters()):,} parameters, {trainable:,} trained "
+               f"({', '.join(g['name'] for g in groups)})")
+
+    def limit_reached() -> bool:
+        return step >= cfg.stage.steps or (cfg.stage.max_tokens is not None and tokens_total >= cfg.stage.max_tokens)
+
+    t_last, tokens_last = time.perf_counter(), tokens_total
+    while not limit_reached():
+        batch = data.next_batch(cfg.stage.global_batch)
+        totals = train_step(engine, model, stage, cfg, batch, lr_at(step, cfg.stage), base_lrs)
+        step += 1
+        tokens_total += int(eng.all_reduce_sum(torch.tensor([batch["num_tokens"]])).item())
+        if step % cfg.stage.log_every == 0 or limit_reached():
+            keys = sorted(totals)
+            summed = eng.all_reduce_sum(torch.stack([totals[k] for k in keys]))
+            n_micro = cfg.grad_accum(world) * world
+            metrics = {k: v / n_micro for k, v in zip(keys, summed.tolist())}
+            now = time.perf_counter()
+            metrics.update({
+                "lr": base_lrs[-1] * lr_at(step - 1, cfg.stage),
+                "tokens/step": cfg.tokens_per_step(),
+                "tokens/total": tokens_total,
+                "perf/tokens_per_sec": (tokens_total - tokens_last) / max(now - t_last, 1e-9),
+                "mem/peak_gib": peak_memory_gib(),
+                "data/epoch": max(data.epochs),
+            })
+            t_last, tokens_last = now, tokens_total
+            logger.log(step, metrics)
+            logger.progress(step, cfg.stage.steps, metrics)
+        if step % cfg.stage.save_every == 0 or limit_reached():
+            checkpoint.save(engine, ckpt_dir, step, {"step": step, "tokens_total": tokens_total,
+                                                     "data": data.state_dict(), "world_size": world,
+                                                     "stage": stage.name})
+    logger.close()
+    if eng.is_rank0():
+        export_hf(model, run_dir / "export", tokenizer=tokenizer, dense_only=stage.name == "base")
+        eng.print0(f"[done] {stage.name}: {step} steps, {tokens_total:,} tokens; export in {run_dir / 'export'}")
+    eng.barrier()
+

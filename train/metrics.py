@@ -1,0 +1,75 @@
+"""One metrics logger (rank 0): always a local metrics.jsonl, optionally wandb (offline by default)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"         # offline: works without network; `wandb sync` uploads later
+    project: str = "dsa-train"
+    entity: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True         # one line per logging step on rank 0
+
+    def validate(self) -> None:
+        if self.wandb.mode not in WANDB_MODES:
+            raise ValueError(f"logging.wandb.mode={self.wandb.mode!r}; allowed: {', '.join(WANDB_MODES)}")
+
+
+def peak_memory_gib() -> float:
+    """Peak accelerator memory of this process, or peak resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, run_name: str, config: dict, enabled: bool):
+        self.enabled, self.cfg = enabled, cfg
+        self.path = run_dir / "metrics.jsonl"
+        self._wandb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.wandb.mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self._wandb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=run_name,
+                                     mode=cfg.wandb.mode, dir=str(run_dir), config=config, resume="allow",
+                                     id=f"{run_name}".replace("/", "-"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def progress(self, step: int, total: int, metrics: dict[str, float]) -> None:
+        if not (self.enabled and self.cfg.progress):
+            return
+        keys = ("loss/lm", "loss/indexer_kl", "indexer/recall")
+        shown = "  ".join(f"{k.split('/')[-1]} {metrics[k]:.4f}" for k in keys if k in metrics)
+        print(f"step {step}/{total}  {shown}  tokens {int(metrics['tokens/total']):,}  "
+              f"{metrics['perf/tokens_per_sec']:,.0f} tok/s", flush=True)
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,107 @@
+"""The three stages as data: which parameters train, which attention mode runs, which losses apply.
+
+base:   dense LM pre-training of the source model (the embedded default's `make base`); indexers unused.
+warmup: DSA.md §1 stage 1. Backbone frozen and forward-only, attention dense, indexer KL over the full span.
+sparse: DSA.md §1 stage 2. Top-k attention, LM loss for the model, KL over the selected set for the
+        indexers (whose inputs are detached, so each loss reaches only its own parameters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from train.model import AttentionMode, DSAForCausalLM
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    trains_backbone: bool
+    trains_indexer: bool
+    sparse: bool
+    lm_loss: bool
+    indexer_loss: bool
+
+
+STAGES = {
+    "base": Stage("base", trains_backbone=True, trains_indexer=False, sparse=False, lm_loss=True, indexer_loss=False),
+    "warmup": Stage("warmup", trains_backbone=False, trains_indexer=True, sparse=False, lm_loss=False,
+                    indexer_loss=True),
+    "sparse": Stage("sparse", trains_backbone=True, trains_indexer=True, sparse=True, lm_loss=True, indexer_loss=True),
+}
+
+
+@dataclass
+class StageConfig:
+    name: str = "warmup"
+    steps: int = 1000
+    max_tokens: int | None = None      # stop once this many tokens (all ranks) were trained on
+    global_batch: int = 16             # sequences per optimizer step, over all ranks
+    micro_batch: int = 1               # sequences per rank per forward
+    lr: float = 1e-3
+    indexer_lr: float | None = None    # sparse stage: the indexer's own lr (null: stage.lr)
+    lr_warmup_steps: int = 0
+    min_lr_ratio: float = 1.0          # cosine decay to lr * min_lr_ratio (1.0: constant)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    indexer_loss_coef: float = 1.0     # sparse stage: loss = lm + coef * indexer_kl (the KL's gradient only
+                                       # reaches the indexer, so with Adam the coefficient barely matters)
+    init_from: str | None = None       # checkpoint directory this stage starts from (overrides model.path)
+    log_every: int = 1
+    save_every: int = 100
+    activation_checkpointing: bool = False
+
+
+def mode_of(stage: Stage, model: DSAForCausalLM) -> AttentionMode:
+    return AttentionMode(sparse=stage.sparse, indexer_loss=stage.indexer_loss, topk=model.index_topk)
+
+
+def set_trainable(model: DSAForCausalLM, stage: Stage) -> None:
+    indexer_ids = {id(p) for p in model.indexer_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(stage.trains_indexer if id(p) in indexer_ids else stage.trains_backbone)
+
+
+def param_groups(model: DSAForCausalLM, stage: Stage, cfg: StageConfig) -> list[dict]:
+    """Optimizer groups holding exactly the trainable parameters (frozen ones get no state)."""
+    set_trainable(model, stage)
+    indexer_ids = {id(p) for p in model.indexer_parameters()}
+    groups = []
+    if stage.trains_backbone:
+        groups.append({"params": [p for p in model.parameters() if id(p) not in indexer_ids], "lr": cfg.lr,
+                       "name": "backbone"})
+    if stage.trains_indexer:
+        groups.append({"params": model.indexer_parameters(), "lr": cfg.indexer_lr or cfg.lr, "name": "indexer"})
+    return groups
+
+
+def compute_loss(model: DSAForCausalLM, stage: Stage, cfg: StageConfig, input_ids: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss to backpropagate, detached per-micro-batch metrics). Losses are means over tokens (and layers)."""
+    mode = mode_of(stage, model)
+    metrics: dict[str, torch.Tensor] = {}
+    loss = torch.zeros((), device=input_ids.device)
+    if stage.lm_loss:
+        lm_sum, count = model.lm_loss(input_ids, labels, mode)
+        lm = lm_sum / count
+        loss = loss + lm
+        metrics["loss/lm"] = lm.detach()
+    else:
+        model.hidden_states(input_ids, mode)  # the warm-up needs no LM head
+    if stage.indexer_loss:
+        stats = model.layer_stats()
+        kl_layers = torch.stack([s.kl_BL.float().mean() for s in stats])
+        kl = kl_layers.mean()
+        loss = loss + (cfg.indexer_loss_coef if stage.lm_loss else 1.0) * kl
+        metrics["loss/indexer_kl"] = kl.detach()
+        for i, v in enumerate(kl_layers.detach()):
+            metrics[f"indexer/kl_per_layer/{i}"] = v
+        recalls = [s.recall_BL.float().mean() for s in stats if s.recall_BL is not None]
+        if recalls:
+            metrics["indexer/recall"] = torch.stack(recalls).mean()
+            for i, v in enumerate(recalls):
+                metrics[f"indexer/recall_per_layer/{i}"] = v
+    metrics["loss/total"] = loss.detach()
+    return loss, metrics
