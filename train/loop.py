@@ -16,7 +16,7 @@ from train.data import TokenPipeline, check_tokenizer_fits, ensure_generated, lo
 from train.metrics import MetricsLogger, peak_memory_gib
 from train.model import ModelConfig, build_model
 from train.model.hf import export_hf
-from train.stages import STAGES, compute_loss, param_groups
+from train.stages import STAGES, alignment_probe, compute_loss, param_groups
 
 
 def lr_at(step: int, cfg) -> float:
@@ -87,6 +87,7 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
     model = engine.module
 
     step, tokens_total = 0, 0
+    probe_ids, probe_topk = None, None  # a fixed micro-batch for the selection-overlap and recall probes
     if cfg.run.resume:
         state = checkpoint.resume(engine, ckpt_dir)
         if state is not None:
@@ -95,6 +96,7 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
                                  "relaunch with the same number of ranks")
             step, tokens_total = state["step"], state["tokens_total"]
             data.load_state_dict(state["data"])
+            probe_ids = state["probe_ids"].to(engine.device)
             eng.print0(f"[resume] {ckpt_dir} at step {step}, {tokens_total:,} tokens")
 
     logger = MetricsLogger(run_dir, cfg.logging, f"{cfg.run.name}-{stage.name}",
@@ -113,10 +115,15 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
     t_last, tokens_last = time.perf_counter(), tokens_total
     while not limit_reached():
         batch = data.next_batch(cfg.stage.global_batch)
+        if probe_ids is None:
+            probe_ids = batch["input_ids"][: cfg.stage.micro_batch].to(engine.device)
         totals = train_step(engine, model, stage, cfg, batch, lr_at(step, cfg.stage), base_lrs)
         step += 1
         tokens_total += int(eng.all_reduce_sum(torch.tensor([batch["num_tokens"]])).item())
         if step % cfg.stage.log_every == 0 or limit_reached():
+            if stage.trains_indexer:
+                probe, probe_topk = alignment_probe(model, stage, probe_ids, probe_topk)
+                totals.update({k: v * cfg.grad_accum(world) for k, v in probe.items()})  # averaged below
             keys = sorted(totals)
             summed = eng.all_reduce_sum(torch.stack([totals[k] for k in keys]))
             n_micro = cfg.grad_accum(world) * world
@@ -136,7 +143,7 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
         if step % cfg.stage.save_every == 0 or limit_reached():
             checkpoint.save(engine, ckpt_dir, step, {"step": step, "tokens_total": tokens_total,
                                                      "data": data.state_dict(), "world_size": world,
-                                                     "stage": stage.name})
+                                                     "stage": stage.name, "probe_ids": probe_ids.cpu()})
     logger.close()
     if eng.is_rank0():
         export_hf(model, run_dir / "export", tokenizer=tokenizer, dense_only=stage.name == "base")

@@ -105,3 +105,33 @@ def compute_loss(model: DSAForCausalLM, stage: Stage, cfg: StageConfig, input_id
                 metrics[f"indexer/recall_per_layer/{i}"] = v
     metrics["loss/total"] = loss.detach()
     return loss, metrics
+
+
+@torch.no_grad()
+def alignment_probe(model: DSAForCausalLM, stage: Stage, probe_ids: torch.Tensor,
+                    previous_topk: list[torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Logging-step figures on a fixed probe batch: the selected sets (and their overlap with the previous
+    probe's) and, in the sparse stage, the indexer's recall of the dense attention it replaces."""
+    metrics: dict[str, torch.Tensor] = {}
+    model.hidden_states(probe_ids, AttentionMode(sparse=True, topk=model.index_topk))
+    topk = [s.topk_BLK for s in model.layer_stats()]
+    if previous_topk is not None:
+        overlaps = [selection_overlap(p, t) for p, t in zip(previous_topk, topk)]
+        metrics["indexer/selection_overlap"] = torch.stack(overlaps).mean()
+        for i, v in enumerate(overlaps):
+            metrics[f"indexer/selection_overlap_per_layer/{i}"] = v
+    if stage.sparse:  # the warm-up measures recall on every training batch already
+        model.hidden_states(probe_ids, AttentionMode(sparse=False, indexer_loss=True, topk=model.index_topk))
+        recalls = [s.recall_BL.float().mean() for s in model.layer_stats()]
+        metrics["indexer/recall"] = torch.stack(recalls).mean()
+        for i, v in enumerate(recalls):
+            metrics[f"indexer/recall_per_layer/{i}"] = v
+    return metrics, topk
+
+
+def selection_overlap(prev_BLK: torch.Tensor, now_BLK: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of |S_prev ∩ S_now| / |S_now| (selected sets as index lists, -1 = none)."""
+    prev_sorted = prev_BLK.sort(dim=-1).values
+    pos = torch.searchsorted(prev_sorted, now_BLK).clamp(max=prev_BLK.shape[-1] - 1)
+    hit = (prev_sorted.gather(-1, pos) == now_BLK) & (now_BLK >= 0)
+    return (hit.sum(-1).float() / (now_BLK >= 0).sum(-1).clamp(min=1)).mean()

@@ -1,9 +1,10 @@
 """The embedded default corpus: key-value recall buried in filler, so that attention must reach far back.
 
-A document is a stream of filler words in which facts `SET k17 = v203` are stated and, hundreds to
-thousands of words later, queried: `GET k17 = v203`. The value after `GET k17 =` can only be predicted by
-retrieving the matching `SET` (chance: 1 / num_values), so attention patterns are sharp and a sparse
-selection that misses the fact shows up directly as lost retrieval accuracy.
+A document states facts `SET k17 v9` among filler words and, hundreds of words later, queries them in a
+fresh order: `GET k17 v9`. The value after `GET k17` can only be predicted by retrieving the matching `SET`
+(chance: 1 / num_values), so attention patterns are sharp and a sparse selection that misses the fact shows
+up directly as lost retrieval accuracy. Facts are dense (every query is a training signal), so that a small
+model learns the lookup (an induction head) within minutes on a CPU.
 
 Its tokenizer (`build_tokenizer`) is word-level over exactly this vocabulary, saved with every model we
 build on it, so later stages load it from the checkpoint like any other model's tokenizer.
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SPECIALS = ["<eos>", "<unk>"]
-MARKERS = ["SET", "GET", "="]
+MARKERS = ["SET", "GET"]
 
 
 @dataclass
@@ -29,9 +30,11 @@ class SyntheticConfig:
     num_valid_docs: int = 64
     doc_words: int = 1023          # words per document (one word = one token): with <eos>, one 1024-token sequence
     num_filler: int = 256          # filler vocabulary
-    num_keys: int = 512
-    num_values: int = 128
-    facts_per_doc: int = 16        # each GET comes about half a document after its SET
+    num_keys: int = 256
+    num_values: int = 64
+    facts_per_doc: int = 64        # SETs fill the first half of a document, GETs (shuffled) the second
+    max_filler: int = 2            # filler words after each statement
+    passage_words: int = 64        # a random passage, repeated at the end
     seed: int = 1234
 
 
@@ -41,16 +44,31 @@ def vocabulary(cfg: SyntheticConfig) -> list[str]:
 
 
 def make_document(rng: random.Random, cfg: SyntheticConfig) -> str:
-    """One document: filler with `facts_per_doc` SET statements in slots of 4 words, all before their GETs."""
-    words = [f"w{rng.randrange(cfg.num_filler)}" for _ in range(cfg.doc_words)]
+    """One document of `doc_words` words: `SET k v` facts, a random passage, the facts queried as `GET k v`
+    in a fresh order, then the passage again; each statement is followed by 0-`max_filler` filler words.
+
+    The repeated passage gives every later word of it an earlier occurrence to copy from: dense practice
+    for the same lookup-and-copy (induction) that answers a GET, which a small model then learns in minutes.
+    """
+    words: list[str] = []
     keys = rng.sample(range(cfg.num_keys), cfg.facts_per_doc)
-    span = cfg.doc_words - 4
-    slots = sorted(rng.sample(range(0, span, 4), 2 * cfg.facts_per_doc))  # non-overlapping 4-word slots
-    sets, gets = slots[: cfg.facts_per_doc], slots[cfg.facts_per_doc :]
-    for key, s_pos, g_pos in zip(keys, sets, gets):
-        value = f"v{rng.randrange(cfg.num_values)}"
-        words[s_pos : s_pos + 4] = ["SET", f"k{key}", "=", value]
-        words[g_pos : g_pos + 4] = ["GET", f"k{key}", "=", value]
+    values = {k: f"v{rng.randrange(cfg.num_values)}" for k in keys}
+    passage = [f"w{rng.randrange(cfg.num_filler)}" for _ in range(cfg.passage_words)]
+
+    def statement(marker: str, key: int) -> None:
+        words.extend([marker, f"k{key}", values[key]])
+        words.extend(f"w{rng.randrange(cfg.num_filler)}" for _ in range(rng.randint(0, cfg.max_filler)))
+
+    for key in keys:
+        statement("SET", key)
+    words.extend(passage)
+    queries = list(keys)
+    rng.shuffle(queries)
+    for key in queries:
+        statement("GET", key)
+    words.extend(passage)
+    words = words[: cfg.doc_words]
+    words.extend(f"w{rng.randrange(cfg.num_filler)}" for _ in range(cfg.doc_words - len(words)))
     return " ".join(words)
 
 
@@ -83,7 +101,7 @@ def build_tokenizer(cfg: SyntheticConfig = SyntheticConfig()):
 
 
 def retrieval_targets(input_ids: list[int] | "torch.Tensor", tokenizer) -> list[int]:  # noqa: F821
-    """Positions t whose next token is a retrievable value: input_ids[t-2:t+1] == GET k =."""
+    """Positions t whose next token is a retrievable value: input_ids[t-1:t+1] == GET k."""
     ids = input_ids.tolist() if hasattr(input_ids, "tolist") else list(input_ids)
-    get_id, eq_id = tokenizer.convert_tokens_to_ids(["GET", "="])
-    return [t for t in range(2, len(ids) - 1) if ids[t] == eq_id and ids[t - 2] == get_id]
+    get_id = tokenizer.convert_tokens_to_ids("GET")
+    return [t for t in range(1, len(ids) - 1) if ids[t - 1] == get_id]

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Elements (of the largest per-block intermediate) a query block may hold; 2**22 fp32 = 16 MiB.
-DEFAULT_BLOCK_ELEMS = 1 << 22
+# Elements (of the largest per-block intermediate) a query block may hold; 2**20 fp32 = 4 MiB.
+DEFAULT_BLOCK_ELEMS = 1 << 20
 
 
 def query_block_size(num_queries: int, elems_per_query: int, block_elems: int = DEFAULT_BLOCK_ELEMS) -> int:

@@ -1,0 +1,55 @@
+"""Two losses, two owners: in the sparse stage the LM loss reaches only the main model, the indexer KL only
+the indexers; in the warm-up only the indexers get gradients and the backbone builds no graph."""
+
+import torch
+
+from tests.conftest import TINY_INDEX, perturb_
+from train.model import ModelConfig, build_model
+from train.stages import STAGES, StageConfig, compute_loss, mode_of, param_groups
+
+
+def _setup(tiny_arch, stage):
+    model = build_model(ModelConfig(arch=tiny_arch, **TINY_INDEX))
+    perturb_(model, seed=1)
+    groups = param_groups(model, STAGES[stage], StageConfig(name=stage))
+    ids = torch.randint(0, tiny_arch["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(0))
+    return model, groups, ids, torch.roll(ids, -1, 1)
+
+
+def _grad_norms(params):
+    return [0.0 if p.grad is None else p.grad.norm().item() for p in params]
+
+
+def test_sparse_lm_loss_reaches_only_the_main_model(tiny_arch):
+    model, groups, ids, labels = _setup(tiny_arch, "sparse")
+    backbone, indexer = groups[0]["params"], groups[1]["params"]
+    mode = mode_of(STAGES["sparse"], model)
+    assert mode.sparse and mode.indexer_loss
+    lm_sum, n = model.lm_loss(ids, labels, mode)
+    (lm_sum / n).backward()
+    assert all(g == 0.0 for g in _grad_norms(indexer))
+    assert sum(g > 0 for g in _grad_norms(backbone)) > 0.9 * len(backbone)
+
+
+def test_sparse_indexer_loss_reaches_only_the_indexers(tiny_arch):
+    model, groups, ids, labels = _setup(tiny_arch, "sparse")
+    backbone, indexer = groups[0]["params"], groups[1]["params"]
+    _, metrics = compute_loss(model, STAGES["sparse"], StageConfig(name="sparse"), ids, labels)
+    kl = torch.stack([s.kl_BL.mean() for s in model.layer_stats()]).mean()
+    kl.backward()
+    assert all(g == 0.0 for g in _grad_norms(backbone))
+    assert all(g > 0 for g in _grad_norms(indexer))
+    assert metrics["loss/indexer_kl"].item() > 0
+
+
+def test_warmup_trains_only_indexers_without_a_backbone_graph(tiny_arch):
+    model, groups, ids, labels = _setup(tiny_arch, "warmup")
+    assert [g["name"] for g in groups] == ["indexer"]
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.indexer_parameters()}
+    assert all(not p.requires_grad for n, p in model.named_parameters() if ".indexer." not in n)
+    h = model.hidden_states(ids, mode_of(STAGES["warmup"], model))
+    assert h.grad_fn is None, "the frozen backbone builds no autograd graph"
+    loss, metrics = compute_loss(model, STAGES["warmup"], StageConfig(name="warmup"), ids, labels)
+    loss.backward()
+    assert "loss/lm" not in metrics and 0 < metrics["indexer/recall"].item() <= 1
+    assert all(g > 0 for g in _grad_norms(groups[0]["params"]))
