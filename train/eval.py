@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="exported model directory (deepseek_v32 or deepseek_v3)")
     p.add_argument("--data", default="data/generated/synthetic/valid.jsonl", help="held-out file/folder/glob")
     p.add_argument("--text-column", default="text")
-    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--num-seqs", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--topk", type=int, default=None, help="default: the model's index_topk")

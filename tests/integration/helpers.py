@@ -16,7 +16,7 @@ TINY_MODEL = [
 ]
 TINY_DATA = [
     "data.synthetic.num_train_docs=48", "data.synthetic.num_valid_docs=4", "data.synthetic.doc_words=127",
-    "data.synthetic.facts_per_doc=4", "data.seq_len=128",
+    "data.synthetic.facts_per_doc=4", "data.synthetic.recall_distance=64", "data.seq_len=128",
 ]
 
 

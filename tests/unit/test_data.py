@@ -10,7 +10,7 @@ from train.data import DataConfig, DataError, SourceConfig, SyntheticConfig, Tok
 from train.data.pipeline import check_tokenizer_fits
 from train.data.synthetic import generate, make_document
 
-SYN = SyntheticConfig(num_train_docs=12, num_valid_docs=2, doc_words=90, num_keys=64, facts_per_doc=4)
+SYN = SyntheticConfig(num_train_docs=12, num_valid_docs=2, doc_words=90, num_keys=64, facts_per_doc=4, recall_distance=45)
 
 
 @pytest.fixture
@@ -107,14 +107,14 @@ def test_bad_inputs_name_the_file_and_problem(tok, tmp_path):
 
 
 def test_generated_corpus_has_far_retrievals(tmp_path):
-    paths = generate(tmp_path, SyntheticConfig(num_train_docs=3, num_valid_docs=1))
+    cfg = SyntheticConfig(num_train_docs=3, num_valid_docs=1)
+    paths = generate(tmp_path, cfg)
     text = json.loads(paths["train"].read_text().splitlines()[0])["text"].split()
-    assert len(text) == SyntheticConfig().doc_words
-    gaps = []
-    for g in (i for i, w in enumerate(text) if w == "GET"):
-        key, value = text[g + 1], text[g + 2]
-        s = next(i for i, w in enumerate(text) if w == key and text[i - 1] == "SET")
-        assert text[s + 1] == value, "a GET repeats its SET's value"
-        gaps.append(g - s)
-    assert len(gaps) >= 30
-    assert sorted(gaps)[len(gaps) // 2] >= 100 and max(gaps) >= 200  # hundreds of tokens back
+    assert len(text) == cfg.doc_words
+    gets = [i for i, w in enumerate(text) if w == "GET"]
+    assert len(gets) == cfg.facts_per_doc
+    for g in gets:  # each query's key and value stand exactly recall_distance words back, after a SET
+        s = g - cfg.recall_distance
+        assert text[s] == "SET" and text[s + 1 : s + 3] == text[g + 1 : g + 3]
+        assert text.index(text[g + 1]) == s + 1, "the key occurs nowhere else before its query"
+    assert len({text[g + 2] for g in gets}) > 10
