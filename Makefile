@@ -36,7 +36,7 @@ test-all: setup
 # The embedded default's dense source model (cached: delete checkpoints/base/ to retrain).
 base: setup $(BASE_EXPORT)
 $(BASE_EXPORT):
-	NPROC=$(NPROC) launch/local.sh stage=base run.name=base $(HYDRA_ARGS)
+	NPROC=$(NPROC) launch/local.sh stage=base run.name=base $(if $(filter base,$(MAKECMDGOALS)),$(HYDRA_ARGS))
 	$(PYTHON) -m train.eval --model checkpoints/base/base/export --out checkpoints/base/base/eval.json
 
 # Stage 1: dense warm-up of the indexers.

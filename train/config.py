@@ -21,7 +21,7 @@ class RunConfig:
     seed: int = 0
     dry_run: bool = False          # print the plan (tokens, steps, batch split) and stop; no model is built
     resume: bool = True            # continue from the stage's latest checkpoint when there is one
-    num_procs: int | None = None   # CPU processes for `make` launches where there is no GPU (null: 1)
+    plan_gpus: int | None = None   # dry run: plan for this many GPUs (null: the ranks of this launch)
 
 
 @dataclass
@@ -52,9 +52,10 @@ class TrainConfig:
                 f"{s.micro_batch * world_size}")
         if s.lr <= 0 or (s.indexer_lr is not None and s.indexer_lr <= 0):
             raise ValueError(f"stage.lr={s.lr}, stage.indexer_lr={s.indexer_lr}; learning rates must be > 0")
-        if s.log_every <= 0 or s.save_every <= 0:
-            raise ValueError(f"stage.log_every={s.log_every}, stage.save_every={s.save_every}; must be > 0")
-        if s.name != "base" and self.model_path() is None:
+        if s.log_every <= 0 or s.save_every <= 0 or s.keep_last <= 0:
+            raise ValueError(f"stage.log_every={s.log_every}, stage.save_every={s.save_every}, "
+                             f"stage.keep_last={s.keep_last}; must be > 0")
+        if s.name != "base" and self.model_path() is None and not (self.run.dry_run and self.model.arch):
             raise ValueError(f"stage {s.name!r} converts a checkpoint, but model.path is null and stage.init_from "
                              "is null; set model.path=/path/to/deepseek_v3_dir")
         self.model.validate()

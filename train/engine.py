@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,14 +27,18 @@ class DeepSpeedConfig:
             raise ValueError(f"deepspeed.offload_optimizer=true needs deepspeed.zero_stage 2 or 3, not {self.zero_stage}")
         if self.offload_params and self.zero_stage != 3:
             raise ValueError(f"deepspeed.offload_params=true needs deepspeed.zero_stage=3, not {self.zero_stage}")
-        if self.bf16 not in ("auto", "true", "false", True, False):
+        if str(self.bf16).lower() not in ("auto", "true", "false"):
             raise ValueError(f"deepspeed.bf16={self.bf16!r}; allowed: auto, true, false")
 
 
-def use_bf16(cfg: DeepSpeedConfig) -> bool:
-    if cfg.bf16 in ("auto",):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return cfg.bf16 in (True, "true")
+def use_bf16(cfg: DeepSpeedConfig, accelerator_present: bool | None = None) -> bool:
+    """bf16 on or off; `auto` means on where a CUDA device supports it (pass True to plan for GPUs)."""
+    value = str(cfg.bf16).lower()
+    if value == "auto":
+        if accelerator_present is None:
+            accelerator_present = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return accelerator_present
+    return value == "true"
 
 
 def build_ds_config(cfg: DeepSpeedConfig, *, micro_batch: int, grad_accum: int, world_size: int, lr: float,
@@ -110,11 +115,30 @@ def broadcast_object(obj):
 
 
 def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict):
-    """The DeepSpeed engine over `model`, optimising exactly `param_groups` (frozen parameters get no state)."""
+    """The DeepSpeed engine over `model`, optimising exactly `param_groups` (frozen parameters get no state).
+
+    Under ZeRO-3, parameters a module reads from its submodules without calling them (MLA's absorbed
+    kv_b_proj weight) are registered so that DeepSpeed gathers them for that module's forward.
+    """
     import deepspeed
 
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
+    if engine.zero_optimization_stage() == 3:
+        for module, param in getattr(model, "external_parameters", lambda: [])():
+            deepspeed.zero.register_external_parameter(module, param)
     return engine, optimizer
+
+
+@contextmanager
+def full_parameters(engine):
+    """All ranks: inside, every parameter is whole (ZeRO-3 gathers its shards; other stages have them)."""
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
 
 
 def destroy() -> None:

@@ -2,7 +2,7 @@
 
 Reports the LM loss and perplexity in dense and in sparse mode, the indexer KL (the warm-up loss's
 definition) and recall against dense attention, and, on the synthetic corpus, the retrieval accuracy
-(share of `GET k` positions whose value is predicted) in both modes. A `deepseek_v3` model (no indexer)
+(share of replayed facts `SET k v` whose value is predicted) in both modes. A `deepseek_v3` model (no indexer)
 reports the dense figures only.
 """
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -39,6 +38,15 @@ def print_plan(cfg: TrainConfig, world_size: int) -> None:
     )
 
 
+def dry_run(cfg: TrainConfig, world_size: int) -> None:
+    """The plan of `cfg` for `run.plan_gpus` GPUs (default: this launch's ranks), from shapes only."""
+    from train.plan import format_plan, make_plan
+
+    world = cfg.run.plan_gpus or world_size
+    cfg.validate(world)
+    eng.print0(format_plan(make_plan(cfg, world)))
+
+
 def train_step(engine, model, stage, cfg: TrainConfig, batch: dict, lr_scale: float, base_lrs: list[float]):
     """One optimizer step over the rank's share of a global batch; returns summed per-micro-batch metrics."""
     for group, base in zip(engine.optimizer.param_groups, base_lrs):
@@ -58,10 +66,9 @@ def train_step(engine, model, stage, cfg: TrainConfig, batch: dict, lr_scale: fl
 
 def run_stage(cfg: TrainConfig, raw_cfg) -> None:
     rank, world, _ = eng.init_distributed()
-    cfg.validate(world)
     if cfg.run.dry_run:
-        print_plan(cfg, world)
-        return
+        return dry_run(cfg, world)
+    cfg.validate(world)
     stage = STAGES[cfg.stage.name]
     run_dir = Path(cfg.run.root) / cfg.run.name / stage.name
     ckpt_dir = run_dir / "ckpt"
@@ -97,10 +104,12 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
             step, tokens_total = state["step"], state["tokens_total"]
             data.load_state_dict(state["data"])
             probe_ids = state["probe_ids"].to(engine.device)
+            probe_topk = [t.to(engine.device) for t in state["probe_topk"]] if state["probe_topk"] else None
             eng.print0(f"[resume] {ckpt_dir} at step {step}, {tokens_total:,} tokens")
 
     logger = MetricsLogger(run_dir, cfg.logging, f"{cfg.run.name}-{stage.name}",
                            OmegaConf.to_container(raw_cfg, resolve=True), enabled=eng.is_rank0())
+    logger.truncate_after(step)
     if eng.is_rank0():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw_cfg, resolve=True))
@@ -119,7 +128,7 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
             probe_ids = batch["input_ids"][: cfg.stage.micro_batch].to(engine.device)
         totals = train_step(engine, model, stage, cfg, batch, lr_at(step, cfg.stage), base_lrs)
         step += 1
-        tokens_total += int(eng.all_reduce_sum(torch.tensor([batch["num_tokens"]])).item())
+        tokens_total += batch["global_tokens"]  # every rank builds the same global batch: no collective needed
         if step % cfg.stage.log_every == 0 or limit_reached():
             if stage.trains_indexer:
                 probe, probe_topk = alignment_probe(model, stage, probe_ids, probe_topk)
@@ -131,7 +140,7 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
             now = time.perf_counter()
             metrics.update({
                 "lr": base_lrs[-1] * lr_at(step - 1, cfg.stage),
-                "tokens/step": cfg.tokens_per_step(),
+                "tokens/step": batch["global_tokens"],
                 "tokens/total": tokens_total,
                 "perf/tokens_per_sec": (tokens_total - tokens_last) / max(now - t_last, 1e-9),
                 "mem/peak_gib": peak_memory_gib(),
@@ -143,10 +152,13 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
         if step % cfg.stage.save_every == 0 or limit_reached():
             checkpoint.save(engine, ckpt_dir, step, {"step": step, "tokens_total": tokens_total,
                                                      "data": data.state_dict(), "world_size": world,
-                                                     "stage": stage.name, "probe_ids": probe_ids.cpu()})
+                                                     "stage": stage.name, "probe_ids": probe_ids.cpu(),
+                                                     "probe_topk": [t.cpu() for t in probe_topk or []]},
+                            keep_last=cfg.stage.keep_last, world_size=world)
     logger.close()
-    if eng.is_rank0():
-        export_hf(model, run_dir / "export", tokenizer=tokenizer, dense_only=stage.name == "base")
-        eng.print0(f"[done] {stage.name}: {step} steps, {tokens_total:,} tokens; export in {run_dir / 'export'}")
+    with eng.full_parameters(engine):  # ZeRO-3: gather the shards for the export
+        if eng.is_rank0():
+            export_hf(model, run_dir / "export", tokenizer=tokenizer, dense_only=stage.name == "base")
+    eng.print0(f"[done] {stage.name}: {step} steps, {tokens_total:,} tokens; export in {run_dir / 'export'}")
     eng.barrier()
 

@@ -54,6 +54,17 @@ class MetricsLogger:
                                      mode=cfg.wandb.mode, dir=str(run_dir), config=config, resume="allow",
                                      id=f"{run_name}".replace("/", "-"))
 
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop rows logged after the checkpoint, which the resumed run logs again."""
+        if not (self.enabled and self.path.exists()):
+            return
+        rows = self.path.read_text().splitlines()
+        kept = [r for r in rows if json.loads(r)["step"] <= step]
+        if len(kept) != len(rows):
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(r + "\n" for r in kept))
+            tmp.replace(self.path)
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return

@@ -51,6 +51,7 @@ class StageConfig:
     init_from: str | None = None       # checkpoint directory this stage starts from (overrides model.path)
     log_every: int = 1
     save_every: int = 100
+    keep_last: int = 2                 # checkpoints kept on disk (older ones are deleted after a good save)
     activation_checkpointing: bool = False
 
 
@@ -110,11 +111,15 @@ def compute_loss(model: DSAForCausalLM, stage: Stage, cfg: StageConfig, input_id
 @torch.no_grad()
 def alignment_probe(model: DSAForCausalLM, stage: Stage, probe_ids: torch.Tensor,
                     previous_topk: list[torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """Logging-step figures on a fixed probe batch: the selected sets (and their overlap with the previous
-    probe's) and, in the sparse stage, the indexer's recall of the dense attention it replaces."""
+    """Logging-step figures on a fixed probe batch: the selected sets of 64 query positions (and their overlap
+    with the previous probe's) and, in the sparse stage, the indexer's recall of the dense attention it
+    replaces. Returns (metrics, the selected sets to pass as `previous_topk` next time)."""
     metrics: dict[str, torch.Tensor] = {}
     model.hidden_states(probe_ids, AttentionMode(sparse=True, topk=model.index_topk))
-    topk = [s.topk_BLK for s in model.layer_stats()]
+    # Overlap is measured on 64 fixed query positions: small enough to keep in checkpoints at any length.
+    L = probe_ids.shape[1]
+    positions = torch.linspace(0, L - 1, min(64, L), device=probe_ids.device).round().long()
+    topk = [s.topk_BLK[:, positions].to(torch.int32) for s in model.layer_stats()]
     if previous_topk is not None:
         overlaps = [selection_overlap(p, t) for p, t in zip(previous_topk, topk)]
         metrics["indexer/selection_overlap"] = torch.stack(overlaps).mean()

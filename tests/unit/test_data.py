@@ -8,7 +8,7 @@ import torch
 
 from train.data import DataConfig, DataError, SourceConfig, SyntheticConfig, TokenPipeline, load_tokenizer
 from train.data.pipeline import check_tokenizer_fits
-from train.data.synthetic import generate, make_document
+from train.data.synthetic import build_tokenizer, generate, make_document, retrieval_targets
 
 SYN = SyntheticConfig(num_train_docs=12, num_valid_docs=2, doc_words=90, num_keys=64, facts_per_doc=4, recall_distance=45)
 
@@ -108,13 +108,15 @@ def test_bad_inputs_name_the_file_and_problem(tok, tmp_path):
 
 def test_generated_corpus_has_far_retrievals(tmp_path):
     cfg = SyntheticConfig(num_train_docs=3, num_valid_docs=1)
+    tok = build_tokenizer(cfg)
     paths = generate(tmp_path, cfg)
     text = json.loads(paths["train"].read_text().splitlines()[0])["text"].split()
-    assert len(text) == cfg.doc_words
-    gets = [i for i, w in enumerate(text) if w == "GET"]
-    assert len(gets) == cfg.facts_per_doc
-    for g in gets:  # each query's key and value stand exactly recall_distance words back, after a SET
-        s = g - cfg.recall_distance
-        assert text[s] == "SET" and text[s + 1 : s + 3] == text[g + 1 : g + 3]
-        assert text.index(text[g + 1]) == s + 1, "the key occurs nowhere else before its query"
-    assert len({text[g + 2] for g in gets}) > 10
+    d = cfg.recall_distance
+    assert len(text) == cfg.doc_words and text[d : 2 * d - 1] == text[: d - 1]
+    facts = [i for i, w in enumerate(text[:d]) if w == "SET"]
+    assert len(facts) == cfg.facts_per_doc
+    ids = tok(" ".join(text))["input_ids"]
+    targets = retrieval_targets(ids, tok)
+    # each replayed fact's value is a target, and its only earlier occurrence as a value is d tokens back
+    assert targets == [i + 1 + d for i in facts if i + 2 + d < len(text)]
+    assert len({text[t + 1] for t in targets}) > 10

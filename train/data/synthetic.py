@@ -1,10 +1,10 @@
 """The embedded default corpus: key-value recall buried in filler, so that attention must reach far back.
 
 A document is `recall_distance` (256) random filler words with facts `SET k17 v9` among them, then the
-same words replayed with each fact turned into a query `GET k17 v9`. Every token of the replay, the value
-after `GET k17` included, can only be predicted by retrieving the one token 255 positions back (chance for a
-value: 1 / num_values), so attention patterns are sharp and a sparse selection that misses that token shows
-up directly as lost accuracy. Retrieval accuracy is measured on the GET values.
+same words replayed. Every token of the replay, each fact's value included, can only be predicted by
+retrieving the one token 255 positions back (chance for a value: 1 / num_values), so attention patterns
+are sharp and a sparse selection that misses that token shows up directly as lost accuracy. Retrieval
+accuracy is measured on the replayed facts' values.
 
 Why this shape: a small model on 2 CPU cores learns this lookup within minutes (the loss drops sharply
 after a few hundred steps), while sparse facts queried in random order at random distances (content-
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SPECIALS = ["<eos>", "<unk>"]
-MARKERS = ["SET", "GET"]
+MARKERS = ["SET"]
 
 
 @dataclass
@@ -48,7 +48,7 @@ def vocabulary(cfg: SyntheticConfig) -> list[str]:
 
 def make_document(rng: random.Random, cfg: SyntheticConfig) -> str:
     """One document of `doc_words` words: filler with `SET k v` facts in its first `recall_distance` words,
-    then those words replayed with SET turned into GET (any words past the replay are fresh filler)."""
+    then those words replayed (any words past the replay are fresh filler)."""
     n = cfg.doc_words
     words = [f"w{rng.randrange(cfg.num_filler)}" for _ in range(n)]
     span = min(cfg.recall_distance, n - cfg.recall_distance) - 3
@@ -57,8 +57,7 @@ def make_document(rng: random.Random, cfg: SyntheticConfig) -> str:
     for key, pos in zip(keys, slots):
         words[pos : pos + 3] = ["SET", f"k{key}", f"v{rng.randrange(cfg.num_values)}"]
     d = cfg.recall_distance
-    replay = ["GET" if w == "SET" else w for w in words[: min(d, n - d)]]
-    words[d : d + len(replay)] = replay  # the second part replays the first, facts turned into queries
+    words[d : 2 * d] = words[: min(d, n - d)]  # the replay
     return " ".join(words)
 
 
@@ -90,8 +89,15 @@ def build_tokenizer(cfg: SyntheticConfig = SyntheticConfig()):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
 
 
-def retrieval_targets(input_ids: list[int] | "torch.Tensor", tokenizer) -> list[int]:  # noqa: F821
-    """Positions t whose next token is a retrievable value: input_ids[t-1:t+1] == GET k."""
+def retrieval_targets(input_ids, tokenizer) -> list[int]:
+    """Positions t whose next token is a recalled value: input_ids[t-1:t+1] == SET k for a key k that was
+    already stated earlier in the sequence (the replayed fact; its value is only found back there)."""
     ids = input_ids.tolist() if hasattr(input_ids, "tolist") else list(input_ids)
-    get_id = tokenizer.convert_tokens_to_ids("GET")
-    return [t for t in range(1, len(ids) - 1) if ids[t - 1] == get_id]
+    set_id = tokenizer.convert_tokens_to_ids("SET")
+    seen, targets = set(), []
+    for t in range(1, len(ids) - 1):
+        if ids[t - 1] == set_id:
+            if ids[t] in seen:
+                targets.append(t)
+            seen.add(ids[t])
+    return targets

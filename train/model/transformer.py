@@ -54,6 +54,11 @@ class DSAForCausalLM(nn.Module):
     def indexer_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers for p in layer.self_attn.indexer.parameters()]
 
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs where the module reads a submodule's weight directly (sharding engines
+        must gather it for that module's forward): sparse attention's absorbed kv_b_proj."""
+        return [(layer.self_attn, layer.self_attn.kv_b_proj.weight) for layer in self.layers]
+
     def layer_stats(self) -> list[AttentionStats]:
         return [layer.self_attn.stats for layer in self.layers]
 
