@@ -1,10 +1,10 @@
-# Entry points. Hydra overrides go straight on the command line: `make warmup stage.steps=20 model=tiny`
+# Entry points. Hydra overrides go straight on the command line: `make warmup stage.steps=20 deepspeed=zero2`
 # (every command-line assignment except the Make variables below is handed to Hydra), or in ARGS="...".
 VENV    ?= .venv
 PYTHON  ?= $(VENV)/bin/python
 NPROC   ?=
 ARGS    ?=
-MAKE_VARS := VENV PYTHON NPROC ARGS PYTEST_ARGS
+MAKE_VARS := VENV PYTHON NPROC ARGS PYTEST_ARGS EVAL_MODEL TORCH_SPEC
 HYDRA_ARGS := $(strip $(foreach a,$(MAKEOVERRIDES),$(if $(filter $(MAKE_VARS),$(firstword $(subst =, ,$(a)))),,$(a))) $(ARGS))
 # CPU-only machines get the CPU build of torch (the CUDA wheels are several GB); GPU machines the default.
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
@@ -12,7 +12,7 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 BASE_EXPORT := checkpoints/base/base/export/config.json
 # The default model is the one `make base` trains; a command line that names another model skips it.
 NEEDS_BASE := $(if $(filter model=% model.path=% stage.init_from=%,$(HYDRA_ARGS)),,$(BASE_EXPORT))
-EVAL_MODEL ?= $(firstword $(wildcard checkpoints/default/sparse/export) checkpoints/default/warmup/export)
+EVAL_MODEL ?= checkpoints/default/sparse/export
 
 .PHONY: setup test test-all base warmup sparse eval plan
 
@@ -47,10 +47,10 @@ warmup: setup $(NEEDS_BASE)
 sparse: setup $(NEEDS_BASE)
 	NPROC=$(NPROC) launch/local.sh stage=sparse $(HYDRA_ARGS)
 
-# Held-out figures of the converted model next to the dense base model.
+# Held-out figures of the converted model next to the dense base model (EVAL_MODEL=... for another export).
 eval: setup
 	$(PYTHON) -m train.eval --model $(EVAL_MODEL) --baseline checkpoints/base/base/export $(ARGS)
 
-# Tokens, steps and batch split of a stage without building anything (e.g. `make plan preset=paper`).
+# What a stage costs, from shapes only: `make plan preset=paper model=deepseek_v3_671b run.plan_gpus=16`.
 plan: setup
 	$(PYTHON) -m train run.dry_run=true $(HYDRA_ARGS)

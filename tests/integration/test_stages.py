@@ -41,8 +41,8 @@ def test_warmup_trains_indexers_only_and_logs_everything(root):
     assert (root / "ckpt/w1/warmup/ckpt/latest").read_text().strip() == "step4"
 
     # The optimizer holds state for exactly the indexer parameters.
-    states = torch.load(root / "ckpt/w1/warmup/ckpt/step4/zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                        map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    (optim_file,) = (root / "ckpt/w1/warmup/ckpt/step4").glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    states = torch.load(optim_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
     fp32 = states["single_partition_of_fp32_groups"]
     indexer_numel = sum(v.numel() for k, v in export.items() if ".indexer." in k)
     assert sum(t.numel() for t in fp32) == indexer_numel
