@@ -18,7 +18,7 @@ sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(raw: DictConfig) -> None:
-    from train.loop import run_stage
+    from train.loop import NonFiniteError, run_stage
 
     try:
         cfg = from_hydra(raw)
@@ -27,6 +27,10 @@ def main(raw: DictConfig) -> None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(2)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(3)
     sys.stdout.flush()
     sys.stderr.flush()
     # DeepSpeed's process group can abort at interpreter shutdown after ZeRO-3 (see NOTES.md); all work is done.

@@ -2,7 +2,7 @@
 
 Reports the LM loss and perplexity in dense and in sparse mode, the indexer KL (the warm-up loss's
 definition) and recall against dense attention, and, on the synthetic corpus, the retrieval accuracy
-(share of replayed facts `SET k v` whose value is predicted) in both modes. A `deepseek_v3` model (no indexer)
+(next-token accuracy over the replayed half, where each token is the one `--recall-distance` back) in both modes. A `deepseek_v3` model (no indexer)
 reports the dense figures only.
 """
 
@@ -23,13 +23,13 @@ from train.model.hf import CheckpointError, read_config
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, batches: list[dict], topk: int, with_sparse: bool) -> dict:
+def evaluate(model, batches: list[dict], topk: int, with_sparse: bool, recall_distance: int) -> dict:
     sums = {"dense_nll": 0.0, "sparse_nll": 0.0, "kl": 0.0, "recall": 0.0}
     hits = {"dense": 0, "sparse": 0}
     tokens, targets, kl_rows = 0, 0, 0
     for batch in batches:
         ids, labels = batch["input_ids"], batch["labels"]
-        spots = [(b, t) for b in range(ids.shape[0]) for t in retrieval_targets(ids[b], tokenizer)]
+        spots = [(b, t) for b in range(ids.shape[0]) for t in retrieval_targets(ids[b], recall_distance)]
         modes = {"dense": AttentionMode(sparse=False, indexer_loss=with_sparse, topk=topk)}
         if with_sparse:
             modes["sparse"] = AttentionMode(sparse=True, topk=topk)
@@ -66,7 +66,7 @@ def evaluate_dir(path: str, args) -> dict:
     pipe = TokenPipeline(data_cfg, tokenizer)
     batches = [pipe.next_batch(args.batch) for _ in range(max(1, args.num_seqs // args.batch))]
     return {"path": path, "data": args.data,
-            **evaluate(model, tokenizer, batches, model.index_topk, config["model_type"] == "deepseek_v32")}
+            **evaluate(model, batches, model.index_topk, config["model_type"] == "deepseek_v32", args.recall_distance)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--num-seqs", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--recall-distance", type=int, default=256, help="synthetic corpus: replay distance")
     p.add_argument("--topk", type=int, default=None, help="default: the model's index_topk")
     p.add_argument("--baseline", default=None, help="a dense model to compare with (e.g. the base model)")
     p.add_argument("--out", default=None, help="also write the JSON here")

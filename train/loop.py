@@ -47,7 +47,21 @@ def dry_run(cfg: TrainConfig, world_size: int) -> None:
     eng.print0(format_plan(make_plan(cfg, world)))
 
 
-def train_step(engine, model, stage, cfg: TrainConfig, batch: dict, lr_scale: float, base_lrs: list[float]):
+class NonFiniteError(RuntimeError):
+    """A loss term or the gradient norm is NaN or infinite; the message names the step and the term."""
+
+
+def check_finite(step: int, metrics: dict[str, torch.Tensor]) -> None:
+    """One host sync per micro-batch: stops the run before a non-finite loss reaches the weights."""
+    values = torch.stack([v.float() for v in metrics.values()])
+    if not bool(torch.isfinite(values).all()):
+        bad = [f"{k} = {v.item()}" for k, v in metrics.items() if not torch.isfinite(v).all()]
+        raise NonFiniteError(f"step {step}: non-finite {', '.join(bad)} (kl_per_layer/<i> names the layer); "
+                             "the last checkpoint is intact: lower stage.lr or check the data, then relaunch")
+
+
+def train_step(engine, model, stage, cfg: TrainConfig, batch: dict, lr_scale: float, base_lrs: list[float],
+               step: int):
     """One optimizer step over the rank's share of a global batch; returns summed per-micro-batch metrics."""
     for group, base in zip(engine.optimizer.param_groups, base_lrs):
         group["lr"] = base * lr_scale
@@ -57,6 +71,7 @@ def train_step(engine, model, stage, cfg: TrainConfig, batch: dict, lr_scale: fl
         ids = batch["input_ids"][i : i + mb].to(engine.device)
         labels = batch["labels"][i : i + mb].to(engine.device)
         loss, metrics = compute_loss(model, stage, cfg.stage, ids, labels)
+        check_finite(step, metrics)
         engine.backward(loss)
         engine.step()
         for k, v in metrics.items():
@@ -126,7 +141,7 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
         batch = data.next_batch(cfg.stage.global_batch)
         if probe_ids is None:
             probe_ids = batch["input_ids"][: cfg.stage.micro_batch].to(engine.device)
-        totals = train_step(engine, model, stage, cfg, batch, lr_at(step, cfg.stage), base_lrs)
+        totals = train_step(engine, model, stage, cfg, batch, lr_at(step, cfg.stage), base_lrs, step + 1)
         step += 1
         tokens_total += batch["global_tokens"]  # every rank builds the same global batch: no collective needed
         if step % cfg.stage.log_every == 0 or limit_reached():

@@ -86,3 +86,10 @@ def test_wandb_offline_run_is_written(root):
     run_train(root, "stage=warmup", "run.name=wb", "stage.steps=1", "logging.wandb.mode=offline")
     runs = list((root / "ckpt/wb/warmup/wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_non_finite_loss_stops_the_run_naming_step_and_term(root):
+    out = run_train(root, "stage=sparse", "stage.init_from=" + str(root / "ckpt/base/base/export"), "run.name=nan",
+                    "stage.steps=4", "stage.lr=1e30", "stage.grad_clip=0", check=False)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "error: step 2: non-finite loss/" in out.stderr and "Traceback" not in out.stderr

@@ -89,15 +89,12 @@ def build_tokenizer(cfg: SyntheticConfig = SyntheticConfig()):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
 
 
-def retrieval_targets(input_ids, tokenizer) -> list[int]:
-    """Positions t whose next token is a recalled value: input_ids[t-1:t+1] == SET k for a key k that was
-    already stated earlier in the sequence (the replayed fact; its value is only found back there)."""
+def retrieval_targets(input_ids, recall_distance: int = SyntheticConfig.recall_distance) -> list[int]:
+    """Positions t whose next token is a replayed one: input_ids[t+1] == input_ids[t+1-recall_distance].
+
+    In the replay every token (filler, marker, key, value) is determined by the token `recall_distance`
+    back and by nothing else, so next-token accuracy there is retrieval accuracy (chance ~ 1/256).
+    """
     ids = input_ids.tolist() if hasattr(input_ids, "tolist") else list(input_ids)
-    set_id = tokenizer.convert_tokens_to_ids("SET")
-    seen, targets = set(), []
-    for t in range(1, len(ids) - 1):
-        if ids[t - 1] == set_id:
-            if ids[t] in seen:
-                targets.append(t)
-            seen.add(ids[t])
-    return targets
+    d = recall_distance
+    return [t for t in range(d - 1, len(ids) - 1) if ids[t + 1] == ids[t + 1 - d]]
