@@ -106,14 +106,6 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def broadcast_object(obj):
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
 def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict):
     """The DeepSpeed engine over `model`, optimising exactly `param_groups` (frozen parameters get no state).
 
@@ -140,7 +132,3 @@ def full_parameters(engine):
     else:
         yield
 
-
-def destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

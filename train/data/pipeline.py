@@ -26,7 +26,6 @@ from train.data.synthetic import SyntheticConfig
 @dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
-    valid_sources: list[SourceConfig] = field(default_factory=list)
     seq_len: int = 1024
     tokenizer: str | None = None     # null: the model checkpoint's own; "synthetic": the embedded default's
     streaming: bool = False          # for corpora larger than memory: read lazily, in file order

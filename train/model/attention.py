@@ -10,7 +10,7 @@ V v_head_dim, A kv_lora_rank (latent), K selected tokens, G indexer heads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,6 @@ class AttentionStats:
     kl_BL: torch.Tensor | None = None       # indexer KL per query (differentiable w.r.t. the indexer)
     recall_BL: torch.Tensor | None = None   # share of head-averaged dense attention inside the indexer's top-k
     topk_BLK: torch.Tensor | None = None    # selected positions (sparse mode), -1 = none
-    extra: dict = field(default_factory=dict)
 
 
 class DSAAttention(nn.Module):
