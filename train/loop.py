@@ -51,13 +51,15 @@ class NonFiniteError(RuntimeError):
     """A loss term or the gradient norm is NaN or infinite; the message names the step and the term."""
 
 
-def check_finite(step: int, metrics: dict[str, torch.Tensor]) -> None:
-    """One host sync per micro-batch: stops the run before a non-finite loss reaches the weights."""
-    values = torch.stack([v.float() for v in metrics.values()])
-    if not bool(torch.isfinite(values).all()):
-        bad = [f"{k} = {v.item()}" for k, v in metrics.items() if not torch.isfinite(v).all()]
-        raise NonFiniteError(f"step {step}: non-finite {', '.join(bad)} (kl_per_layer/<i> names the layer); "
-                             "the last checkpoint is intact: lower stage.lr or check the data, then relaunch")
+def check_finite(step: int, per_micro: list[dict[str, torch.Tensor]]) -> None:
+    """One host sync per step, before the optimizer update: stops the run at a non-finite loss term."""
+    values = torch.stack([v.float() for metrics in per_micro for v in metrics.values()])
+    if bool(torch.isfinite(values).all()):
+        return
+    bad = list(dict.fromkeys(f"{k} = {v.item()}" for metrics in per_micro for k, v in metrics.items()
+                             if not torch.isfinite(v).all()))
+    raise NonFiniteError(f"step {step}: non-finite {', '.join(bad)} (kl_per_layer/<i> names the layer); "
+                         "the last checkpoint is intact: lower stage.lr or check the data, then relaunch")
 
 
 def train_step(engine, model, stage, cfg: TrainConfig, batch: dict, lr_scale: float, base_lrs: list[float],
@@ -66,17 +68,18 @@ def train_step(engine, model, stage, cfg: TrainConfig, batch: dict, lr_scale: fl
     for group, base in zip(engine.optimizer.param_groups, base_lrs):
         group["lr"] = base * lr_scale
     mb = cfg.stage.micro_batch
-    totals: dict[str, torch.Tensor] = {}
-    for i in range(0, batch["input_ids"].shape[0], mb):
+    starts = range(0, batch["input_ids"].shape[0], mb)
+    per_micro = []
+    for i in starts:
         ids = batch["input_ids"][i : i + mb].to(engine.device)
         labels = batch["labels"][i : i + mb].to(engine.device)
         loss, metrics = compute_loss(model, stage, cfg.stage, ids, labels)
-        check_finite(step, metrics)
+        per_micro.append(metrics)
         engine.backward(loss)
+        if i == starts[-1]:  # the accumulation boundary: the next engine.step() updates the weights
+            check_finite(step, per_micro)
         engine.step()
-        for k, v in metrics.items():
-            totals[k] = totals.get(k, 0) + v.float()
-    return totals
+    return {k: sum(m[k].float() for m in per_micro) for k in per_micro[0]}
 
 
 def run_stage(cfg: TrainConfig, raw_cfg) -> None:

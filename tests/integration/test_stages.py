@@ -92,4 +92,5 @@ def test_non_finite_loss_stops_the_run_naming_step_and_term(root):
     out = run_train(root, "stage=sparse", "stage.init_from=" + str(root / "ckpt/base/base/export"), "run.name=nan",
                     "stage.steps=4", "stage.lr=1e30", "stage.grad_clip=0", check=False)
     assert out.returncode == 3, out.stderr[-2000:]
-    assert "error: step 2: non-finite loss/" in out.stderr and "Traceback" not in out.stderr
+    assert "error: step 2: non-finite loss/lm = nan" in out.stderr and "Traceback" not in out.stderr
+    assert "indexer/kl_per_layer/" in out.stderr
