@@ -92,7 +92,7 @@ def make_plan(cfg, world: int) -> dict:
     params = count_parameters(config, G, D)
     stage = cfg.stage
     trainable = {"base": params["backbone"], "warmup": params["indexer"], "sparse": params["total"]}[stage.name]
-    tokens_step = stage.global_batch * cfg.data.seq_len
+    tokens_step = cfg.tokens_per_step()
     bf16 = use_bf16(cfg.deepspeed, accelerator_present=True)  # plans are for GPUs
     return {
         "stage": stage.name, "world_size": world,
