@@ -55,6 +55,14 @@ class TrainConfig:
         if s.log_every <= 0 or s.save_every <= 0 or s.keep_last <= 0:
             raise ValueError(f"stage.log_every={s.log_every}, stage.save_every={s.save_every}, "
                              f"stage.keep_last={s.keep_last}; must be > 0")
+        if s.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"stage.on_nonfinite={s.on_nonfinite!r}; allowed: stop, skip")
+        if s.on_nonfinite == "skip" and self.deepspeed.zero_stage == 0:
+            raise ValueError("stage.on_nonfinite='skip' with deepspeed.zero_stage=0: skipping relies on the ZeRO "
+                             "optimizer discarding non-finite gradients; allowed: zero_stage 1, 2 or 3, or "
+                             "stage.on_nonfinite=stop")
+        if s.max_skipped_steps <= 0:
+            raise ValueError(f"stage.max_skipped_steps={s.max_skipped_steps}; must be > 0")
         if s.name != "base" and self.model_path() is None and not (self.run.dry_run and self.model.arch):
             raise ValueError(f"stage {s.name!r} converts a checkpoint, but model.path is null and stage.init_from "
                              "is null; set model.path=/path/to/deepseek_v3_dir")

@@ -51,35 +51,59 @@ class NonFiniteError(RuntimeError):
     """A loss term or the gradient norm is NaN or infinite; the message names the step and the term."""
 
 
-def check_finite(step: int, per_micro: list[dict[str, torch.Tensor]]) -> None:
-    """One host sync per step, before the optimizer update: stops the run at a non-finite loss term."""
+def nonfinite_terms(per_micro: list[dict[str, torch.Tensor]]) -> list[str]:
+    """The non-finite loss terms of a step on any rank (kl_per_layer/<i> names the layer).
+
+    One scalar all-reduce and one host sync per step, so every rank takes the same decision.
+    """
     values = torch.stack([v.float() for metrics in per_micro for v in metrics.values()])
-    if bool(torch.isfinite(values).all()):
-        return
-    bad = list(dict.fromkeys(f"{k} = {v.item()}" for metrics in per_micro for k, v in metrics.items()
-                             if not torch.isfinite(v).all()))
-    raise NonFiniteError(f"step {step}: non-finite {', '.join(bad)} (kl_per_layer/<i> names the layer); "
-                         "the last checkpoint is intact: lower stage.lr or check the data, then relaunch")
+    flag = eng.all_reduce_sum((~torch.isfinite(values)).any().float().reshape(1))
+    if float(flag) == 0:
+        return []
+    local = [f"{k} = {v.item()}" for metrics in per_micro for k, v in metrics.items() if not torch.isfinite(v).all()]
+    return list(dict.fromkeys(local)) or ["loss on another rank"]
 
 
 def train_step(engine, model, stage, cfg: TrainConfig, batch: dict, lr_scale: float, base_lrs: list[float],
                step: int):
-    """One optimizer step over the rank's share of a global batch; returns summed per-micro-batch metrics."""
+    """One optimizer step over the rank's share of a global batch.
+
+    Returns the summed per-micro-batch metrics and whether the update was skipped. A non-finite loss term
+    or gradient norm stops the run (stage.on_nonfinite=stop: NonFiniteError before the update) or skips the
+    update (on_nonfinite=skip: the ZeRO optimizer discards the gradients and leaves the Adam state alone).
+    """
     for group, base in zip(engine.optimizer.param_groups, base_lrs):
         group["lr"] = base * lr_scale
     mb = cfg.stage.micro_batch
     starts = range(0, batch["input_ids"].shape[0], mb)
-    per_micro = []
+    per_micro, bad = [], []
     for i in starts:
         ids = batch["input_ids"][i : i + mb].to(engine.device)
         labels = batch["labels"][i : i + mb].to(engine.device)
-        loss, metrics = compute_loss(model, stage, cfg.stage, ids, labels)
+        loss, metrics = compute_loss(model, stage, cfg.stage, ids, labels, forward=engine)
         per_micro.append(metrics)
         engine.backward(loss)
         if i == starts[-1]:  # the accumulation boundary: the next engine.step() updates the weights
-            check_finite(step, per_micro)
+            bad = nonfinite_terms(per_micro)
+            if bad and cfg.stage.on_nonfinite == "stop":
+                raise NonFiniteError(f"step {step}: non-finite {', '.join(bad)} (kl_per_layer/<i> names the "
+                                     "layer); the last checkpoint is intact: lower stage.lr or check the data, "
+                                     "then relaunch (or set stage.on_nonfinite=skip)")
         engine.step()
-    return {k: sum(m[k].float() for m in per_micro) for k in per_micro[0]}
+    totals = {k: sum(m[k].float() for m in per_micro) for k in per_micro[0]}
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        totals["train/grad_norm"] = torch.as_tensor(float(norm)) * len(per_micro)  # averaged over micro-batches
+    if engine.was_step_applied():
+        if bad:
+            raise NonFiniteError(f"step {step}: non-finite {', '.join(bad)}, and the optimizer applied the update; "
+                                 "stage.on_nonfinite=skip needs a ZeRO optimizer (deepspeed.zero_stage 1-3)")
+        return totals, False
+    if cfg.stage.on_nonfinite == "stop":  # finite losses, but the optimizer found a NaN/inf gradient
+        raise NonFiniteError(f"step {step}: non-finite gradient norm ({norm}); the update was discarded and the "
+                             "last checkpoint is intact: lower stage.lr, then relaunch (or set "
+                             "stage.on_nonfinite=skip)")
+    return totals, True
 
 
 def run_stage(cfg: TrainConfig, raw_cfg) -> None:
@@ -111,7 +135,7 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
     engine, _ = eng.initialize(model, groups, ds_config)
     model = engine.module
 
-    step, tokens_total = 0, 0
+    step, tokens_total, skipped, skipped_in_row = 0, 0, 0, 0
     probe_ids, probe_topk = None, None  # a fixed micro-batch for the selection-overlap and recall probes
     if cfg.run.resume:
         state = checkpoint.resume(engine, ckpt_dir)
@@ -120,6 +144,7 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
                 raise ValueError(f"{ckpt_dir}: saved with {state['world_size']} ranks, resumed with {world}; "
                                  "relaunch with the same number of ranks")
             step, tokens_total = state["step"], state["tokens_total"]
+            skipped, skipped_in_row = state.get("skipped", 0), state.get("skipped_in_row", 0)
             data.load_state_dict(state["data"])
             probe_ids = state["probe_ids"].to(engine.device)
             probe_topk = [t.to(engine.device) for t in state["probe_topk"]] if state["probe_topk"] else None
@@ -144,8 +169,20 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
         batch = data.next_batch(cfg.stage.global_batch)
         if probe_ids is None:
             probe_ids = batch["input_ids"][: cfg.stage.micro_batch].to(engine.device)
-        totals = train_step(engine, model, stage, cfg, batch, lr_at(step, cfg.stage), base_lrs, step + 1)
+        totals, was_skipped = train_step(engine, model, stage, cfg, batch, lr_at(step, cfg.stage), base_lrs,
+                                         step + 1)
         step += 1
+        if was_skipped:
+            skipped, skipped_in_row = skipped + 1, skipped_in_row + 1
+            bad = ", ".join(k for k, v in totals.items() if not torch.isfinite(v).all()) or "gradient norm"
+            eng.print0(f"[skip] step {step}: non-finite {bad}; update skipped ({skipped} so far, "
+                       f"{skipped_in_row} in a row)")
+            if skipped_in_row >= cfg.stage.max_skipped_steps:
+                raise NonFiniteError(f"step {step}: {skipped_in_row} consecutive steps skipped for non-finite "
+                                     f"values (stage.max_skipped_steps={cfg.stage.max_skipped_steps}); lower "
+                                     "stage.lr or check the data, then relaunch")
+        else:
+            skipped_in_row = 0
         tokens_total += batch["global_tokens"]  # every rank builds the same global batch: no collective needed
         if step % cfg.stage.log_every == 0 or limit_reached():
             if stage.trains_indexer:
@@ -163,6 +200,7 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
                 "perf/tokens_per_sec": (tokens_total - tokens_last) / max(now - t_last, 1e-9),
                 "mem/peak_gib": peak_memory_gib(),
                 "data/epoch": max(data.epochs),
+                "train/skipped_steps": skipped,
             })
             t_last, tokens_last = now, tokens_total
             logger.log(step, metrics)
@@ -170,6 +208,7 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
         if step % cfg.stage.save_every == 0 or limit_reached():
             checkpoint.save(engine, ckpt_dir, step, {"step": step, "tokens_total": tokens_total,
                                                      "data": data.state_dict(), "world_size": world,
+                                                     "skipped": skipped, "skipped_in_row": skipped_in_row,
                                                      "stage": stage.name, "probe_ids": probe_ids.cpu(),
                                                      "probe_topk": [t.cpu() for t in probe_topk or []]},
                             keep_last=cfg.stage.keep_last, world_size=world)

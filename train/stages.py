@@ -53,6 +53,8 @@ class StageConfig:
     save_every: int = 100
     keep_last: int = 2                 # checkpoints kept on disk (older ones are deleted after a good save)
     activation_checkpointing: bool = False
+    on_nonfinite: str = "stop"         # a NaN/inf loss term or gradient norm: stop (exit 3) or skip the update
+    max_skipped_steps: int = 16        # on_nonfinite=skip: stop once this many consecutive steps were skipped
 
 
 def mode_of(stage: Stage, model: DSAForCausalLM) -> AttentionMode:
@@ -79,18 +81,21 @@ def param_groups(model: DSAForCausalLM, stage: Stage, cfg: StageConfig) -> list[
 
 
 def compute_loss(model: DSAForCausalLM, stage: Stage, cfg: StageConfig, input_ids: torch.Tensor,
-                 labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(loss to backpropagate, detached per-micro-batch metrics). Losses are means over tokens (and layers)."""
+                 labels: torch.Tensor, forward=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss to backpropagate, detached per-micro-batch metrics). Losses are means over tokens (and layers).
+
+    `forward` runs `model`'s forward: the DeepSpeed engine in training (default: the model itself)."""
+    forward = forward or model
     mode = mode_of(stage, model)
     metrics: dict[str, torch.Tensor] = {}
     loss = torch.zeros((), device=input_ids.device)
     if stage.lm_loss:
-        lm_sum, count = model.lm_loss(input_ids, labels, mode)
+        lm_sum, count = forward(input_ids, mode, labels_BL=labels)
         lm = lm_sum / count
         loss = loss + lm
         metrics["loss/lm"] = lm.detach()
     else:
-        model.hidden_states(input_ids, mode)  # the warm-up needs no LM head
+        forward(input_ids, mode, head=False)  # the warm-up needs no LM head
     if stage.indexer_loss:
         stats = model.layer_stats()
         kl_layers = torch.stack([s.kl_BL.float().mean() for s in stats])

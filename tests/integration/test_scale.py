@@ -51,17 +51,36 @@ def test_two_nodes_match_one_process(root):
         assert a["tokens/total"] == b["tokens/total"]
 
 
-def test_zero3_warmup_and_sparse(root):
-    run_train(root, "stage=warmup", "run.name=z3", "stage.steps=2", "deepspeed=zero3", nproc=2)
-    run_train(root, "stage=sparse", "run.name=z3", "stage.steps=2", "deepspeed=zero3", "stage.lr=1e-3", nproc=2)
-    run_train(root, "stage=warmup", "run.name=z1", "stage.steps=2", "deepspeed=zero1", nproc=2)
-    z3, z1 = metrics(root, "z3", "warmup"), metrics(root, "z1", "warmup")
-    for a, b in zip(z3, z1, strict=True):
-        assert abs(a["loss/indexer_kl"] - b["loss/indexer_kl"]) <= 1e-5
+def _close(a: float, b: float, rel: float = 1e-4) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
+
+
+def test_zero3_warmup_and_sparse_match_zero1(root):
+    """ZeRO-3 (frozen backbone in the warm-up included) trains exactly what ZeRO-1 trains, with gradient
+    accumulation (4 micro-batches per rank): same losses and gradient norms, same exported weights."""
+    for zero in ("zero3", "zero1"):
+        run_train(root, "stage=warmup", f"run.name={zero}", "stage.steps=2", f"deepspeed={zero}",
+                  "stage.global_batch=8", nproc=2)
+        run_train(root, "stage=sparse", f"run.name={zero}", "stage.steps=2", f"deepspeed={zero}", "stage.lr=1e-3",
+                  "stage.global_batch=8", nproc=2)
+    for stage, key in (("warmup", "loss/indexer_kl"), ("sparse", "loss/lm")):
+        z3, z1 = metrics(root, "zero3", stage), metrics(root, "zero1", stage)
+        for a, b in zip(z3, z1, strict=True):
+            assert _close(a[key], b[key]) and _close(a["train/grad_norm"], b["train/grad_norm"]), (stage, a, b)
+        w3 = load_file(root / f"ckpt/zero3/{stage}/export/model.safetensors")
+        w1 = load_file(root / f"ckpt/zero1/{stage}/export/model.safetensors")
+        assert w3.keys() == w1.keys()
+        assert max((w3[k] - w1[k]).abs().max().item() for k in w1) <= 1e-6, stage
     base = load_file(root / "ckpt/base/base/export/model.safetensors")
-    warm = load_file(root / "ckpt/z3/warmup/export/model.safetensors")
+    warm = load_file(root / "ckpt/zero3/warmup/export/model.safetensors")
     assert all(torch.equal(warm[k], v) for k, v in base.items()), "ZeRO-3 export: backbone unchanged"
-    assert metrics(root, "z3", "sparse")[-1]["loss/lm"] > 0
+
+
+def test_cpu_offload_of_optimizer_state_matches(root):
+    run_train(root, "stage=warmup", "run.name=offload", "stage.steps=2", "deepspeed=zero3_offload")
+    run_train(root, "stage=warmup", "run.name=nooffload", "stage.steps=2", "deepspeed=zero3")
+    for a, b in zip(metrics(root, "offload", "warmup"), metrics(root, "nooffload", "warmup"), strict=True):
+        assert _close(a["loss/indexer_kl"], b["loss/indexer_kl"]) and _close(a["train/grad_norm"], b["train/grad_norm"])
 
 
 def test_sigkill_then_relaunch_is_bit_identical(root):

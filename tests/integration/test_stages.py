@@ -94,3 +94,22 @@ def test_non_finite_loss_stops_the_run_naming_step_and_term(root):
     assert out.returncode == 3, out.stderr[-2000:]
     assert "error: step 2: non-finite loss/lm = nan" in out.stderr and "Traceback" not in out.stderr
     assert "indexer/kl_per_layer/" in out.stderr
+
+
+def test_non_finite_steps_are_skipped_and_counted(root):
+    """on_nonfinite=skip: steps 2-4 diverge (lr 1e30) and are skipped; the weights stay those after step 1."""
+    common = ("stage=sparse", "stage.init_from=" + str(root / "ckpt/base/base/export"), "stage.lr=1e30",
+              "stage.grad_clip=0")
+    run_train(root, *common, "run.name=one_step", "stage.steps=1")
+    out = run_train(root, *common, "run.name=skip", "stage.steps=4", "stage.on_nonfinite=skip")
+    assert "[skip] step 2: non-finite loss/lm" in out.stdout and "(3 so far, 3 in a row)" in out.stdout
+    rows = metrics(root, "skip", "sparse")
+    assert [r["train/skipped_steps"] for r in rows] == [0, 1, 2, 3]
+    assert rows[-1]["tokens/total"] == 4 * 4 * 128  # skipped batches are consumed and counted, not replayed
+    one = _weights(root / "ckpt/one_step/sparse/export")
+    skipped = _weights(root / "ckpt/skip/sparse/export")
+    assert all(torch.equal(skipped[k], v) for k, v in one.items()), "a skipped step must not change the weights"
+
+    out = run_train(root, *common, "run.name=too_many", "stage.steps=4", "stage.on_nonfinite=skip",
+                    "stage.max_skipped_steps=2", check=False)
+    assert out.returncode == 3 and "step 3: 2 consecutive steps skipped" in out.stderr, out.stderr[-2000:]

@@ -48,6 +48,9 @@ def test_paper_preset_numbers():
     (["model.path=null"], ["model.path is null"]),
     (["deepspeed.zero_stage=4"], ["deepspeed.zero_stage=4", "0, 1, 2, 3"]),
     (["logging.wandb.mode=cloud"], ["logging.wandb.mode='cloud'", "offline"]),
+    (["stage.on_nonfinite=ignore"], ["stage.on_nonfinite='ignore'", "stop, skip"]),
+    (["stage.on_nonfinite=skip", "deepspeed.zero_stage=0"], ["deepspeed.zero_stage=0", "zero_stage 1, 2 or 3"]),
+    (["stage.max_skipped_steps=0"], ["stage.max_skipped_steps=0", "> 0"]),
 ])
 def test_invalid_values_name_key_value_and_allowed(overrides, needles):
     with pytest.raises(ValueError) as e:

@@ -74,8 +74,15 @@ class DSAForCausalLM(nn.Module):
                 h_BLC = layer(h_BLC, cos_BLR, sin_BLR, mode)
         return self.model.norm(h_BLC)
 
-    def forward(self, input_ids_BL: torch.Tensor, mode: AttentionMode = AttentionMode()) -> torch.Tensor:
-        """Logits [B, L, E]. For training use `lm_loss`, which never holds all logits at once."""
+    def forward(self, input_ids_BL: torch.Tensor, mode: AttentionMode = AttentionMode(),
+                labels_BL: torch.Tensor | None = None, head: bool = True):
+        """Logits [B, L, E]; with `labels_BL`, `lm_loss`'s (sum, count), which never holds all logits at once;
+        with head=False, `hidden_states`. Training calls this through the DeepSpeed engine (engine(...)):
+        ZeRO-3 accumulates gradients over micro-batches correctly only for forwards that go through it."""
+        if labels_BL is not None:
+            return self.lm_loss(input_ids_BL, labels_BL, mode)
+        if not head:
+            return self.hidden_states(input_ids_BL, mode)
         return self.lm_head(self.hidden_states(input_ids_BL, mode))
 
     def lm_loss(self, input_ids_BL: torch.Tensor, labels_BL: torch.Tensor, mode: AttentionMode,
