@@ -14,7 +14,7 @@ BASE_EXPORT := checkpoints/base/base/export/config.json
 NEEDS_BASE := $(if $(filter model=% model.path=% stage.init_from=%,$(HYDRA_ARGS)),,$(BASE_EXPORT))
 EVAL_MODEL ?= checkpoints/default/sparse/export
 
-.PHONY: setup test test-all base warmup sparse eval plan
+.PHONY: setup test test-all base warmup sparse eval plan bench
 
 setup: $(VENV)/.installed
 
@@ -54,3 +54,7 @@ eval: setup
 # What a stage costs, from shapes only: `make plan preset=paper model=deepseek_v3_671b run.plan_gpus=16`.
 plan: setup
 	$(PYTHON) -m train run.dry_run=true $(HYDRA_ARGS)
+
+# GPU kernels vs their PyTorch twins and SDPA, then whole ~1B-model steps: JSON in bench.json, a table on stdout.
+bench: setup
+	$(PYTHON) -m train.bench $(ARGS)

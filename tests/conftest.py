@@ -1,7 +1,15 @@
-"""Shared fixtures: tiny DeepSeek-V3 architectures (random weights, CPU, fp32)."""
+"""Shared fixtures: tiny DeepSeek-V3 architectures (random weights, CPU, fp32).
+
+Without a GPU, Triton kernels run in Triton's interpreter (set here, before any kernel is defined).
+"""
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # A tiny MLA + MoE architecture: 3 layers, the first with a dense MLP, the rest MoE.
 TINY_ARCH = dict(

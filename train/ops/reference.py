@@ -12,12 +12,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Elements (of the largest per-block intermediate) a query block may hold; 2**20 fp32 = 4 MiB.
+# Elements (of the largest per-block intermediate) a query block may hold: 2**20 fp32 = 4 MiB on CPU;
+# 2**26 (256 MiB) on a GPU, where small blocks would leave the device idle between Python iterations.
 DEFAULT_BLOCK_ELEMS = 1 << 20
+GPU_BLOCK_ELEMS = 1 << 26
 
 
-def query_block_size(num_queries: int, elems_per_query: int, block_elems: int = DEFAULT_BLOCK_ELEMS) -> int:
-    """Largest query block whose widest intermediate holds at most `block_elems` elements."""
+def query_block_size(num_queries: int, elems_per_query: int, block_elems: int | None = None,
+                     device: torch.device | None = None) -> int:
+    """Largest query block whose widest intermediate holds at most `block_elems` elements (default: by device)."""
+    if block_elems is None:
+        block_elems = GPU_BLOCK_ELEMS if device is not None and device.type == "cuda" else DEFAULT_BLOCK_ELEMS
     return max(1, min(num_queries, block_elems // max(1, elems_per_query)))
 
 
@@ -98,7 +103,7 @@ def indexer_logits(q_BTGD: torch.Tensor, k_BSD: torch.Tensor, w_BTG: torch.Tenso
 
 @torch.no_grad()
 def indexer_topk(
-    q_BLGD: torch.Tensor, k_BLD: torch.Tensor, w_BLG: torch.Tensor, topk: int, block_elems: int = DEFAULT_BLOCK_ELEMS
+    q_BLGD: torch.Tensor, k_BLD: torch.Tensor, w_BLG: torch.Tensor, topk: int, block_elems: int | None = None
 ) -> torch.Tensor:
     """Top-k key positions per query over the causal span: [B, L, min(topk, L)] int64, -1 where t + 1 < k.
 
@@ -106,7 +111,7 @@ def indexer_topk(
     """
     B, L, G, _ = q_BLGD.shape
     K = min(topk, L)
-    block = query_block_size(L, B * G * L)
+    block = query_block_size(L, B * G * L, block_elems, q_BLGD.device)
     out = torch.empty(B, L, K, dtype=torch.long, device=q_BLGD.device)
     for t0 in range(0, L, block):
         t1 = min(L, t0 + block)
@@ -163,7 +168,7 @@ def dense_indexer_kl(
     ka_BLHD: torch.Tensor,
     scale: float,
     topk: int,
-    block_elems: int = DEFAULT_BLOCK_ELEMS,
+    block_elems: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Warm-up loss per query: KL(p_t || softmax(I_t)) over the full causal span, and the indexer's recall.
 
@@ -172,7 +177,7 @@ def dense_indexer_kl(
     Returns (kl [B, L] fp32, differentiable w.r.t. qi, ki, wi; recall [B, L] fp32, no gradient).
     """
     B, L, H, _ = qa_BLHD.shape
-    block = query_block_size(L, B * max(H, qi_BLGD.shape[2]) * L, block_elems)
+    block = query_block_size(L, B * max(H, qi_BLGD.shape[2]) * L, block_elems, qi_BLGD.device)
     fn = lambda t0, qi, wi, qa, ki, ka: _dense_kl_block(t0, qi, wi, qa, ki, ka, scale, topk)  # noqa: E731
     return _QueryBlocks.apply(fn, block, 3, 1, qi_BLGD, wi_BLG, qa_BLHD.detach(), ki_BLD, ka_BLHD.detach())
 
@@ -192,7 +197,7 @@ def sparse_mla(
     idx_BLK: torch.Tensor,
     scale: float,
     v_dim: int,
-    block_elems: int = DEFAULT_BLOCK_ELEMS,
+    block_elems: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse MLA in MQA (absorbed) form: query t attends to latent rows idx[t] (-1 = none), shared by all heads.
 
@@ -202,7 +207,7 @@ def sparse_mla(
     """
     B, L, H, D = q_BLHD.shape
     K = idx_BLK.shape[-1]
-    block = query_block_size(L, B * K * max(H, D), block_elems)
+    block = query_block_size(L, B * K * max(H, D), block_elems, q_BLHD.device)
     fn = lambda t0, q, idx, kv: _sparse_mla_block(t0, q, idx, kv, scale, v_dim)  # noqa: E731
     return _QueryBlocks.apply(fn, block, 2, 1, q_BLHD, idx_BLK, kv_BLD)
 
@@ -222,7 +227,7 @@ def sparse_indexer_kl(
     wi_BLG: torch.Tensor,
     idx_BLK: torch.Tensor,
     p_BLK: torch.Tensor,
-    block_elems: int = DEFAULT_BLOCK_ELEMS,
+    block_elems: int | None = None,
 ) -> torch.Tensor:
     """Sparse-stage indexer loss per query: KL(p_t || softmax(I_t)) over the selected set idx[t] only.
 
@@ -231,7 +236,7 @@ def sparse_indexer_kl(
     """
     B, L, G, D = qi_BLGD.shape
     K = idx_BLK.shape[-1]
-    block = query_block_size(L, B * K * max(G, D), block_elems)
+    block = query_block_size(L, B * K * max(G, D), block_elems, qi_BLGD.device)
     (kl_BL,) = _QueryBlocks.apply(_sparse_kl_block, block, 4, 1, qi_BLGD, wi_BLG, idx_BLK, p_BLK.detach(), ki_BLD)
     return kl_BL
 

@@ -1,0 +1,241 @@
+"""`make bench` (GPU): the DSA kernels next to their PyTorch twins and SDPA, then whole training steps.
+
+python -m train.bench [--lengths 8192 32768 65536 131072] [--e2e-lengths 32768 65536] [--out bench.json]
+
+Kernels, at DeepSeek-V3's attention shape (128 heads, d_qk 576 = 512 + 64, d_v 512, indexer 64 x 128,
+top-2048), batch 1, bf16: time (median of `--iters`), TFLOP/s and peak memory above the inputs.
+  sparse_mla fwd / probs / bwd   the Triton kernels (FLOPs: 2*H*selected*(576+512) forward, 2.5x that
+                                 backward, DSA.md §5; `selected` counts valid entries only)
+  sparse_mla twin fwd+bwd        the chunked PyTorch reference (lengths <= --twin-max)
+  sdpa fwd / fwd+bwd             torch SDPA, causal, MLA's dense shape (d_qk 192, d_v 128), 128 heads
+  indexer_topk                   Triton logits + top-k, the chunked twin, and the plain PyTorch version
+                                 (all-head einsum + topk; it runs out of memory past 16K)
+End to end, a ~1B-parameter DeepSeek-V3-architecture model (bf16 weights, AdamW, activation checkpointing):
+tokens/s and peak memory of a dense-attention step (all parameters), a warm-up step (indexer only, KL over
+the full span) and a sparse step (top-k attention, LM + sparse indexer KL).
+Writes JSON to --out and prints a table; failures (out of memory) are recorded, not fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from train import ops
+from train.ops import reference
+
+H, DV, DR, G, DI, TOPK = 128, 512, 64, 64, 128, 2048
+
+
+def measure(fn, iters: int) -> dict:
+    """Median wall time (ms) over `iters` runs after one warm-up run, and peak memory above the start (GiB)."""
+    torch.cuda.synchronize()
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    return {"ms": sorted(times)[len(times) // 2], "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+
+
+def guarded(name: str, fn, iters: int, flops: float | None = None) -> dict:
+    try:
+        r = measure(fn, iters)
+        if flops:
+            r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
+    except torch.OutOfMemoryError:
+        r = {"error": "out of memory"}
+    torch.cuda.empty_cache()
+    print(f"  {name}: {r}", flush=True)
+    return {"name": name, **r}
+
+
+def causal_selection(L: int, k: int, device) -> torch.Tensor:
+    """[1, L, k] random distinct-enough causal positions (row t draws from 0..t), -1 where t + 1 < k."""
+    t = torch.arange(L, device=device)[:, None]
+    idx = (torch.rand(L, k, device=device) * (t + 1)).long()
+    j = torch.arange(k, device=device)[None, :]
+    idx = torch.where(t + 1 >= k, idx, torch.where(j <= t, j, -1))
+    return idx[None]
+
+
+def bench_sparse_mla(L: int, iters: int, twin_max: int) -> list[dict]:
+    dev = "cuda"
+    q = torch.randn(1, L, H, DV + DR, device=dev, dtype=torch.bfloat16)
+    kv = torch.randn(1, L, DV + DR, device=dev, dtype=torch.bfloat16)
+    idx = causal_selection(L, TOPK, dev)
+    scale = (128 + 64) ** -0.5
+    selected = int((idx >= 0).sum())
+    fwd_flops = 2 * H * selected * (DV + DR + DV)
+    from train.ops import triton_sparse_mla as k
+
+    out, lse = k.sparse_mla_forward(q, kv, idx, scale, DV)
+    g = torch.randn_like(out)
+    rows = [guarded("sparse_mla fwd", lambda: k.sparse_mla_forward(q, kv, idx, scale, DV), iters, fwd_flops),
+            guarded("sparse_mla probs", lambda: k.sparse_mla_probs(q, kv, idx, lse, scale, DV), iters,
+                    2 * H * selected * (DV + DR)),
+            guarded("sparse_mla bwd", lambda: k.sparse_mla_backward(q, kv, idx, out, lse, g, scale, DV), iters,
+                    2.5 * fwd_flops)]
+    if L <= twin_max:
+        qg, kvg = q.clone().requires_grad_(), kv.clone().requires_grad_()
+
+        def twin():
+            o, _ = reference.sparse_mla(qg, kvg, idx, scale, DV)
+            torch.autograd.grad(o, (qg, kvg), g)
+        rows.append(guarded("sparse_mla twin fwd+bwd", twin, max(1, iters // 3), 3.5 * fwd_flops))
+    return rows
+
+
+def bench_sdpa(L: int, iters: int) -> list[dict]:
+    """SDPA on MLA's dense (non-absorbed) shape: what the dense model runs."""
+    dev = "cuda"
+    qa = torch.randn(1, H, L, 192, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    ka = torch.randn(1, H, L, 192, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    va = torch.randn(1, H, L, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    sdpa_flops = 2 * H * (L * (L + 1) / 2) * (192 + 128)
+
+    def sdpa_fwd():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(qa, ka, va, is_causal=True)
+
+    def sdpa_fwd_bwd():
+        o = F.scaled_dot_product_attention(qa, ka, va, is_causal=True)
+        o.backward(torch.ones_like(o))
+    return [guarded("sdpa fwd", sdpa_fwd, iters, sdpa_flops),
+            guarded("sdpa fwd+bwd", sdpa_fwd_bwd, iters, 3.5 * sdpa_flops)]
+
+
+def bench_topk(L: int, iters: int, twin_max: int, plain_max: int) -> list[dict]:
+    dev = "cuda"
+    q = torch.randn(1, L, G, DI, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, L, DI, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(1, L, G, device=dev) * (G * DI) ** -0.5
+    flops = 2 * G * DI * L * (L + 1) / 2
+    from train.ops import triton_topk
+
+    rows = [guarded("indexer_topk triton", lambda: triton_topk.indexer_topk(q, k, w, TOPK), iters, flops)]
+    if L <= twin_max:
+        rows.append(guarded("indexer_topk twin", lambda: reference.indexer_topk(q, k, w, TOPK), iters, flops))
+    if L <= plain_max:
+        # The plain version: the reference formula over the whole sequence at once (fp32), then topk.
+        rows.append(guarded("indexer_topk plain pytorch fp32", lambda: reference.indexer_logits(q, k, w, 0).topk(
+            TOPK, dim=-1).indices, iters, flops))
+
+        def plain_bf16():  # the same in bf16 einsums: half the memory, faster
+            scores = torch.einsum("btgd,bsd->btgs", q, k).relu()
+            logits = torch.einsum("btgs,btg->bts", scores, w.to(scores.dtype))
+            logits = logits.masked_fill(torch.ones(L, L, device=dev, dtype=torch.bool).triu(1), float("-inf"))
+            return logits.topk(TOPK, dim=-1).indices
+        rows.append(guarded("indexer_topk plain pytorch bf16", plain_bf16, iters, flops))
+    return rows
+
+
+ONE_B = dict(vocab_size=32768, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+             num_hidden_layers=18, first_k_dense_replace=18, n_routed_experts=8, n_shared_experts=1,
+             num_experts_per_tok=2, n_group=1, topk_group=1, num_attention_heads=16, num_key_value_heads=16,
+             q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+             max_position_embeddings=163840, tie_word_embeddings=False)
+
+
+def bench_e2e(lengths: list[int], iters: int, warmup_max: int) -> list[dict]:
+    from train.model import ModelConfig, build_model
+    from train.stages import STAGES, StageConfig, compute_loss, param_groups
+
+    model = build_model(ModelConfig(arch=ONE_B, index_n_heads=G, index_head_dim=DI, index_topk=TOPK,
+                                    dtype="bfloat16")).cuda()
+    model.activation_checkpointing = True
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[e2e] {n_params / 1e9:.3f}B parameters ({sum(p.numel() for p in model.indexer_parameters()) / 1e6:.0f}M"
+          " indexer)", flush=True)
+    rows = []
+    for L in lengths:
+        ids = torch.randint(0, ONE_B["vocab_size"], (1, L), device="cuda")
+        for name, stage_name in (("dense step", "base"), ("warm-up step", "warmup"), ("sparse step", "sparse")):
+            if stage_name == "warmup" and L > warmup_max:
+                continue
+            stage = STAGES[stage_name]
+            groups = param_groups(model, stage, StageConfig(name=stage_name, lr=1e-5))
+            opt = torch.optim.AdamW([{"params": g["params"], "lr": g["lr"]} for g in groups])
+
+            def step():
+                loss, _ = compute_loss(model, stage, StageConfig(name=stage_name), ids, ids)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            r = guarded(f"e2e {name} L={L}", step, iters)
+            if "ms" in r:
+                r["tokens_per_sec"] = L / (r["ms"] * 1e-3)
+            rows.append({"L": L, **r})
+            opt.state.clear()
+            torch.cuda.empty_cache()
+    rows.append({"name": "parameters", "total": n_params})
+    return rows
+
+
+def table(results: dict) -> str:
+    lines = ["| L | op | ms | TFLOP/s | peak GiB |", "|---|---|---|---|---|"]
+    for row in results["kernels"]:
+        if "error" in row:
+            lines.append(f"| {row['L']:,} | {row['name']} | {row['error']} | | |")
+        else:
+            tf = f"{row['tflops']:.0f}" if "tflops" in row else ""
+            lines.append(f"| {row['L']:,} | {row['name']} | {row['ms']:.2f} | {tf} | {row['peak_gib']:.2f} |")
+    lines += ["", "| L | step | ms | tokens/s | peak GiB |", "|---|---|---|---|---|"]
+    for row in results["e2e"]:
+        if "L" not in row:
+            continue
+        if "error" in row:
+            lines.append(f"| {row['L']:,} | {row['name']} | {row['error']} | | |")
+        else:
+            lines.append(f"| {row['L']:,} | {row['name']} | {row['ms']:.0f} | {row['tokens_per_sec']:,.0f} | "
+                         f"{row['peak_gib']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="*", default=[8192, 32768, 65536, 131072])
+    ap.add_argument("--topk-lengths", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
+    ap.add_argument("--e2e-lengths", type=int, nargs="*", default=[8192, 32768, 65536])
+    ap.add_argument("--warmup-max", type=int, default=8192, help="longest warm-up step timed end to end")
+    ap.add_argument("--twin-max", type=int, default=32768, help="longest length the PyTorch twins are timed at")
+    ap.add_argument("--plain-max", type=int, default=16384, help="longest length plain PyTorch top-k is tried at")
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--out", default="bench.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: make bench needs a CUDA GPU (the kernels are Triton)")
+    torch.manual_seed(0)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels_backend": ops.backend(),
+               "kernels": [], "e2e": []}
+
+    def save():  # after every section, so that a cut run keeps what it measured
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    for L in args.topk_lengths:
+        print(f"[topk] L={L}", flush=True)
+        results["kernels"] += [{"L": L, **r} for r in bench_topk(L, args.iters, args.twin_max, args.plain_max)]
+        save()
+    for L in args.lengths:
+        print(f"[sparse_mla] L={L}", flush=True)
+        results["kernels"] += [{"L": L, **r} for r in bench_sparse_mla(L, args.iters, args.twin_max)]
+        results["kernels"] += [{"L": L, **r} for r in bench_sdpa(L, args.iters)]
+        save()
+    if args.e2e_lengths:
+        results["e2e"] = bench_e2e(args.e2e_lengths, max(1, args.iters // 2), args.warmup_max)
+        save()
+    print(table(results))
+    print(f"[bench] wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

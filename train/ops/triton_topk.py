@@ -1,0 +1,89 @@
+"""Indexer logits and top-k on the GPU (Triton); twin: `reference.indexer_topk`.
+
+One kernel scores a block of R queries against every key, fusing the G indexer heads (relu, weights,
+head sum) and the causal mask, and writes each score as an int64 *sort key*: the fp32 logit's bits
+mapped to a monotonic integer in the high word, `2**32 - 1 - position` in the low word. Keys are unique,
+so `torch.topk` on them is deterministic and breaks ties toward the lower position exactly like
+`topk_stable`; -inf (invisible) scores sort last and come back as -1. Offsets are int64 throughout
+(128K+ columns, any batch). Memory: one [R, L] int64 buffer with R = max(topk, 256) rows, O(L x k).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_NEG_INF_KEY_HIGH = -(2**31) + 0x7FFFFF  # high word of -inf's key: 0xFF800000 ^ 0x7FFFFFFF as int32
+
+
+@triton.jit
+def _logit_keys_kernel(q_ptr, k_ptr, w_ptr, out_ptr, t0, T, S,
+                       sq_b, sq_t, sq_g, sk_b, sk_s, sw_b, sw_t, so_b, so_t,
+                       G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr):
+    pid_s = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_t = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)  # rows of this query block
+    offs_s = (pid_s * BS + tl.arange(0, BS)).to(tl.int64)
+    offs_d = tl.arange(0, D)
+    acc = tl.zeros([BT, BS], dtype=tl.float32)
+    if pid_s * BS <= t0 + pid_t * BT + BT - 1:  # tiles wholly above the diagonal stay -inf
+        k = tl.load(k_ptr + b * sk_b + offs_s[:, None] * sk_s + offs_d[None, :], mask=offs_s[:, None] < S, other=0.0)
+        for g in range(G):
+            q = tl.load(q_ptr + b * sq_b + offs_t[:, None] * sq_t + g * sq_g + offs_d[None, :],
+                        mask=offs_t[:, None] < T, other=0.0)
+            w = tl.load(w_ptr + b * sw_b + offs_t * sw_t + g, mask=offs_t < T, other=0.0).to(tl.float32)
+            acc += tl.maximum(tl.dot(q, tl.trans(k)), 0.0) * w[:, None]
+    visible = offs_s[None, :] <= (t0 + offs_t)[:, None]
+    acc = tl.where(visible, acc, float("-inf"))
+    bits = acc.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+    keys = ordered * 4294967296 + (4294967295 - offs_s[None, :])
+    tl.store(out_ptr + b * so_b + offs_t[:, None] * so_t + offs_s[None, :], keys,
+             mask=(offs_t[:, None] < T) & (offs_s[None, :] < S))
+
+
+def logit_keys(q_BTGD: torch.Tensor, k_BSD: torch.Tensor, w_BTG: torch.Tensor, t0: int, BT: int = 64, BS: int = 128,
+               warps: int = 4, stages: int = 2) -> torch.Tensor:
+    """[B, T, S] int64 sort keys of the indexer logits of queries t0..t0+T-1 over keys 0..S-1.
+
+    Default launch configuration: the fastest of a sweep on the H200 (G 64, D 128, 16K keys)."""
+    B, T, G, D = q_BTGD.shape
+    S = k_BSD.shape[1]
+    q, k, w = q_BTGD.contiguous(), k_BSD.contiguous(), w_BTG.float().contiguous()
+    if k.dtype != q.dtype:
+        k = k.to(q.dtype)
+    out = torch.empty(B, T, S, dtype=torch.int64, device=q.device)
+    grid = (triton.cdiv(S, BS), triton.cdiv(T, BT), B)
+    _logit_keys_kernel[grid](q, k, w, out, t0, T, S, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                             w.stride(0), w.stride(1), out.stride(0), out.stride(1), G=G, D=D, BT=BT, BS=BS,
+                             num_warps=warps, num_stages=stages)
+    return out
+
+
+def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 logits, positions) of sort keys."""
+    high = (keys >> 32).to(torch.int32)
+    bits = torch.where(high >= 0, high, high ^ 0x7FFFFFFF)
+    return bits.view(torch.float32), 4294967295 - (keys & 0xFFFFFFFF)
+
+
+@torch.no_grad()
+def indexer_topk(q_BLGD: torch.Tensor, k_BLD: torch.Tensor, w_BLG: torch.Tensor, topk: int) -> torch.Tensor:
+    """Same contract as `reference.indexer_topk`: [B, L, min(topk, L)] int64, descending, -1 where invalid."""
+    B, L, G, D = q_BLGD.shape
+    K = min(topk, L)
+    rows = max(K, 256)
+    out = torch.empty(B, L, K, dtype=torch.long, device=q_BLGD.device)
+    for t0 in range(0, L, rows):
+        t1 = min(L, t0 + rows)
+        keys = logit_keys(q_BLGD[:, t0:t1], k_BLD[:, :t1], w_BLG[:, t0:t1], t0)
+        if keys.shape[-1] < K:  # the first block sees fewer than K keys: pad with -inf keys
+            pad = torch.full((B, t1 - t0, K - keys.shape[-1]), _NEG_INF_KEY_HIGH << 32, dtype=torch.int64,
+                             device=keys.device)
+            keys = torch.cat([keys, pad], dim=-1)
+        top = torch.topk(keys, K, dim=-1, sorted=True).values
+        pos = 4294967295 - (top & 0xFFFFFFFF)
+        out[:, t0:t1] = pos.masked_fill((top >> 32) == _NEG_INF_KEY_HIGH, -1)
+    return out
