@@ -8,6 +8,8 @@ top-2048), batch 1, bf16: time (median of `--iters`), TFLOP/s and peak memory ab
                                  backward, DSA.md §5; `selected` counts valid entries only)
   sparse_mla twin fwd+bwd        the chunked PyTorch reference (lengths <= --twin-max)
   sdpa fwd / fwd+bwd             torch SDPA, causal, MLA's dense shape (d_qk 192, d_v 128), 128 heads
+  warmup_kl fwd+bwd              the warm-up loss kernel (KL to the head-averaged attention of 128 heads of
+                                 d_qk 192, recall, the indexer's gradient), and its twin (lengths <= 8K)
   indexer_topk                   Triton logits + top-k, the chunked twin, and the plain PyTorch version
                                  (all-head einsum + topk; it runs out of memory past 16K)
 End to end, a ~1B-parameter DeepSeek-V3-architecture model (bf16 weights, AdamW, activation checkpointing):
@@ -92,6 +94,25 @@ def bench_sparse_mla(L: int, iters: int, twin_max: int) -> list[dict]:
             o, _ = reference.sparse_mla(qg, kvg, idx, scale, DV)
             torch.autograd.grad(o, (qg, kvg), g)
         rows.append(guarded("sparse_mla twin fwd+bwd", twin, max(1, iters // 3), 3.5 * fwd_flops))
+    return rows
+
+
+def bench_warmup_kl(L: int, iters: int, twin_max: int) -> list[dict]:
+    """The warm-up loss (forward + the indexer's backward) at DeepSeek-V3's shape: 128 heads of d_qk 192."""
+    dev = "cuda"
+    qi = torch.randn(1, L, G, DI, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    ki = torch.randn(1, L, DI, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    wi = (torch.randn(1, L, G, device=dev) * (G * DI) ** -0.5).requires_grad_()
+    qa = torch.randn(1, L, H, 192, device=dev, dtype=torch.bfloat16)
+    ka = torch.randn(1, L, H, 192, device=dev, dtype=torch.bfloat16)
+    from train.ops import triton_warmup_kl
+
+    def run(fn):
+        kl, _ = fn(qi, ki, wi, qa, ka, 192 ** -0.5, TOPK)
+        torch.autograd.grad(kl.mean(), (qi, ki, wi))
+    rows = [guarded("warmup_kl fwd+bwd", lambda: run(triton_warmup_kl.dense_indexer_kl), iters)]
+    if L <= min(twin_max, 8192):  # the twin loops over 16-row blocks in Python: minutes past 8K
+        rows.append(guarded("warmup_kl twin fwd+bwd", lambda: run(reference.dense_indexer_kl), max(1, iters // 3)))
     return rows
 
 
@@ -205,8 +226,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="*", default=[8192, 32768, 65536, 131072])
     ap.add_argument("--topk-lengths", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
-    ap.add_argument("--e2e-lengths", type=int, nargs="*", default=[8192, 32768, 65536])
-    ap.add_argument("--warmup-max", type=int, default=8192, help="longest warm-up step timed end to end")
+    ap.add_argument("--e2e-lengths", type=int, nargs="*", default=[32768, 65536, 131072])
+    ap.add_argument("--warmup-max", type=int, default=131072, help="longest warm-up step timed end to end")
     ap.add_argument("--twin-max", type=int, default=32768, help="longest length the PyTorch twins are timed at")
     ap.add_argument("--plain-max", type=int, default=16384, help="longest length plain PyTorch top-k is tried at")
     ap.add_argument("--iters", type=int, default=3)
@@ -229,6 +250,7 @@ def main() -> None:
         print(f"[sparse_mla] L={L}", flush=True)
         results["kernels"] += [{"L": L, **r} for r in bench_sparse_mla(L, args.iters, args.twin_max)]
         results["kernels"] += [{"L": L, **r} for r in bench_sdpa(L, args.iters)]
+        results["kernels"] += [{"L": L, **r} for r in bench_warmup_kl(L, args.iters, args.twin_max)]
         save()
     if args.e2e_lengths:
         results["e2e"] = bench_e2e(args.e2e_lengths, max(1, args.iters // 2), args.warmup_max)

@@ -5,7 +5,8 @@ Triton kernel with the same contract (`triton_*.py`). `DSA_KERNELS` picks the ba
   auto (default)  Triton for CUDA tensors whose shapes the kernel supports, else the reference
   reference       always the reference
   triton          Triton wherever the shapes allow, CPU tensors included (tests: TRITON_INTERPRET=1)
-The warm-up KL (`dense_indexer_kl`) and the sparse indexer KL run the reference on every device for now.
+Shapes the kernels take: power-of-two head dims >= 16 (the main attention's d_qk may be two such parts,
+192 = 128 + 64), since tl.dot needs them; anything else runs the reference.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import os
 import torch
 
 from train.ops import reference
-from train.ops.reference import dense_attention, dense_indexer_kl, indexer_logits, sparse_indexer_kl
+from train.ops.reference import dense_attention, indexer_logits
 
 try:
-    from train.ops import triton_sparse_mla, triton_topk
+    from train.ops import triton_indexer_kl, triton_sparse_mla, triton_topk, triton_warmup_kl
 except ImportError:  # no triton: the reference serves every op
-    triton_sparse_mla = triton_topk = None
+    triton_indexer_kl = triton_sparse_mla = triton_topk = triton_warmup_kl = None
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -36,6 +37,12 @@ def backend() -> str:
 
 def _pow2(*dims: int) -> bool:
     return all(d >= 16 and d & (d - 1) == 0 for d in dims)
+
+
+def _pow2_parts(d: int) -> bool:
+    """d is a power of two >= 16, or two of them (the larger first): d_qk = nope + rope."""
+    d1 = 1 << (d.bit_length() - 1)
+    return _pow2(d1) and (d == d1 or _pow2(d - d1))
 
 
 def _use_triton(x: torch.Tensor, supported: bool) -> bool:
@@ -58,6 +65,23 @@ def sparse_mla(q_BLHD: torch.Tensor, kv_BLD: torch.Tensor, idx_BLK: torch.Tensor
     if _use_triton(q_BLHD, _pow2(v_dim, D - v_dim) and q_BLHD.dtype == kv_BLD.dtype):
         return triton_sparse_mla.sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, v_dim)
     return reference.sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, v_dim)
+
+
+def dense_indexer_kl(qi_BLGD: torch.Tensor, ki_BLD: torch.Tensor, wi_BLG: torch.Tensor, qa_BLHD: torch.Tensor,
+                     ka_BLHD: torch.Tensor, scale: float, topk: int):
+    """Warm-up indexer KL over the full causal span, and recall (see `reference.dense_indexer_kl`)."""
+    if _use_triton(qi_BLGD, _pow2(qi_BLGD.shape[-1]) and _pow2_parts(qa_BLHD.shape[-1])):
+        return triton_warmup_kl.dense_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, qa_BLHD, ka_BLHD, scale, topk)
+    return reference.dense_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, qa_BLHD, ka_BLHD, scale, topk)
+
+
+def sparse_indexer_kl(qi_BLGD: torch.Tensor, ki_BLD: torch.Tensor, wi_BLG: torch.Tensor, idx_BLK: torch.Tensor,
+                      p_BLK: torch.Tensor) -> torch.Tensor:
+    """Sparse-stage indexer KL over the selected set (see `reference.sparse_indexer_kl`)."""
+    G, D = qi_BLGD.shape[-2:]
+    if _use_triton(qi_BLGD, _pow2(G, D)):
+        return triton_indexer_kl.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, idx_BLK, p_BLK)
+    return reference.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, idx_BLK, p_BLK)
 
 
 __all__ = [
