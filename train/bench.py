@@ -33,11 +33,13 @@ from train.ops import reference
 H, DV, DR, G, DI, TOPK = 128, 512, 64, 64, 128, 2048
 
 
-def measure(fn, iters: int) -> dict:
-    """Median wall time (ms) over `iters` runs after one warm-up run, and peak memory above the start (GiB)."""
+def measure(fn, iters: int, warm: bool = True) -> dict:
+    """Median wall time (ms) over `iters` runs after one warm-up run (unless not `warm`: the timed run then
+    includes kernel compilation), and peak memory above the start (GiB)."""
     torch.cuda.synchronize()
-    fn()
-    torch.cuda.synchronize()
+    if warm:
+        fn()
+        torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     times = []
@@ -49,9 +51,9 @@ def measure(fn, iters: int) -> dict:
     return {"ms": sorted(times)[len(times) // 2], "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
 
 
-def guarded(name: str, fn, iters: int, flops: float | None = None) -> dict:
+def guarded(name: str, fn, iters: int, flops: float | None = None, warm: bool = True) -> dict:
     try:
-        r = measure(fn, iters)
+        r = measure(fn, iters, warm)
         if flops:
             r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
     except torch.OutOfMemoryError:
@@ -167,7 +169,7 @@ ONE_B = dict(vocab_size=32768, hidden_size=2048, intermediate_size=5632, moe_int
              max_position_embeddings=163840, tie_word_embeddings=False)
 
 
-def bench_e2e(lengths: list[int], iters: int, warmup_max: int) -> list[dict]:
+def bench_e2e(lengths: list[int], iters: int, warmup_max: int, stages: list[str], cold_from: int) -> list[dict]:
     from train.model import ModelConfig, build_model
     from train.stages import STAGES, StageConfig, compute_loss, param_groups
 
@@ -181,7 +183,7 @@ def bench_e2e(lengths: list[int], iters: int, warmup_max: int) -> list[dict]:
     for L in lengths:
         ids = torch.randint(0, ONE_B["vocab_size"], (1, L), device="cuda")
         for name, stage_name in (("dense step", "base"), ("warm-up step", "warmup"), ("sparse step", "sparse")):
-            if stage_name == "warmup" and L > warmup_max:
+            if stage_name not in stages or (stage_name == "warmup" and L > warmup_max):
                 continue
             stage = STAGES[stage_name]
             groups = param_groups(model, stage, StageConfig(name=stage_name, lr=1e-5))
@@ -192,7 +194,8 @@ def bench_e2e(lengths: list[int], iters: int, warmup_max: int) -> list[dict]:
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            r = guarded(f"e2e {name} L={L}", step, iters)
+            cold = L >= cold_from  # long steps: one timed run, no warm-up run
+            r = guarded(f"e2e {name} L={L}", step, 1 if cold else iters, warm=not cold)
             if "ms" in r:
                 r["tokens_per_sec"] = L / (r["ms"] * 1e-3)
             rows.append({"L": L, **r})
@@ -231,6 +234,10 @@ def main() -> None:
     ap.add_argument("--twin-max", type=int, default=32768, help="longest length the PyTorch twins are timed at")
     ap.add_argument("--plain-max", type=int, default=16384, help="longest length plain PyTorch top-k is tried at")
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--sections", nargs="*", default=["topk", "sparse_mla", "sdpa", "warmup_kl", "e2e"])
+    ap.add_argument("--e2e-stages", nargs="*", default=["base", "warmup", "sparse"])
+    ap.add_argument("--e2e-cold-from", type=int, default=131072,
+                    help="end-to-end steps this long are timed once, without a warm-up run")
     ap.add_argument("--out", default="bench.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -242,18 +249,22 @@ def main() -> None:
     def save():  # after every section, so that a cut run keeps what it measured
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
-    for L in args.topk_lengths:
+    for L in args.topk_lengths if "topk" in args.sections else []:
         print(f"[topk] L={L}", flush=True)
         results["kernels"] += [{"L": L, **r} for r in bench_topk(L, args.iters, args.twin_max, args.plain_max)]
         save()
+    sections = {"sparse_mla": lambda L: bench_sparse_mla(L, args.iters, args.twin_max),
+                "sdpa": lambda L: bench_sdpa(L, args.iters),
+                "warmup_kl": lambda L: bench_warmup_kl(L, args.iters, args.twin_max)}
     for L in args.lengths:
-        print(f"[sparse_mla] L={L}", flush=True)
-        results["kernels"] += [{"L": L, **r} for r in bench_sparse_mla(L, args.iters, args.twin_max)]
-        results["kernels"] += [{"L": L, **r} for r in bench_sdpa(L, args.iters)]
-        results["kernels"] += [{"L": L, **r} for r in bench_warmup_kl(L, args.iters, args.twin_max)]
-        save()
-    if args.e2e_lengths:
-        results["e2e"] = bench_e2e(args.e2e_lengths, max(1, args.iters // 2), args.warmup_max)
+        for name, fn in sections.items():
+            if name in args.sections:
+                print(f"[{name}] L={L}", flush=True)
+                results["kernels"] += [{"L": L, **r} for r in fn(L)]
+                save()
+    if args.e2e_lengths and "e2e" in args.sections:
+        results["e2e"] = bench_e2e(args.e2e_lengths, max(1, args.iters // 2), args.warmup_max, args.e2e_stages,
+                                   args.e2e_cold_from)
         save()
     print(table(results))
     print(f"[bench] wrote {args.out}")

@@ -173,7 +173,9 @@ def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int
     """(dq like q, dkv like kv)."""
     B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
     grad_out = grad_out.contiguous()
-    delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # [B, L, H]
+    delta = torch.empty(B, L, H, dtype=torch.float32, device=q.device)  # rowsum(dO * O), in slices: no fp32 copies
+    for t0 in range(0, L, 4096):
+        delta[:, t0 : t0 + 4096] = (grad_out[:, t0 : t0 + 4096].float() * out[:, t0 : t0 + 4096].float()).sum(-1)
     dq = torch.empty_like(q)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
     BH = min(BH, _block_h(H))
