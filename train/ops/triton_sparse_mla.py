@@ -17,8 +17,9 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
-def _block_h(H: int) -> int:
-    return min(64, triton.next_power_of_2(H))
+def _block_h(H: int, limit: int) -> int:
+    """Heads per program: at most `limit`, at least 16 (tl.dot's smallest M; extra heads are masked)."""
+    return max(16, min(limit, triton.next_power_of_2(H)))
 
 
 @triton.jit
@@ -147,7 +148,7 @@ def sparse_mla_forward(q, kv, idx, scale: float, v_dim: int, BH: int = 64, BK: i
     B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
     out = torch.empty(B, L, H, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
-    BH = min(BH, _block_h(H))
+    BH = _block_h(H, BH)
     grid = (B * L, triton.cdiv(H, BH))
     _fwd_kernel[grid](q, kv, idx, out, lse, scale, L, K, H, q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
                       idx.stride(1), out.stride(1), out.stride(2), lse.stride(1),
@@ -160,7 +161,7 @@ def sparse_mla_probs(q, kv, idx, lse, scale: float, v_dim: int, BH: int = 64, BK
     """Head-averaged attention probabilities over the selected set, [B, L, K] fp32 (0 where idx = -1)."""
     B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
     p = torch.zeros(B, L, K, dtype=torch.float32, device=q.device)
-    BH = min(BH, _block_h(H))
+    BH = _block_h(H, BH)
     grid = (B * L, triton.cdiv(H, BH))
     _probs_kernel[grid](q, kv, idx, lse, p, scale, L, K, H, q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
                         idx.stride(1), lse.stride(1), p.stride(1), DV=DV, DR=DR, BH=BH, BK=BK,
@@ -178,7 +179,7 @@ def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int
         delta[:, t0 : t0 + 4096] = (grad_out[:, t0 : t0 + 4096].float() * out[:, t0 : t0 + 4096].float()).sum(-1)
     dq = torch.empty_like(q)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-    BH = min(BH, _block_h(H))
+    BH = _block_h(H, BH)
     grid = (B * L, triton.cdiv(H, BH))
     _bwd_kernel[grid](q, kv, idx, grad_out, lse, delta, dq, dkv, scale, L, K, H, q.stride(1), q.stride(2),
                       kv.stride(0), kv.stride(1), idx.stride(1), grad_out.stride(1), grad_out.stride(2),
