@@ -178,8 +178,9 @@ def test_model_stage_losses_and_grads_equal_with_kernels(stage_name, monkeypatch
     from train.model import ModelConfig, build_model
     from train.stages import STAGES, StageConfig, compute_loss, param_groups
 
-    model = build_model(ModelConfig(arch=KERNEL_ARCH, index_n_heads=16, index_head_dim=16, index_topk=8)).to(DEVICE)
+    model = build_model(ModelConfig(arch=KERNEL_ARCH, index_n_heads=16, index_head_dim=16, index_topk=8))
     perturb_(model, seed=2)
+    model.to(DEVICE)
     stage = STAGES[stage_name]
     params = [p for g in param_groups(model, stage, StageConfig(name=stage_name)) for p in g["params"]]
     ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(0)).to(DEVICE)

@@ -23,6 +23,29 @@ def _block_h(H: int, limit: int) -> int:
 
 
 @triton.jit
+def _load_q(q_ptr, pid_t, offs_h, hmask, sq_t, sq_h, DV: tl.constexpr, DR: tl.constexpr):
+    """The [BH, DV] latent and [BH, DR] rope parts of the queries of token pid_t, heads offs_h."""
+    base = q_ptr + pid_t * sq_t + offs_h[:, None] * sq_h
+    qn = tl.load(base + tl.arange(0, DV)[None, :], mask=hmask[:, None], other=0.0)
+    qr = tl.load(base + DV + tl.arange(0, DR)[None, :], mask=hmask[:, None], other=0.0)
+    return qn, qr
+
+
+@triton.jit
+def _gather(kv_ptr, idx_ptr, pid_t, b, k0, K, si_t, skv_b, skv_s,
+            DV: tl.constexpr, DR: tl.constexpr, BK: tl.constexpr):
+    """Selections k0..k0+BK of token pid_t: (valid, row index with 0 for invalid, latent rows, rope rows)."""
+    offs_k = k0 + tl.arange(0, BK)
+    ids = tl.load(idx_ptr + pid_t * si_t + offs_k, mask=offs_k < K, other=-1).to(tl.int64)
+    valid = ids >= 0
+    safe = tl.where(valid, ids, 0)
+    row = kv_ptr + b * skv_b + safe * skv_s
+    kvn = tl.load(row[:, None] + tl.arange(0, DV)[None, :], mask=valid[:, None], other=0.0)
+    kvr = tl.load(row[:, None] + DV + tl.arange(0, DR)[None, :], mask=valid[:, None], other=0.0)
+    return valid, safe, kvn, kvr
+
+
+@triton.jit
 def _fwd_kernel(q_ptr, kv_ptr, idx_ptr, o_ptr, lse_ptr, scale, L, K, H,
                 sq_t, sq_h, skv_b, skv_s, si_t, so_t, so_h, sl_t,
                 DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
@@ -32,21 +55,13 @@ def _fwd_kernel(q_ptr, kv_ptr, idx_ptr, o_ptr, lse_ptr, scale, L, K, H,
     offs_h = pid_h * BH + tl.arange(0, BH)
     hmask = offs_h < H
     offs_v = tl.arange(0, DV)
-    offs_r = tl.arange(0, DR)
-    q_base = q_ptr + pid_t * sq_t + offs_h[:, None] * sq_h
-    qn = tl.load(q_base + offs_v[None, :], mask=hmask[:, None], other=0.0)
-    qr = tl.load(q_base + DV + offs_r[None, :], mask=hmask[:, None], other=0.0)
+    qn, qr = _load_q(q_ptr, pid_t, offs_h, hmask, sq_t, sq_h, DV, DR)
     m = tl.full([BH], float("-inf"), dtype=tl.float32)
     den = tl.zeros([BH], dtype=tl.float32)
     acc = tl.zeros([BH, DV], dtype=tl.float32)
     c = scale * 1.4426950408889634
     for k0 in range(0, K, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        ids = tl.load(idx_ptr + pid_t * si_t + offs_k, mask=offs_k < K, other=-1).to(tl.int64)
-        valid = ids >= 0
-        row = kv_ptr + b * skv_b + tl.where(valid, ids, 0) * skv_s
-        kvn = tl.load(row[:, None] + offs_v[None, :], mask=valid[:, None], other=0.0)
-        kvr = tl.load(row[:, None] + DV + offs_r[None, :], mask=valid[:, None], other=0.0)
+        valid, _, kvn, kvr = _gather(kv_ptr, idx_ptr, pid_t, b, k0, K, si_t, skv_b, skv_s, DV, DR, BK)
         s = (tl.dot(qn, tl.trans(kvn)) + tl.dot(qr, tl.trans(kvr))) * c
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -73,19 +88,11 @@ def _probs_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, p_ptr, scale, L, K, H,
     b = pid_t // L
     offs_h = pid_h * BH + tl.arange(0, BH)
     hmask = offs_h < H
-    offs_v = tl.arange(0, DV)
-    offs_r = tl.arange(0, DR)
-    q_base = q_ptr + pid_t * sq_t + offs_h[:, None] * sq_h
-    qn = tl.load(q_base + offs_v[None, :], mask=hmask[:, None], other=0.0)
-    qr = tl.load(q_base + DV + offs_r[None, :], mask=hmask[:, None], other=0.0)
+    qn, qr = _load_q(q_ptr, pid_t, offs_h, hmask, sq_t, sq_h, DV, DR)
     lse = tl.load(lse_ptr + pid_t * sl_t + offs_h, mask=hmask, other=float("inf"))
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
-        ids = tl.load(idx_ptr + pid_t * si_t + offs_k, mask=offs_k < K, other=-1).to(tl.int64)
-        valid = ids >= 0
-        row = kv_ptr + b * skv_b + tl.where(valid, ids, 0) * skv_s
-        kvn = tl.load(row[:, None] + offs_v[None, :], mask=valid[:, None], other=0.0)
-        kvr = tl.load(row[:, None] + DV + offs_r[None, :], mask=valid[:, None], other=0.0)
+        valid, _, kvn, kvr = _gather(kv_ptr, idx_ptr, pid_t, b, k0, K, si_t, skv_b, skv_s, DV, DR, BK)
         s = (tl.dot(qn, tl.trans(kvn)) + tl.dot(qr, tl.trans(kvr))) * scale
         p = tl.where(hmask[:, None] & valid[None, :], tl.exp(s - lse[:, None]), 0.0)
         tl.atomic_add(p_ptr + pid_t * sp_t + offs_k, tl.sum(p, 0) / H, mask=offs_k < K, sem="relaxed")
@@ -102,22 +109,14 @@ def _bwd_kernel(q_ptr, kv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dkv_
     hmask = offs_h < H
     offs_v = tl.arange(0, DV)
     offs_r = tl.arange(0, DR)
-    q_base = q_ptr + pid_t * sq_t + offs_h[:, None] * sq_h
-    qn = tl.load(q_base + offs_v[None, :], mask=hmask[:, None], other=0.0)
-    qr = tl.load(q_base + DV + offs_r[None, :], mask=hmask[:, None], other=0.0)
+    qn, qr = _load_q(q_ptr, pid_t, offs_h, hmask, sq_t, sq_h, DV, DR)
     do = tl.load(do_ptr + pid_t * sdo_t + offs_h[:, None] * sdo_h + offs_v[None, :], mask=hmask[:, None], other=0.0)
     lse = tl.load(lse_ptr + pid_t * sl_t + offs_h, mask=hmask, other=float("inf"))
     delta = tl.load(delta_ptr + pid_t * sl_t + offs_h, mask=hmask, other=0.0)
     dqn = tl.zeros([BH, DV], dtype=tl.float32)
     dqr = tl.zeros([BH, DR], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        ids = tl.load(idx_ptr + pid_t * si_t + offs_k, mask=offs_k < K, other=-1).to(tl.int64)
-        valid = ids >= 0
-        safe = tl.where(valid, ids, 0)
-        row = kv_ptr + b * skv_b + safe * skv_s
-        kvn = tl.load(row[:, None] + offs_v[None, :], mask=valid[:, None], other=0.0)
-        kvr = tl.load(row[:, None] + DV + offs_r[None, :], mask=valid[:, None], other=0.0)
+        valid, safe, kvn, kvr = _gather(kv_ptr, idx_ptr, pid_t, b, k0, K, si_t, skv_b, skv_s, DV, DR, BK)
         s = (tl.dot(qn, tl.trans(kvn)) + tl.dot(qr, tl.trans(kvr))) * scale
         p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(kvn))
