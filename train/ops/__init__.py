@@ -49,6 +49,9 @@ def _use_triton(x: torch.Tensor, supported: bool) -> bool:
     name = backend()
     if name == "reference" or triton_topk is None or not supported:
         return False
+    if name == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"DSA_KERNELS=triton with tensors on {x.device}: Triton kernels need a CUDA device, "
+                         "or TRITON_INTERPRET=1 (the interpreter, for tests); allowed: DSA_KERNELS=auto or reference")
     return name == "triton" or x.is_cuda
 
 
