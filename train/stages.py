@@ -120,7 +120,7 @@ def alignment_probe(model: DSAForCausalLM, stage: Stage, probe_ids: torch.Tensor
     with the previous probe's) and, in the sparse stage, the indexer's recall of the dense attention it
     replaces. Returns (metrics, the selected sets to pass as `previous_topk` next time)."""
     metrics: dict[str, torch.Tensor] = {}
-    model.hidden_states(probe_ids, AttentionMode(sparse=True, topk=model.index_topk))
+    model.hidden_states(probe_ids, AttentionMode(sparse=True, topk=model.index_topk, keep_topk=True))
     # Overlap is measured on 64 fixed query positions: small enough to keep in checkpoints at any length.
     L = probe_ids.shape[1]
     positions = torch.linspace(0, L - 1, min(64, L), device=probe_ids.device).round().long()

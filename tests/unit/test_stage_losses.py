@@ -40,6 +40,7 @@ def test_sparse_indexer_loss_reaches_only_the_indexers(tiny_arch):
     assert all(g == 0.0 for g in _grad_norms(backbone))
     assert all(g > 0 for g in _grad_norms(indexer))
     assert metrics["loss/indexer_kl"].item() > 0
+    assert all(s.topk_BLK is None for s in model.layer_stats()), "training keeps no L x k selection alive"
 
 
 def test_warmup_trains_only_indexers_without_a_backbone_graph(tiny_arch):

@@ -26,6 +26,8 @@ class AttentionMode:
     sparse: bool = False          # top-k sparse attention instead of dense
     indexer_loss: bool = False    # compute the indexer KL (dense: full causal span; sparse: selected set)
     topk: int = 2048              # tokens per query in sparse mode, and for the warm-up recall metric
+    keep_topk: bool = False       # keep the selection in `stats` (the probes read it; training does not, and
+                                  # L x k indices per layer would otherwise stay alive until the next forward)
 
 
 @dataclass
@@ -105,5 +107,5 @@ class DSAAttention(nn.Module):
         out_BLHA, p_BLK = ops.sparse_mla(q_BLHD, kv_BLD, topk_BLK, self.softmax_scale, self.latent_dim)
         out_BLHV = torch.einsum("blha,hva->blhv", out_BLHA, w_uv_HVA)
         kl_BL = ops.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, topk_BLK, p_BLK) if mode.indexer_loss else None
-        self.stats = AttentionStats(kl_BL=kl_BL, topk_BLK=topk_BLK)
+        self.stats = AttentionStats(kl_BL=kl_BL, topk_BLK=topk_BLK if mode.keep_topk else None)
         return out_BLHV
