@@ -115,3 +115,10 @@ def test_half_written_checkpoint_is_never_resumed(root):
     assert "at step 2" in out.stdout
     assert _stable(metrics(root, "partial", "warmup")) == _stable(metrics(root, "straight4", "warmup"))
     assert sorted(p.name for p in ckpt.glob("step*")) == ["step4"], "keep_last=1 rotates older checkpoints"
+
+
+def test_resume_with_another_rank_count_stops_with_a_message(root):
+    run_train(root, "stage=warmup", "run.name=ranks", "stage.steps=1")
+    out = run_train(root, "stage=warmup", "run.name=ranks", "stage.steps=2", nproc=2, check=False)
+    assert out.returncode != 0
+    assert "saved with 1 ranks, resumed with 2; relaunch with the same number of ranks" in out.stderr, out.stderr[-3000:]
