@@ -93,7 +93,8 @@ def train_step(engine, model, stage, cfg: TrainConfig, batch: dict, lr_scale: fl
     totals = {k: sum(m[k].float() for m in per_micro) for k in per_micro[0]}
     norm = engine.get_global_grad_norm()
     if norm is not None:
-        totals["train/grad_norm"] = torch.as_tensor(float(norm)) * len(per_micro)  # averaged over micro-batches
+        # on the device (no host sync); times the micro-batches, as run_stage averages over them
+        totals["train/grad_norm"] = torch.as_tensor(norm, device=engine.device).float() * len(per_micro)
     if engine.was_step_applied():
         if bad:
             raise NonFiniteError(f"step {step}: non-finite {', '.join(bad)}, and the optimizer applied the update; "

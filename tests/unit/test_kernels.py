@@ -197,11 +197,11 @@ def test_model_stage_losses_and_grads_equal_with_kernels(stage_name, monkeypatch
     assert worst <= max(TOL, 1e-4), worst  # fp32 summation order, carried through two layers
 
 
-def test_backend_choice():
+def test_backend_choice(monkeypatch):
     from train import ops
 
+    monkeypatch.delenv("DSA_KERNELS", raising=False)
     assert ops.backend() == "auto"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DSA_KERNELS", "fast")
-        with pytest.raises(ValueError, match="DSA_KERNELS='fast'; allowed: auto, reference, triton"):
-            ops.backend()
+    monkeypatch.setenv("DSA_KERNELS", "fast")
+    with pytest.raises(ValueError, match="DSA_KERNELS='fast'; allowed: auto, reference, triton"):
+        ops.backend()

@@ -14,9 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
-
 def _block_h(H: int, limit: int) -> int:
     """Heads per program: at most `limit`, at least 16 (tl.dot's smallest M; extra heads are masked)."""
     return max(16, min(limit, triton.next_power_of_2(H)))
@@ -46,6 +43,12 @@ def _gather(kv_ptr, idx_ptr, pid_t, b, k0, K, si_t, skv_b, skv_s,
 
 
 @triton.jit
+def _scores(qn, qr, kvn, kvr):
+    """[BH, BK] fp32 q . k over the latent and rope parts (unscaled)."""
+    return tl.dot(qn, tl.trans(kvn)) + tl.dot(qr, tl.trans(kvr))
+
+
+@triton.jit
 def _fwd_kernel(q_ptr, kv_ptr, idx_ptr, o_ptr, lse_ptr, scale, L, K, H,
                 sq_t, sq_h, skv_b, skv_s, si_t, so_t, so_h, sl_t,
                 DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
@@ -59,10 +62,10 @@ def _fwd_kernel(q_ptr, kv_ptr, idx_ptr, o_ptr, lse_ptr, scale, L, K, H,
     m = tl.full([BH], float("-inf"), dtype=tl.float32)
     den = tl.zeros([BH], dtype=tl.float32)
     acc = tl.zeros([BH, DV], dtype=tl.float32)
-    c = scale * 1.4426950408889634
+    c = scale * 1.4426950408889634  # log2(e): the online softmax runs in base 2
     for k0 in range(0, K, BK):
         valid, _, kvn, kvr = _gather(kv_ptr, idx_ptr, pid_t, b, k0, K, si_t, skv_b, skv_s, DV, DR, BK)
-        s = (tl.dot(qn, tl.trans(kvn)) + tl.dot(qr, tl.trans(kvr))) * c
+        s = _scores(qn, qr, kvn, kvr) * c
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -93,7 +96,7 @@ def _probs_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, p_ptr, scale, L, K, H,
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
         valid, _, kvn, kvr = _gather(kv_ptr, idx_ptr, pid_t, b, k0, K, si_t, skv_b, skv_s, DV, DR, BK)
-        s = (tl.dot(qn, tl.trans(kvn)) + tl.dot(qr, tl.trans(kvr))) * scale
+        s = _scores(qn, qr, kvn, kvr) * scale
         p = tl.where(hmask[:, None] & valid[None, :], tl.exp(s - lse[:, None]), 0.0)
         tl.atomic_add(p_ptr + pid_t * sp_t + offs_k, tl.sum(p, 0) / H, mask=offs_k < K, sem="relaxed")
 
@@ -117,7 +120,7 @@ def _bwd_kernel(q_ptr, kv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dkv_
     dqr = tl.zeros([BH, DR], dtype=tl.float32)
     for k0 in range(0, K, BK):
         valid, safe, kvn, kvr = _gather(kv_ptr, idx_ptr, pid_t, b, k0, K, si_t, skv_b, skv_s, DV, DR, BK)
-        s = (tl.dot(qn, tl.trans(kvn)) + tl.dot(qr, tl.trans(kvr))) * scale
+        s = _scores(qn, qr, kvn, kvr) * scale
         p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(kvn))
         ds = (p * (dp - delta[:, None]) * scale).to(qn.dtype)

@@ -69,12 +69,17 @@ def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bits.view(torch.float32), 4294967295 - (keys & 0xFFFFFFFF)
 
 
+def query_rows(L: int, topk: int) -> int:
+    """Query rows per block of logits: max(k, 256), so the [rows, L] buffer is O(L x k)."""
+    return max(min(topk, L), 256)
+
+
 @torch.no_grad()
 def indexer_topk(q_BLGD: torch.Tensor, k_BLD: torch.Tensor, w_BLG: torch.Tensor, topk: int) -> torch.Tensor:
     """Same contract as `reference.indexer_topk`: [B, L, min(topk, L)] int64, descending, -1 where invalid."""
     B, L, G, D = q_BLGD.shape
     K = min(topk, L)
-    rows = max(K, 256)
+    rows = query_rows(L, topk)
     out = torch.empty(B, L, K, dtype=torch.long, device=q_BLGD.device)
     for t0 in range(0, L, rows):
         t1 = min(L, t0 + rows)

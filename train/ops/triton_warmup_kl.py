@@ -185,10 +185,6 @@ def _attn_lse(qa, ka, scale):
     return lse
 
 
-def _row_block(L: int, topk: int, rows: int | None) -> int:
-    return rows or max(256, min(L, topk))
-
-
 def _indexer_block(qi, ki, wi, t0, t1, topk, need_kth=True):
     """(logits [B, R, t1] fp32, their log-sum-exp [B, R], k-th largest sort key [B, R] or None) of rows t0..t1-1."""
     keys = triton_topk.logit_keys(qi[:, t0:t1], ki[:, :t1], wi[:, t0:t1], t0)
@@ -222,7 +218,7 @@ class DenseIndexerKL(torch.autograd.Function):
         lse_a = _attn_lse(qa, ka, scale)
         kl = torch.empty(B, L, dtype=torch.float32, device=qi.device)
         rec = torch.empty_like(kl)
-        rows = _row_block(L, topk, rows)
+        rows = rows or triton_topk.query_rows(L, topk)
         for t0 in range(0, L, rows):
             t1 = min(L, t0 + rows)
             buf, lse_s, kth = _indexer_block(qi, ki, wi, t0, t1, topk)
