@@ -51,13 +51,32 @@ def measure(fn, iters: int, warm: bool = True) -> dict:
     return {"ms": sorted(times)[len(times) // 2], "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
 
 
+PROFILE = {"on": False}
+
+
+def profile(name: str, fn) -> None:
+    """One extra run under torch.profiler: the GPU kernels that took the most time (`--profile`)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(f"  profile of {name}:\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
+                                                                 max_name_column_width=60), flush=True)
+
+
 def guarded(name: str, fn, iters: int, flops: float | None = None, warm: bool = True) -> dict:
     try:
         r = measure(fn, iters, warm)
+        if PROFILE["on"]:
+            profile(name, fn)
         if flops:
             r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
     except torch.OutOfMemoryError:
         r = {"error": "out of memory"}
+    except Exception as e:  # noqa: BLE001 -- a launch configuration the GPU cannot run (shared memory): record it
+        r = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
     torch.cuda.empty_cache()
     print(f"  {name}: {r}", flush=True)
     return {"name": name, **r}
@@ -99,7 +118,7 @@ def bench_sparse_mla(L: int, iters: int, twin_max: int) -> list[dict]:
     return rows
 
 
-def bench_warmup_kl(L: int, iters: int, twin_max: int) -> list[dict]:
+def bench_warmup_kl(L: int, iters: int, twin_max: int, label: str = "warmup_kl fwd+bwd") -> list[dict]:
     """The warm-up loss (forward + the indexer's backward) at DeepSeek-V3's shape: 128 heads of d_qk 192."""
     dev = "cuda"
     qi = torch.randn(1, L, G, DI, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -112,7 +131,7 @@ def bench_warmup_kl(L: int, iters: int, twin_max: int) -> list[dict]:
     def run(fn):
         kl, _ = fn(qi, ki, wi, qa, ka, 192 ** -0.5, TOPK)
         torch.autograd.grad(kl.mean(), (qi, ki, wi))
-    rows = [guarded("warmup_kl fwd+bwd", lambda: run(triton_warmup_kl.dense_indexer_kl), iters)]
+    rows = [guarded(label, lambda: run(triton_warmup_kl.dense_indexer_kl), iters)]
     if L <= min(twin_max, 8192):  # the twin loops over 16-row blocks in Python: minutes past 8K
         rows.append(guarded("warmup_kl twin fwd+bwd", lambda: run(reference.dense_indexer_kl), max(1, iters // 3)))
     return rows
@@ -159,6 +178,43 @@ def bench_topk(L: int, iters: int, twin_max: int, plain_max: int) -> list[dict]:
             logits = logits.masked_fill(torch.ones(L, L, device=dev, dtype=torch.bool).triu(1), float("-inf"))
             return logits.topk(TOPK, dim=-1).indices
         rows.append(guarded("indexer_topk plain pytorch bf16", plain_bf16, iters, flops))
+    return rows
+
+
+def sweep(L: int, iters: int, kernels: list[str]) -> list[dict]:
+    """Launch-configuration sweeps (`--sweep`): how the kernels' defaults were chosen, re-runnable on other GPUs."""
+    from train.ops import triton_sparse_mla as sm
+    from train.ops import triton_warmup_kl as wk
+
+    rows = []
+    if "warmup_kl" in kernels:
+        default = dict(wk.KL_CONFIG)
+        for BT, BS, NS, warps in ((64, 64, 2, 4), (128, 64, 4, 8), (128, 64, 2, 8), (128, 128, 2, 8), (128, 32, 8, 4)):
+            for stages in (2, 3):
+                wk.KL_CONFIG = dict(BT=BT, BS=BS, NS=NS, num_warps=warps, num_stages=stages)
+                rows += [{"L": L, "config": wk.KL_CONFIG, **r} for r in
+                         bench_warmup_kl(L, iters, 0, label=f"warmup_kl {wk.KL_CONFIG}")]
+        wk.KL_CONFIG = default
+    if "sparse_mla" in kernels:
+        q = torch.randn(1, L, H, DV + DR, device="cuda", dtype=torch.bfloat16)
+        kv = torch.randn(1, L, DV + DR, device="cuda", dtype=torch.bfloat16)
+        idx = causal_selection(L, TOPK, "cuda")
+        fwd_flops = 2 * H * int((idx >= 0).sum()) * (DV + DR + DV)
+        out, lse = sm.sparse_mla_forward(q, kv, idx, 192 ** -0.5, DV)
+        g = torch.randn_like(out)
+        for BH, BK, warps, stages in ((64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 1), (64, 64, 8, 3), (64, 32, 4, 2),
+                                      (64, 128, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)):
+            cfg = dict(BH=BH, BK=BK, warps=warps, stages=stages)
+            rows.append({"L": L, "config": cfg, **guarded(f"sparse_mla fwd {cfg}", lambda: sm.sparse_mla_forward(
+                q, kv, idx, 192 ** -0.5, DV, **cfg), iters, fwd_flops)})
+        bwd = [dict(split=False)]  # the fused kernel (dq and per-head-block dkv atomics), then the split one
+        bwd += [dict(BH=BH, BK=BK, warps=warps, stages=stages) for BH, BK, warps, stages in (
+            (32, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 1), (32, 64, 8, 2), (64, 32, 4, 2))]
+        bwd += [dict(dkv_cfg=c) for c in ((64, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 1), (128, 32, 8, 2),
+                                          (32, 64, 8, 2), (64, 32, 4, 2), (64, 16, 4, 2))]
+        for cfg in bwd:
+            rows.append({"L": L, "config": cfg, **guarded(f"sparse_mla bwd {cfg}", lambda: sm.sparse_mla_backward(
+                q, kv, idx, out, lse, g, 192 ** -0.5, DV, **cfg), iters, 2.5 * fwd_flops)})
     return rows
 
 
@@ -238,8 +294,12 @@ def main() -> None:
     ap.add_argument("--e2e-stages", nargs="*", default=["base", "warmup", "sparse"])
     ap.add_argument("--e2e-cold-from", type=int, default=131072,
                     help="end-to-end steps this long are timed once, without a warm-up run")
+    ap.add_argument("--sweep", nargs="*", choices=["warmup_kl", "sparse_mla"],
+                    help="only sweep these kernels' launch configurations, at the first of --lengths")
+    ap.add_argument("--profile", action="store_true", help="print each op's top GPU kernels (torch.profiler)")
     ap.add_argument("--out", default="bench.json")
     args = ap.parse_args()
+    PROFILE["on"] = args.profile
     if not torch.cuda.is_available():
         raise SystemExit("error: make bench needs a CUDA GPU (the kernels are Triton)")
     torch.manual_seed(0)
@@ -249,6 +309,10 @@ def main() -> None:
     def save():  # after every section, so that a cut run keeps what it measured
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
+    if args.sweep:
+        results["sweep"] = sweep(args.lengths[0], args.iters, args.sweep)
+        save()
+        return
     for L in args.topk_lengths if "topk" in args.sections else []:
         print(f"[topk] L={L}", flush=True)
         results["kernels"] += [{"L": L, **r} for r in bench_topk(L, args.iters, args.twin_max, args.plain_max)]

@@ -123,6 +123,7 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
     model_cfg = ModelConfig(**{**vars(cfg.model), "path": cfg.model_path()})
     model = build_model(model_cfg)
     model.activation_checkpointing = cfg.stage.activation_checkpointing
+    model.keep_topk_for_recompute = not cfg.stage.recompute_topk
     tokenizer = load_tokenizer(cfg.data, model_cfg.path)
     check_tokenizer_fits(tokenizer, model.source_config["vocab_size"], cfg.data.tokenizer or model_cfg.path)
     data = TokenPipeline(cfg.data, tokenizer, rank=rank, world_size=world)

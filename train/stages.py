@@ -53,6 +53,8 @@ class StageConfig:
     save_every: int = 100
     keep_last: int = 2                 # checkpoints kept on disk (older ones are deleted after a good save)
     activation_checkpointing: bool = False
+    recompute_topk: bool = False       # with checkpointing: recompute each layer's top-k in backward instead of
+                                       # keeping it (saves L x topk x 4 bytes per layer; one more indexer pass)
     on_nonfinite: str = "stop"         # a NaN/inf loss term or gradient norm: stop (exit 3) or skip the update
     max_skipped_steps: int = 16        # on_nonfinite=skip: stop once this many consecutive steps were skipped
 

@@ -150,7 +150,12 @@ def _check_dense_indexer_kl(B, L, H, DA, G, D, topk, rows, dtype, tol):
 
 
 @pytest.mark.parametrize("rows", [None, 32])  # one row block, and several
-def test_warmup_kl_kernel_matches_twin_small(rows):
+@pytest.mark.parametrize("tiles", [None, dict(BT=16, BS=16, NS=2)])  # one key chunk; several, some skipped
+def test_warmup_kl_kernel_matches_twin_small(rows, tiles, monkeypatch):
+    from train.ops import triton_warmup_kl
+
+    if tiles:
+        monkeypatch.setattr(triton_warmup_kl, "KL_CONFIG", dict(triton_warmup_kl.KL_CONFIG, **tiles))
     da = 24 if DEVICE == "cpu" else 48  # compiled tl.dot needs dims >= 16: d_qk = 32 + 16 on a GPU
     _check_dense_indexer_kl(B=2, L=70, H=2, DA=da, G=16, D=16, topk=8, rows=rows, dtype=torch.float32,
                             tol=TOL)

@@ -54,3 +54,28 @@ def test_warmup_trains_only_indexers_without_a_backbone_graph(tiny_arch):
     loss.backward()
     assert "loss/lm" not in metrics and 0 < metrics["indexer/recall"].item() <= 1
     assert all(g > 0 for g in _grad_norms(groups[0]["params"]))
+
+
+def test_activation_checkpointing_keeps_topk_for_recompute(tiny_arch, monkeypatch):
+    """Under checkpointing, the sparse step's loss and every gradient equal the plain run's, whether each
+    layer's top-k is kept for the recomputation (one selection per layer) or recomputed (two)."""
+    from train import ops
+
+    calls = []
+    real = ops.indexer_topk
+    monkeypatch.setattr(ops, "indexer_topk", lambda *a: calls.append(1) or real(*a))
+    model, groups, ids, labels = _setup(tiny_arch, "sparse")
+    params = [p for g in groups for p in g["params"]]
+    res = {}
+    for name, ckpt, keep in (("plain", False, True), ("kept", True, True), ("recomputed", True, False)):
+        model.activation_checkpointing, model.keep_topk_for_recompute = ckpt, keep
+        calls.clear()
+        loss, _ = compute_loss(model, STAGES["sparse"], StageConfig(name="sparse"), ids, labels)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        res[name] = (loss, grads, len(calls))
+    layers = tiny_arch["num_hidden_layers"]
+    assert [res[n][2] for n in ("plain", "kept", "recomputed")] == [layers, layers, 2 * layers]
+    for name in ("kept", "recomputed"):
+        assert torch.equal(res[name][0], res["plain"][0])
+        for g, ref in zip(res[name][1], res["plain"][1]):
+            assert (g is None and ref is None) or torch.allclose(g, ref, rtol=1e-5, atol=1e-7)

@@ -39,6 +39,29 @@ class AttentionStats:
     topk_BLK: torch.Tensor | None = None    # selected positions (sparse mode), -1 = none
 
 
+class TopkSlot:
+    """The top-k selection of one checkpointed layer run, kept from its forward for its recomputation.
+
+    Activation checkpointing runs a layer's forward twice; the selection has no gradient and is the costliest
+    part of the indexer, and the recomputation would find the same one (same inputs, deterministic
+    kernels). Kept as int32 when positions fit: L x k x 4 bytes per layer until that layer's backward."""
+
+    def __init__(self):
+        self.replay = False
+        self._topk: tuple[torch.Tensor, torch.dtype] | None = None
+
+    def keep(self, topk_BLK: torch.Tensor) -> None:
+        small = topk_BLK.shape[1] < 2**31
+        self._topk = (topk_BLK.to(torch.int32) if small else topk_BLK, topk_BLK.dtype)
+
+    def take(self) -> torch.Tensor:
+        if self._topk is None:
+            raise RuntimeError("checkpoint recomputation found no kept top-k selection for this layer")
+        topk_BLK, dtype = self._topk
+        self._topk = None  # one recomputation per forward: free it now
+        return topk_BLK.to(dtype)
+
+
 class DSAAttention(nn.Module):
     """DeepSeek-V3 MLA plus a lightning indexer. Parameter names match transformers' DeepseekV32Attention."""
 
@@ -54,6 +77,7 @@ class DSAAttention(nn.Module):
         self.num_heads, self.nope_dim, self.rope_dim = num_heads, qk_nope_head_dim, qk_rope_head_dim
         self.v_dim, self.latent_dim, self.softmax_scale = v_head_dim, kv_lora_rank, softmax_scale
         self.stats = AttentionStats()
+        self.topk_slot: TopkSlot | None = None  # set by the model around checkpointed runs (`TopkSlot`)
 
     def forward(self, x_BLC: torch.Tensor, cos_BLR: torch.Tensor, sin_BLR: torch.Tensor,
                 mode: AttentionMode) -> torch.Tensor:
@@ -98,8 +122,17 @@ class DSAAttention(nn.Module):
         w_HXA = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)
         return w_HXA[:, : self.nope_dim], w_HXA[:, self.nope_dim :]
 
+    def _select(self, qi_BLGD, ki_BLD, wi_BLG, topk: int) -> torch.Tensor:
+        slot = self.topk_slot
+        if slot is not None and slot.replay:
+            return slot.take()
+        topk_BLK = ops.indexer_topk(qi_BLGD.detach(), ki_BLD.detach(), wi_BLG.detach(), topk)
+        if slot is not None:
+            slot.keep(topk_BLK)
+        return topk_BLK
+
     def _sparse(self, q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, qi_BLGD, ki_BLD, wi_BLG, mode):
-        topk_BLK = ops.indexer_topk(qi_BLGD.detach(), ki_BLD.detach(), wi_BLG.detach(), mode.topk)
+        topk_BLK = self._select(qi_BLGD, ki_BLD, wi_BLG, mode.topk)
         w_uk_HNA, w_uv_HVA = self.absorbed_weights()
         q_latent_BLHA = torch.einsum("blhn,hna->blha", q_nope_BLHN, w_uk_HNA)
         q_BLHD = torch.cat((q_latent_BLHA, q_rope_BLHR), dim=-1)

@@ -11,9 +11,26 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from contextlib import contextmanager
 
-from train.model.attention import AttentionMode, AttentionStats, DSAAttention
+from torch.utils.checkpoint import checkpoint, noop_context_fn
+
+from train.model.attention import AttentionMode, AttentionStats, DSAAttention, TopkSlot
+
+
+@contextmanager
+def _topk_slot(attn: DSAAttention, slot: TopkSlot, replay: bool):
+    attn.topk_slot, slot.replay = slot, replay
+    try:
+        yield
+    finally:
+        attn.topk_slot = None
+
+
+def _topk_contexts(attn: DSAAttention):
+    """checkpoint's context_fn: the first run keeps the layer's top-k selection, the recomputation reuses it."""
+    slot = TopkSlot()
+    return _topk_slot(attn, slot, replay=False), _topk_slot(attn, slot, replay=True)
 
 
 class DSADecoderLayer(nn.Module):
@@ -46,6 +63,7 @@ class DSAForCausalLM(nn.Module):
         self.source_config = source_config
         self.index_n_heads, self.index_head_dim, self.index_topk = index_n_heads, index_head_dim, index_topk
         self.activation_checkpointing = False
+        self.keep_topk_for_recompute = True  # under checkpointing: keep each layer's top-k for its recomputation
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -69,7 +87,9 @@ class DSAForCausalLM(nn.Module):
         cos_BLR, sin_BLR = self.model.rotary_emb(h_BLC, positions_BL)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                h_BLC = checkpoint(layer, h_BLC, cos_BLR, sin_BLR, mode, use_reentrant=False)
+                keep = mode.sparse and self.keep_topk_for_recompute
+                ctx = (lambda attn=layer.self_attn: _topk_contexts(attn)) if keep else noop_context_fn
+                h_BLC = checkpoint(layer, h_BLC, cos_BLR, sin_BLR, mode, use_reentrant=False, context_fn=ctx)
             else:
                 h_BLC = layer(h_BLC, cos_BLR, sin_BLR, mode)
         return self.model.norm(h_BLC)

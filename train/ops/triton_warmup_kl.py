@@ -9,7 +9,8 @@ the indexer's recall (share of p_t inside its top-k). Nothing of size [H, L, L] 
    threshold, same tie rule as `topk_stable`).
 3. `_kl_kernel`: recomputes p tile by tile from q, k and the log-sum-exps (a loop over heads), reads the
    logits, accumulates KL and recall per row; in backward it overwrites the buffer with dKL/dI =
-   g_t (softmax(I_t) - p_t).
+   g_t (softmax(I_t) - p_t). Its grid spans row tiles x key chunks, so that even one row block fills
+   the GPU; each program writes its own partial sums (no atomics: the result is deterministic).
 4. Backward only: `_dq_kernel` (query side, dq and dw per indexer head) and `_dk_kernel` (key side)
    recompute relu(q_g . k) per tile and contract it with the buffer.
 """
@@ -66,13 +67,20 @@ def _attn_lse_kernel(q_ptr, k_ptr, lse_ptr, scale, L, H, sq_b, sq_t, sq_h, sk_b,
 
 @triton.jit
 def _kl_kernel(qa_ptr, ka_ptr, lse_a_ptr, buf_ptr, lse_s_ptr, kth_ptr, g_ptr, kl_ptr, rec_ptr,
-               scale, t0, R, L, H, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_h, sbuf_b, sbuf_r, sr_b,
-               D1: tl.constexpr, D2: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, GRAD: tl.constexpr):
+               scale, t0, R, L, H, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_h, sbuf_b, sbuf_r, sr_b, sp_b, sp_r,
+               D1: tl.constexpr, D2: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, NS: tl.constexpr,
+               GRAD: tl.constexpr):
+    """One program: BT rows x NS key tiles of BS keys. Forward writes the rows' KL and recall sums over its
+    keys to kl_ptr / rec_ptr [B, R, key chunks] (summed outside: deterministic); backward overwrites buf."""
     pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     offs_r = pid_t * BT + tl.arange(0, BT)  # rows of the block
     rmask = offs_r < R
     offs_t = t0 + offs_r  # query positions
+    s_start = pid_s * BS * NS
+    if s_start > t0 + pid_t * BT + BT - 1:  # every key of the chunk is in the future of every row
+        return
     lse_s = tl.load(lse_s_ptr + b * sr_b + offs_r, mask=rmask, other=0.0)
     if GRAD:
         g = tl.load(g_ptr + b * L + offs_t, mask=rmask, other=0.0)
@@ -82,13 +90,14 @@ def _kl_kernel(qa_ptr, ka_ptr, lse_a_ptr, buf_ptr, lse_s_ptr, kth_ptr, g_ptr, kl
     rec = tl.zeros([BT], dtype=tl.float32)
     c = scale * 1.4426950408889634
     q_rows = offs_t.to(tl.int64) * sq_t
-    for s0 in range(0, t0 + pid_t * BT + BT, BS):
-        offs_s = s0 + tl.arange(0, BS)
+    for j in range(NS):
+        offs_s = s_start + j * BS + tl.arange(0, BS)
         visible = (offs_s[None, :] <= offs_t[:, None]) & rmask[:, None]
         p = tl.zeros([BT, BS], dtype=tl.float32)
+        k_rows = offs_s.to(tl.int64) * sk_t
         for h in range(H):
             qa, qb = _load_qk(qa_ptr + b * sq_b + h * sq_h, q_rows, rmask, D1, D2)
-            ka, kb = _load_qk(ka_ptr + b * sk_b + h * sk_h, offs_s.to(tl.int64) * sk_t, offs_s < L, D1, D2)
+            ka, kb = _load_qk(ka_ptr + b * sk_b + h * sk_h, k_rows, offs_s < L, D1, D2)
             s = tl.dot(qa, tl.trans(ka))
             if D2 > 0:
                 s += tl.dot(qb, tl.trans(kb))
@@ -107,8 +116,8 @@ def _kl_kernel(qa_ptr, ka_ptr, lse_a_ptr, buf_ptr, lse_s_ptr, kth_ptr, g_ptr, kl
             keys = ordered * 4294967296 + (4294967295 - offs_s[None, :].to(tl.int64))
             rec += tl.sum(tl.where(visible & (keys >= kth[:, None]), p, 0.0), 1)
     if not GRAD:
-        tl.store(kl_ptr + b * L + offs_t, kl, mask=rmask)
-        tl.store(rec_ptr + b * L + offs_t, rec, mask=rmask)
+        tl.store(kl_ptr + b * sp_b + offs_r * sp_r + pid_s, kl, mask=rmask)
+        tl.store(rec_ptr + b * sp_b + offs_r * sp_r + pid_s, rec, mask=rmask)
 
 
 @triton.jit
@@ -196,16 +205,29 @@ def _indexer_block(qi, ki, wi, t0, t1, topk, need_kth=True):
     return logits, torch.logsumexp(logits, dim=-1).contiguous(), kth
 
 
-def _kl_launch(qa, ka, lse_a, buf, lse_s, kth, g, kl, rec, scale, t0, grad):
+# Launch configuration of `_kl_kernel`: the fastest of `python -m train.bench --sweep warmup_kl` on the H200.
+KL_CONFIG = dict(BT=128, BS=64, NS=4, num_warps=8, num_stages=3)
+
+
+def _kl_launch(qa, ka, lse_a, buf, lse_s, kth, g, scale, t0, grad):
+    """Forward (grad False): (kl, recall) sums of rows t0..t0+R-1 [B, R]; backward: buf <- dKL/dI, None."""
     B, L, H, D = qa.shape
     D1, D2 = _split(D)
-    R = buf.shape[1]
-    BT, BS = 32, 64
-    _kl_kernel[(triton.cdiv(R, BT), B)](qa, ka, lse_a, buf, lse_s, kth, g, kl, rec, scale, t0, R, L, H,
-                                        qa.stride(0), qa.stride(1), qa.stride(2), ka.stride(0), ka.stride(1),
-                                        ka.stride(2), lse_a.stride(0), lse_a.stride(1), buf.stride(0), buf.stride(1),
-                                        lse_s.stride(0), D1=D1, D2=D2, BT=BT, BS=BS, GRAD=grad, num_warps=4,
-                                        num_stages=2)
+    R, S = buf.shape[1], buf.shape[2]
+    cfg = dict(KL_CONFIG)
+    BT, BS, NS = cfg.pop("BT"), cfg.pop("BS"), cfg.pop("NS")
+    chunks = triton.cdiv(S, BS * NS)
+    kl = rec = None
+    if not grad:
+        kl = torch.zeros(B, R, chunks, dtype=torch.float32, device=qa.device)
+        rec = torch.zeros_like(kl)
+    _kl_kernel[(triton.cdiv(R, BT), chunks, B)](
+        qa, ka, lse_a, buf, lse_s, kth, g, kl if kl is not None else g, rec if rec is not None else g, scale, t0,
+        R, L, H, qa.stride(0), qa.stride(1), qa.stride(2), ka.stride(0), ka.stride(1), ka.stride(2),
+        lse_a.stride(0), lse_a.stride(1), buf.stride(0), buf.stride(1), lse_s.stride(0),
+        kl.stride(0) if kl is not None else 0, kl.stride(1) if kl is not None else 0,
+        D1=D1, D2=D2, BT=BT, BS=BS, NS=NS, GRAD=grad, **cfg)
+    return (kl.sum(-1), rec.sum(-1)) if not grad else None
 
 
 class DenseIndexerKL(torch.autograd.Function):
@@ -222,7 +244,7 @@ class DenseIndexerKL(torch.autograd.Function):
         for t0 in range(0, L, rows):
             t1 = min(L, t0 + rows)
             buf, lse_s, kth = _indexer_block(qi, ki, wi, t0, t1, topk)
-            _kl_launch(qa, ka, lse_a, buf, lse_s, kth, kl, kl, rec, scale, t0, grad=False)
+            kl[:, t0:t1], rec[:, t0:t1] = _kl_launch(qa, ka, lse_a, buf, lse_s, kth, kl, scale, t0, grad=False)
         ctx.save_for_backward(qi, ki, wi, qa, ka, lse_a)
         ctx.scale, ctx.topk, ctx.rows = scale, topk, rows
         ctx.mark_non_differentiable(rec)
@@ -241,7 +263,7 @@ class DenseIndexerKL(torch.autograd.Function):
             t1 = min(L, t0 + rows)
             R = t1 - t0
             buf, lse_s, _ = _indexer_block(qi, ki, wi, t0, t1, ctx.topk, need_kth=False)
-            _kl_launch(qa, ka, lse_a, buf, lse_s, lse_s, dkl, dkl, dkl, ctx.scale, t0, grad=True)
+            _kl_launch(qa, ka, lse_a, buf, lse_s, lse_s, dkl, ctx.scale, t0, grad=True)
             _dq_kernel[(triton.cdiv(R, BT), G, B)](qi, ki, wi, buf, dq, dw, t0, R, L, qi.stride(0), qi.stride(1),
                                                    qi.stride(2), ki.stride(0), ki.stride(1), wi.stride(0),
                                                    wi.stride(1), buf.stride(0), buf.stride(1), D=D, BT=BT, BS=BS,
