@@ -35,7 +35,8 @@ H, DV, DR, G, DI, TOPK = 128, 512, 64, 64, 128, 2048
 
 def measure(fn, iters: int, warm: bool = True) -> dict:
     """Median wall time (ms) over `iters` runs after one warm-up run (unless not `warm`: the timed run then
-    includes kernel compilation), and peak memory above the start (GiB)."""
+    includes kernel compilation), peak memory above the start and in total (GiB; whatever was allocated
+    before, e.g. the model and its optimizer state, counts in the total only)."""
     torch.cuda.synchronize()
     if warm:
         fn()
@@ -48,7 +49,8 @@ def measure(fn, iters: int, warm: bool = True) -> dict:
         fn()
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t) * 1e3)
-    return {"ms": sorted(times)[len(times) // 2], "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+    peak = torch.cuda.max_memory_allocated()
+    return {"ms": sorted(times)[len(times) // 2], "peak_gib": (peak - base) / 2**30, "total_peak_gib": peak / 2**30}
 
 
 PROFILE = {"on": False}
@@ -225,13 +227,15 @@ ONE_B = dict(vocab_size=32768, hidden_size=2048, intermediate_size=5632, moe_int
              max_position_embeddings=163840, tie_word_embeddings=False)
 
 
-def bench_e2e(lengths: list[int], iters: int, warmup_max: int, stages: list[str], cold_from: int) -> list[dict]:
+def bench_e2e(lengths: list[int], iters: int, warmup_max: int, stages: list[str], cold_from: int,
+              recompute_topk: bool = False) -> list[dict]:
     from train.model import ModelConfig, build_model
     from train.stages import STAGES, StageConfig, compute_loss, param_groups
 
     model = build_model(ModelConfig(arch=ONE_B, index_n_heads=G, index_head_dim=DI, index_topk=TOPK,
                                     dtype="bfloat16")).cuda()
     model.activation_checkpointing = True
+    model.keep_topk_for_recompute = not recompute_topk
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[e2e] {n_params / 1e9:.3f}B parameters ({sum(p.numel() for p in model.indexer_parameters()) / 1e6:.0f}M"
           " indexer)", flush=True)
@@ -294,6 +298,8 @@ def main() -> None:
     ap.add_argument("--e2e-stages", nargs="*", default=["base", "warmup", "sparse"])
     ap.add_argument("--e2e-cold-from", type=int, default=131072,
                     help="end-to-end steps this long are timed once, without a warm-up run")
+    ap.add_argument("--recompute-topk", action="store_true",
+                    help="end to end: recompute each layer's top-k in backward (stage.recompute_topk=true)")
     ap.add_argument("--sweep", nargs="*", choices=["warmup_kl", "sparse_mla"],
                     help="only sweep these kernels' launch configurations, at the first of --lengths")
     ap.add_argument("--profile", action="store_true", help="print each op's top GPU kernels (torch.profiler)")
@@ -328,7 +334,7 @@ def main() -> None:
                 save()
     if args.e2e_lengths and "e2e" in args.sections:
         results["e2e"] = bench_e2e(args.e2e_lengths, max(1, args.iters // 2), args.warmup_max, args.e2e_stages,
-                                   args.e2e_cold_from)
+                                   args.e2e_cold_from, args.recompute_topk)
         save()
     print(table(results))
     print(f"[bench] wrote {args.out}")

@@ -71,7 +71,10 @@ def test_activation_checkpointing_keeps_topk_for_recompute(tiny_arch, monkeypatc
         model.activation_checkpointing, model.keep_topk_for_recompute = ckpt, keep
         calls.clear()
         loss, _ = compute_loss(model, STAGES["sparse"], StageConfig(name="sparse"), ids, labels)
+        kl_before = [s.kl_BL for s in model.layer_stats()]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
+        # The recomputation leaves the stats alone: a recomputed KL there would keep its graph alive.
+        assert all(s.kl_BL is kl for s, kl in zip(model.layer_stats(), kl_before))
         res[name] = (loss, grads, len(calls))
     layers = tiny_arch["num_hidden_layers"]
     assert [res[n][2] for n in ("plain", "kept", "recomputed")] == [layers, layers, 2 * layers]

@@ -39,26 +39,31 @@ class AttentionStats:
     topk_BLK: torch.Tensor | None = None    # selected positions (sparse mode), -1 = none
 
 
-class TopkSlot:
-    """The top-k selection of one checkpointed layer run, kept from its forward for its recomputation.
+class CheckpointSlot:
+    """One checkpointed run of a layer, shared by its forward and its recomputation in backward (`replay`).
 
-    Activation checkpointing runs a layer's forward twice; the selection has no gradient and is the costliest
-    part of the indexer, and the recomputation would find the same one (same inputs, deterministic
-    kernels). Kept as int32 when positions fit: L x k x 4 bytes per layer until that layer's backward."""
+    The recomputation leaves the layer's `stats` alone: they belong to the forward the loss was built from,
+    and a recomputed indexer KL stored there would keep its graph (the indexer's outputs, the selection and
+    the attention probabilities: ~5 GiB per layer at 128K tokens) alive after backward.
+    With `keep_topk`, the forward's top-k selection is kept for the recomputation: it has no gradient, is the
+    costliest part of the indexer, and the recomputation would find the same one (same inputs, deterministic
+    kernels). Kept as int32: L x k x 4 bytes per layer until that layer's backward."""
 
-    def __init__(self):
-        self.replay = False
+    def __init__(self, keep_topk: bool):
+        self.keep_topk, self.replay = keep_topk, False
         self._topk: tuple[torch.Tensor, torch.dtype] | None = None
 
     def keep(self, topk_BLK: torch.Tensor) -> None:
-        small = topk_BLK.shape[1] < 2**31
-        self._topk = (topk_BLK.to(torch.int32) if small else topk_BLK, topk_BLK.dtype)
+        if self.keep_topk:
+            small = topk_BLK.shape[1] < 2**31
+            self._topk = (topk_BLK.to(torch.int32) if small else topk_BLK, topk_BLK.dtype)
 
-    def take(self) -> torch.Tensor:
+    def take(self) -> torch.Tensor | None:
+        """The kept selection (once: it is freed here), or None when none was kept."""
         if self._topk is None:
-            raise RuntimeError("checkpoint recomputation found no kept top-k selection for this layer")
+            return None
         topk_BLK, dtype = self._topk
-        self._topk = None  # one recomputation per forward: free it now
+        self._topk = None
         return topk_BLK.to(dtype)
 
 
@@ -77,7 +82,7 @@ class DSAAttention(nn.Module):
         self.num_heads, self.nope_dim, self.rope_dim = num_heads, qk_nope_head_dim, qk_rope_head_dim
         self.v_dim, self.latent_dim, self.softmax_scale = v_head_dim, kv_lora_rank, softmax_scale
         self.stats = AttentionStats()
-        self.topk_slot: TopkSlot | None = None  # set by the model around checkpointed runs (`TopkSlot`)
+        self.slot: CheckpointSlot | None = None  # set by the model around checkpointed runs
 
     def forward(self, x_BLC: torch.Tensor, cos_BLR: torch.Tensor, sin_BLR: torch.Tensor,
                 mode: AttentionMode) -> torch.Tensor:
@@ -91,15 +96,17 @@ class DSAAttention(nn.Module):
         latent_BLA = self.kv_a_layernorm(latent_BLA)
         k_rope_BLR = rope_interleaved(k_rope_BLR, cos_BLR, sin_BLR)
 
-        self.stats = AttentionStats()
         if mode.sparse or mode.indexer_loss:
             # The indexer learns only from its own loss: its inputs are cut from the main graph.
             qi_BLGD, ki_BLD, wi_BLG = self.indexer(x_BLC.detach(), qr_BLQ.detach(), cos_BLR, sin_BLR)
         if mode.sparse:
-            out_BLHV = self._sparse(q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, qi_BLGD, ki_BLD, wi_BLG, mode)
+            out_BLHV, stats = self._sparse(q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, qi_BLGD, ki_BLD, wi_BLG,
+                                           mode)
         else:
-            out_BLHV = self._dense(q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, mode,
-                                   (qi_BLGD, ki_BLD, wi_BLG) if mode.indexer_loss else None)
+            out_BLHV, stats = self._dense(q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, mode,
+                                          (qi_BLGD, ki_BLD, wi_BLG) if mode.indexer_loss else None)
+        if self.slot is None or not self.slot.replay:
+            self.stats = stats
         return self.o_proj(out_BLHV.reshape(B, L, H * self.v_dim))
 
     def _dense(self, q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, mode, indexer_out):
@@ -109,13 +116,14 @@ class DSAAttention(nn.Module):
         v_BLHV = kv_BLHX[..., N:]
         q_BLHD = torch.cat((q_nope_BLHN, q_rope_BLHR), dim=-1)
         out_BLHV = ops.dense_attention(q_BLHD, k_BLHD, v_BLHV, self.softmax_scale)
+        stats = AttentionStats()
         if indexer_out is not None:
             qi_BLGD, ki_BLD, wi_BLG = indexer_out
             kl_BL, recall_BL = ops.dense_indexer_kl(
                 qi_BLGD, ki_BLD, wi_BLG, q_BLHD.detach(), k_BLHD.detach(), self.softmax_scale, mode.topk
             )
-            self.stats = AttentionStats(kl_BL=kl_BL, recall_BL=recall_BL)
-        return out_BLHV
+            stats = AttentionStats(kl_BL=kl_BL, recall_BL=recall_BL)
+        return out_BLHV, stats
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head into W_UK [H, N, A] (absorbed into q) and W_UV [H, V, A] (applied after)."""
@@ -123,12 +131,12 @@ class DSAAttention(nn.Module):
         return w_HXA[:, : self.nope_dim], w_HXA[:, self.nope_dim :]
 
     def _select(self, qi_BLGD, ki_BLD, wi_BLG, topk: int) -> torch.Tensor:
-        slot = self.topk_slot
-        if slot is not None and slot.replay:
-            return slot.take()
-        topk_BLK = ops.indexer_topk(qi_BLGD.detach(), ki_BLD.detach(), wi_BLG.detach(), topk)
-        if slot is not None:
-            slot.keep(topk_BLK)
+        slot = self.slot
+        topk_BLK = slot.take() if slot is not None and slot.replay else None
+        if topk_BLK is None:
+            topk_BLK = ops.indexer_topk(qi_BLGD.detach(), ki_BLD.detach(), wi_BLG.detach(), topk)
+            if slot is not None and not slot.replay:
+                slot.keep(topk_BLK)
         return topk_BLK
 
     def _sparse(self, q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, qi_BLGD, ki_BLD, wi_BLG, mode):
@@ -140,5 +148,4 @@ class DSAAttention(nn.Module):
         out_BLHA, p_BLK = ops.sparse_mla(q_BLHD, kv_BLD, topk_BLK, self.softmax_scale, self.latent_dim)
         out_BLHV = torch.einsum("blha,hva->blhv", out_BLHA, w_uv_HVA)
         kl_BL = ops.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, topk_BLK, p_BLK) if mode.indexer_loss else None
-        self.stats = AttentionStats(kl_BL=kl_BL, topk_BLK=topk_BLK if mode.keep_topk else None)
-        return out_BLHV
+        return out_BLHV, AttentionStats(kl_BL=kl_BL, topk_BLK=topk_BLK if mode.keep_topk else None)

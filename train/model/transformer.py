@@ -8,29 +8,31 @@ Dimension legend: B batch, L sequence, C hidden, E vocab.
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from contextlib import contextmanager
 
-from torch.utils.checkpoint import checkpoint, noop_context_fn
+from torch.utils.checkpoint import checkpoint
 
-from train.model.attention import AttentionMode, AttentionStats, DSAAttention, TopkSlot
+from train.model.attention import AttentionMode, AttentionStats, CheckpointSlot, DSAAttention
 
 
 @contextmanager
-def _topk_slot(attn: DSAAttention, slot: TopkSlot, replay: bool):
-    attn.topk_slot, slot.replay = slot, replay
+def _in_slot(attn: DSAAttention, slot: CheckpointSlot, replay: bool):
+    attn.slot, slot.replay = slot, replay
     try:
         yield
     finally:
-        attn.topk_slot = None
+        attn.slot = None
 
 
-def _topk_contexts(attn: DSAAttention):
-    """checkpoint's context_fn: the first run keeps the layer's top-k selection, the recomputation reuses it."""
-    slot = TopkSlot()
-    return _topk_slot(attn, slot, replay=False), _topk_slot(attn, slot, replay=True)
+def _slot_contexts(attn: DSAAttention, keep_topk: bool):
+    """checkpoint's context_fn: (around the forward, around the recomputation), sharing one CheckpointSlot."""
+    slot = CheckpointSlot(keep_topk)
+    return _in_slot(attn, slot, replay=False), _in_slot(attn, slot, replay=True)
 
 
 class DSADecoderLayer(nn.Module):
@@ -88,7 +90,7 @@ class DSAForCausalLM(nn.Module):
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 keep = mode.sparse and self.keep_topk_for_recompute
-                ctx = (lambda attn=layer.self_attn: _topk_contexts(attn)) if keep else noop_context_fn
+                ctx = functools.partial(_slot_contexts, layer.self_attn, keep)
                 h_BLC = checkpoint(layer, h_BLC, cos_BLR, sin_BLR, mode, use_reentrant=False, context_fn=ctx)
             else:
                 h_BLC = layer(h_BLC, cos_BLR, sin_BLR, mode)
