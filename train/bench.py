@@ -53,7 +53,7 @@ def measure(fn, iters: int, warm: bool = True) -> dict:
     return {"ms": sorted(times)[len(times) // 2], "peak_gib": (peak - base) / 2**30, "total_peak_gib": peak / 2**30}
 
 
-PROFILE = {"on": False}
+PROFILE = {"on": False, "marks": False}
 
 
 def profile(name: str, fn) -> None:
@@ -227,6 +227,14 @@ ONE_B = dict(vocab_size=32768, hidden_size=2048, intermediate_size=5632, moe_int
              max_position_embeddings=163840, tie_word_embeddings=False)
 
 
+def mark(what: str) -> None:
+    """`--memory-marks`: memory held at this point of a step (what stays allocated between phases)."""
+    if PROFILE["marks"]:
+        torch.cuda.synchronize()
+        print(f"  [memory] {what}: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated, "
+              f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak so far", flush=True)
+
+
 def bench_e2e(lengths: list[int], iters: int, warmup_max: int, stages: list[str], cold_from: int,
               recompute_topk: bool = False) -> list[dict]:
     from train.model import ModelConfig, build_model
@@ -251,7 +259,9 @@ def bench_e2e(lengths: list[int], iters: int, warmup_max: int, stages: list[str]
 
             def step():
                 loss, _ = compute_loss(model, stage, StageConfig(name=stage_name), ids, ids)
+                mark(f"{name} L={L} after forward")
                 loss.backward()
+                mark(f"{name} L={L} after backward")
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             cold = L >= cold_from  # long steps: one timed run, no warm-up run
@@ -302,10 +312,12 @@ def main() -> None:
                     help="end to end: recompute each layer's top-k in backward (stage.recompute_topk=true)")
     ap.add_argument("--sweep", nargs="*", choices=["warmup_kl", "sparse_mla"],
                     help="only sweep these kernels' launch configurations, at the first of --lengths")
+    ap.add_argument("--memory-marks", action="store_true",
+                    help="end to end: print allocated memory after each step's forward and backward")
     ap.add_argument("--profile", action="store_true", help="print each op's top GPU kernels (torch.profiler)")
     ap.add_argument("--out", default="bench.json")
     args = ap.parse_args()
-    PROFILE["on"] = args.profile
+    PROFILE["on"], PROFILE["marks"] = args.profile, args.memory_marks
     if not torch.cuda.is_available():
         raise SystemExit("error: make bench needs a CUDA GPU (the kernels are Triton)")
     torch.manual_seed(0)
