@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -121,14 +120,38 @@ def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict
     return engine, optimizer
 
 
-@contextmanager
-def full_parameters(engine):
-    """All ranks: inside, every parameter is whole (ZeRO-3 gathers its shards; other stages have them)."""
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
+def gather_groups(names: list[str]) -> list[list[str]]:
+    """Parameter names in the groups a ZeRO-3 export gathers one at a time: one per decoder layer
+    (`model.layers.{i}.`), one for each parameter outside the layers; in model order."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        key = ".".join(parts[:3]) if parts[:2] == ["model", "layers"] and len(parts) > 3 else name
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
 
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            yield
-    else:
-        yield
 
+def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """All ranks call it. Rank 0 gets the whole state dict as CPU tensors; other ranks get None.
+
+    Under ZeRO-3 the shards are gathered one decoder layer at a time (`gather_groups`), so no GPU ever
+    holds more than one layer beyond its own shards; other stages copy what every rank already has."""
+    module = engine.module
+    keys = list(module.state_dict().keys())  # under ZeRO-3: the right names, empty parameter tensors
+    if engine.zero_optimization_stage() != 3:
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()} if is_rank0() else None
+    import deepspeed
+
+    params = dict(module.named_parameters())
+    state: dict[str, torch.Tensor] = {}
+    for group in gather_groups(list(params)):
+        with deepspeed.zero.GatheredParameters([params[n] for n in group], modifier_rank=None):
+            if is_rank0():
+                state.update({n: params[n].detach().cpu().clone() for n in group})
+    if not is_rank0():
+        return None
+    buffers = dict(module.named_buffers())
+    missing = [k for k in keys if k not in state and k not in buffers]
+    if missing:
+        raise RuntimeError(f"export: state dict keys neither parameters nor buffers: {missing[:5]}")
+    return {k: state[k] if k in state else buffers[k].detach().cpu() for k in keys}

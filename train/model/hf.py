@@ -152,16 +152,19 @@ def v32_config(source_config: dict, index_n_heads: int, index_head_dim: int, ind
 
 
 def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = None, tokenizer=None,
-              dense_only: bool = False) -> Path:
+              dense_only: bool = False, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Writes `model` (a DSAForCausalLM) as a `deepseek_v32` Hugging Face directory, atomically.
 
     `dense_only` writes the backbone alone as `deepseek_v3` (a dense source, e.g. `make base`'s model).
-    The files (and the tokenizer, if given) appear under `out_dir` only once complete.
+    `state`: the weights to write (default: `model.state_dict()`; training passes the gathered CPU copy,
+    since a ZeRO-3 model holds only its shards). The files (and the tokenizer, if given) appear under
+    `out_dir` only once complete.
     """
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM
 
+    state = model.state_dict() if state is None else state
     state = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach())
-             for k, v in model.state_dict().items()}
+             for k, v in state.items()}
     if dense_only:
         fields = {f.name for f in dataclasses.fields(DeepseekV3Config)} - _NOT_EXPORTED
         config = DeepseekV3Config(**{k: v for k, v in model.source_config.items() if k in fields})
