@@ -108,7 +108,7 @@ def train_step(engine, model, stage, cfg: TrainConfig, batch: dict, lr_scale: fl
 
 
 def run_stage(cfg: TrainConfig, raw_cfg) -> None:
-    rank, world, _ = eng.init_distributed()
+    rank, world, local_rank = eng.init_distributed()
     if cfg.run.dry_run:
         return dry_run(cfg, world)
     cfg.validate(world)
@@ -127,6 +127,7 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
     tokenizer = load_tokenizer(cfg.data, model_cfg.path)
     check_tokenizer_fits(tokenizer, model.source_config["vocab_size"], cfg.data.tokenizer or model_cfg.path)
     data = TokenPipeline(cfg.data, tokenizer, rank=rank, world_size=world)
+    data.prepare(build_missing=local_rank == 0)  # one tokenisation per node; its other ranks wait and share it
 
     groups = param_groups(model, stage, cfg.stage)
     base_lrs = [g["lr"] for g in groups]

@@ -1,6 +1,11 @@
 """Data pipeline: format equivalence, rank sharding, exact resume, token accounting, clear errors."""
 
 import json
+import random
+import threading
+from pathlib import Path
+
+import numpy as np
 
 import pandas as pd
 import pytest
@@ -27,6 +32,7 @@ def tok():
 
 
 def _cfg(path, **kw):
+    kw.setdefault("cache_dir", str(Path(path).parent / "token_cache"))
     return DataConfig(sources=[SourceConfig(path=str(path), **kw.pop("src", {}))], seq_len=32, tokenizer="synthetic",
                       synthetic=SYN, **kw)
 
@@ -120,3 +126,46 @@ def test_generated_corpus_has_far_retrievals(tmp_path):
     assert targets == list(range(d - 1, len(text) - 1)), "every replayed token, and nothing before the replay"
     for i in facts:  # each fact's key is stated once before its replay
         assert text[: d].count(text[i + 1]) == 1
+
+
+def test_windows_equal_the_shuffled_concatenation_and_the_cache_is_reused(docs, tok, tmp_path, monkeypatch):
+    """Windows read from the memory-mapped cache equal slices of the plain formula (documents tokenised with
+    EOS, concatenated in the epoch's seeded order), across epochs; a second pipeline tokenises nothing."""
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    pipe = TokenPipeline(_cfg(tmp_path / "a.jsonl"), tok)
+    got = [pipe.streams[0].next_window() for _ in range(150)]
+    ids = [np.asarray(tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]) for d in docs]
+    want = []
+    for epoch in range(10):
+        order = list(range(len(ids)))
+        random.Random(0 * 1_000_003 + epoch).shuffle(order)
+        flat = np.concatenate([ids[i] for i in order])
+        want += [flat[i * 32 : i * 32 + 33] for i in range((len(flat) - 1) // 32)]
+    assert pipe.streams[0].epoch >= 2  # the comparison spans epoch boundaries
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+
+    calls = []
+    monkeypatch.setattr(tok.__class__, "__call__", lambda *a, **k: calls.append(1) or pytest.fail("tokenised"))
+    again = TokenPipeline(_cfg(tmp_path / "a.jsonl"), tok)
+    assert all(np.array_equal(again.streams[0].next_window(), w) for w in got[:10]) and not calls
+    assert len(list((tmp_path / "token_cache").iterdir())) == 1
+
+
+def test_token_cache_follows_the_source_and_waiters_get_the_builders_entry(docs, tok, tmp_path):
+    src = tmp_path / "a.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    first = TokenPipeline(_cfg(src), tok).streams[0].load_cache()
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:6]))  # edited: a new entry
+    second = TokenPipeline(_cfg(src), tok).streams[0].load_cache()
+    assert (first.num_docs, second.num_docs) == (12, 6) and first.folder != second.folder
+
+    other = _cfg(src, cache_dir=str(tmp_path / "fresh"))
+    waiter, builder = TokenPipeline(other, tok), TokenPipeline(other, tok)
+    done = []
+    t = threading.Thread(target=lambda: done.append(waiter.streams[0].load_cache(build_missing=False)))
+    t.start()
+    t.join(1.5)
+    assert t.is_alive() and not done  # a rank that must not build waits
+    builder.prepare()
+    t.join(10)
+    assert done and np.array_equal(np.asarray(done[0].tokens), np.asarray(second.tokens))

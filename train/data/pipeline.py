@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from train.data import token_cache
 from train.data.sources import DataError, SourceConfig, load_documents
 from train.data.synthetic import SyntheticConfig
 
@@ -32,6 +33,7 @@ class DataConfig:
     seed: int = 0
     synthetic: SyntheticConfig | None = None  # set: generate the embedded corpus into `generated_dir` if missing
     generated_dir: str = "data/generated/synthetic"
+    cache_dir: str = "data/cache"    # tokenised sources (map-style), shared by ranks and runs (token_cache.py)
 
     def validate(self) -> None:
         if not self.sources:
@@ -51,32 +53,59 @@ def tokenize_batch(tokenizer, texts: list[str]) -> list[np.ndarray]:
 
 
 class SourceStream:
-    """Packed (L+1)-token windows of one source, deterministic for a seed; state = (epoch, index in epoch)."""
+    """Packed (L+1)-token windows of one source, deterministic for a seed; state = (epoch, index in epoch).
 
-    def __init__(self, src: SourceConfig, tokenizer, seq_len: int, seed: int, streaming: bool):
+    Map-style sources are tokenised once into the on-disk cache (`token_cache.py`) and memory-mapped; an
+    epoch is a seeded order of the documents, and window i is read from the documents it spans, so no rank
+    holds the corpus in memory. Streaming sources are tokenised on the fly, in file order."""
+
+    def __init__(self, src: SourceConfig, tokenizer, seq_len: int, seed: int, streaming: bool,
+                 cache_dir: str = "data/cache"):
         self.src, self.tokenizer, self.seq_len, self.seed, self.streaming = src, tokenizer, seq_len, seed, streaming
+        self.cache_dir = cache_dir
         self.dataset, self.column = load_documents(src, streaming)
         self.epoch, self.index = 0, 0
-        self._docs: list[np.ndarray] | None = None   # map-style: all documents, tokenised once
-        self._epoch_tokens: np.ndarray | None = None
-        self._iter = None                            # streaming: the live packer
+        self._cache: token_cache.TokenCache | None = None  # map-style: the tokenised documents
+        self._order: np.ndarray | None = None                # this epoch's document order
+        self._starts: np.ndarray | None = None               # where each document of that order starts
+        self._iter = None                                    # streaming: the live packer
 
     def _documents(self):
         for batch in self.dataset.iter(batch_size=256):
             yield from tokenize_batch(self.tokenizer, batch[self.column])
 
+    def load_cache(self, build_missing: bool = True) -> token_cache.TokenCache:
+        """The tokenised documents; a missing cache entry is built now, or waited for (build_missing=False)."""
+        if self._cache is None:
+            self._cache = token_cache.load_or_build(self.cache_dir, self.src, self.dataset, self.tokenizer,
+                                                    self._documents, build_missing)
+        return self._cache
+
     def _load_epoch(self) -> None:
-        if self._docs is None:
-            self._docs = list(self._documents())
-        order = list(range(len(self._docs)))
+        cache = self.load_cache()
+        order = list(range(cache.num_docs))
         random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        self._epoch_tokens = np.concatenate([self._docs[i] for i in order])
+        self._order = np.asarray(order, dtype=np.int64)
+        lengths = np.diff(cache.offsets)[self._order]
+        self._starts = np.concatenate([[0], np.cumsum(lengths)])
         if self.num_sequences() == 0:
-            raise DataError(f"data source path={self.src.path!r}: {len(self._epoch_tokens)} tokens, fewer than one "
+            raise DataError(f"data source path={self.src.path!r}: {cache.num_tokens} tokens, fewer than one "
                             f"sequence of data.seq_len={self.seq_len} (+1) tokens")
 
+    def _epoch_slice(self, start: int, n: int) -> np.ndarray:
+        """Tokens [start, start + n) of this epoch's concatenation of documents."""
+        cache, parts = self._cache, []
+        j = int(np.searchsorted(self._starts, start, side="right")) - 1
+        while n > 0:
+            doc = self._order[j]
+            a = cache.offsets[doc] + (start - self._starts[j])
+            take = min(int(cache.offsets[doc + 1] - a), n)
+            parts.append(cache.tokens[a : a + take])
+            start, n, j = start + take, n - take, j + 1
+        return np.concatenate(parts).astype(np.int64)
+
     def num_sequences(self) -> int:
-        return (len(self._epoch_tokens) - 1) // self.seq_len
+        return (int(self._starts[-1]) - 1) // self.seq_len
 
     def _windows_streaming(self):
         buf, produced = np.zeros(0, dtype=np.int64), 0
@@ -102,13 +131,12 @@ class SourceStream:
                 self.epoch, self.index, self._iter = self.epoch + 1, 0, None
                 return self.next_window()
         else:
-            if self._epoch_tokens is None:
+            if self._order is None:
                 self._load_epoch()
             if self.index >= self.num_sequences():
                 self.epoch, self.index = self.epoch + 1, 0
                 self._load_epoch()
-            start = self.index * self.seq_len
-            window = self._epoch_tokens[start : start + self.seq_len + 1]
+            window = self._epoch_slice(self.index * self.seq_len, self.seq_len + 1)
         self.index += 1
         return window
 
@@ -119,7 +147,7 @@ class SourceStream:
         reload = state["epoch"] != self.epoch
         self.epoch, self.index = state["epoch"], state["index"]
         self._iter = None
-        if reload and self._epoch_tokens is not None:
+        if reload and self._order is not None:
             self._load_epoch()
 
 
@@ -128,7 +156,8 @@ class TokenPipeline:
 
     def __init__(self, cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1, sources=None):
         srcs = cfg.sources if sources is None else sources
-        self.streams = [SourceStream(s, tokenizer, cfg.seq_len, cfg.seed + i, cfg.streaming) for i, s in enumerate(srcs)]
+        self.streams = [SourceStream(s, tokenizer, cfg.seq_len, cfg.seed + i, cfg.streaming, cfg.cache_dir)
+                        for i, s in enumerate(srcs)]
         self.weights = [s.weight for s in srcs]
         self.seed, self.rank, self.world_size = cfg.seed, rank, world_size
         self.sequences_consumed = 0   # global, over all ranks
@@ -151,6 +180,13 @@ class TokenPipeline:
         self.tokens_consumed += global_batch * (mine.shape[1] - 1)
         return {"input_ids": mine[:, :-1].contiguous(), "labels": mine[:, 1:].contiguous(),
                 "num_tokens": per_rank * (mine.shape[1] - 1), "global_tokens": global_batch * (mine.shape[1] - 1)}
+
+    def prepare(self, build_missing: bool = True) -> None:
+        """Loads every map-style source's tokens now, tokenising missing ones (build_missing) or waiting for
+        another process to (training: one rank per node builds, its other ranks wait)."""
+        for stream in self.streams:
+            if not stream.streaming:
+                stream.load_cache(build_missing)
 
     @property
     def epochs(self) -> list[int]:
