@@ -2,6 +2,8 @@
 
 import json
 import random
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -148,6 +150,7 @@ def test_windows_equal_the_shuffled_concatenation_and_the_cache_is_reused(docs, 
     monkeypatch.setattr(tok.__class__, "__call__", lambda *a, **k: calls.append(1) or pytest.fail("tokenised"))
     again = TokenPipeline(_cfg(tmp_path / "a.jsonl"), tok)
     assert all(np.array_equal(again.streams[0].next_window(), w) for w in got[:10]) and not calls
+    assert again.streams[0].dataset is None  # a cached file source is not even opened
     assert len(list((tmp_path / "token_cache").iterdir())) == 1
 
 
@@ -161,6 +164,9 @@ def test_token_cache_follows_the_source_and_waiters_get_the_builders_entry(docs,
 
     other = _cfg(src, cache_dir=str(tmp_path / "fresh"))
     waiter, builder = TokenPipeline(other, tok), TokenPipeline(other, tok)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = builder.streams[0]._folder.with_name(f".{builder.streams[0]._folder.name}.tmp-{int(dead.stdout)}")
+    stale.mkdir(parents=True)  # what a killed tokenisation leaves
     done = []
     t = threading.Thread(target=lambda: done.append(waiter.streams[0].load_cache(build_missing=False)))
     t.start()
@@ -169,3 +175,4 @@ def test_token_cache_follows_the_source_and_waiters_get_the_builders_entry(docs,
     builder.prepare()
     t.join(10)
     assert done and np.array_equal(np.asarray(done[0].tokens), np.asarray(second.tokens))
+    assert not stale.exists()

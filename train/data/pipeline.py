@@ -63,22 +63,34 @@ class SourceStream:
                  cache_dir: str = "data/cache"):
         self.src, self.tokenizer, self.seq_len, self.seed, self.streaming = src, tokenizer, seq_len, seed, streaming
         self.cache_dir = cache_dir
-        self.dataset, self.column = load_documents(src, streaming)
+        self.dataset = self.column = None
+        self._folder = None
+        if not streaming and not src.path.startswith("hf:"):  # a cached file source needs no reading at all
+            self._folder = token_cache.entry_folder(cache_dir, src, None, tokenizer)
+        if self._folder is None or not token_cache.is_complete(self._folder):
+            self._load_dataset()
         self.epoch, self.index = 0, 0
         self._cache: token_cache.TokenCache | None = None  # map-style: the tokenised documents
         self._order: np.ndarray | None = None                # this epoch's document order
         self._starts: np.ndarray | None = None               # where each document of that order starts
         self._iter = None                                    # streaming: the live packer
 
+    def _load_dataset(self) -> None:
+        """Opens (and checks: files, format, UTF-8, column) the source."""
+        if self.dataset is None:
+            self.dataset, self.column = load_documents(self.src, self.streaming)
+        if self._folder is None and not self.streaming:
+            self._folder = token_cache.entry_folder(self.cache_dir, self.src, self.dataset, self.tokenizer)
+
     def _documents(self):
+        self._load_dataset()
         for batch in self.dataset.iter(batch_size=256):
             yield from tokenize_batch(self.tokenizer, batch[self.column])
 
     def load_cache(self, build_missing: bool = True) -> token_cache.TokenCache:
         """The tokenised documents; a missing cache entry is built now, or waited for (build_missing=False)."""
         if self._cache is None:
-            self._cache = token_cache.load_or_build(self.cache_dir, self.src, self.dataset, self.tokenizer,
-                                                    self._documents, build_missing)
+            self._cache = token_cache.load_or_build(self._folder, self.src, self._documents, build_missing)
         return self._cache
 
     def _load_epoch(self) -> None:

@@ -41,9 +41,14 @@ def _source_fingerprint(src: SourceConfig, dataset) -> dict:
     return fp
 
 
-def cache_key(src: SourceConfig, dataset, tokenizer) -> str:
+def entry_folder(cache_dir: str | os.PathLike, src: SourceConfig, dataset, tokenizer) -> Path:
+    """Where the entry of `src` under `tokenizer` lives (`dataset` is read only for hf: sources)."""
     what = {"format": FORMAT, "source": _source_fingerprint(src, dataset), "tokenizer": _tokenizer_fingerprint(tokenizer)}
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(cache_dir) / hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / "meta.json").exists()
 
 
 class TokenCache:
@@ -62,6 +67,16 @@ class TokenCache:
     @property
     def num_tokens(self) -> int:
         return int(self.offsets[-1])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def build(folder: Path, documents, what: str) -> None:
@@ -92,18 +107,19 @@ def build(folder: Path, documents, what: str) -> None:
           f"-> {folder}", flush=True)
 
 
-def load_or_build(cache_dir: str | os.PathLike, src: SourceConfig, dataset, tokenizer, documents,
-                  build_missing: bool = True) -> TokenCache:
-    """The cache entry of `src` under `tokenizer`: built from `documents()` (a callable) if missing, or, with
+def load_or_build(folder: Path, src: SourceConfig, documents, build_missing: bool = True) -> TokenCache:
+    """The cache entry `folder` of `src`: built from `documents()` (a callable) if missing, or, with
     build_missing=False, waited for (another process of this node builds it; a launcher stops the waiters
     if that process fails)."""
-    folder = Path(cache_dir) / cache_key(src, dataset, tokenizer)
-    if not (folder / "meta.json").exists():
+    if not is_complete(folder):
         if build_missing:
             folder.parent.mkdir(parents=True, exist_ok=True)
+            for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # left by a killed tokenisation
+                if not _pid_alive(int(stale.name.rsplit("-", 1)[1])):
+                    shutil.rmtree(stale, ignore_errors=True)
             build(folder, documents(), f"data source path={src.path!r}")
         t0 = time.time()
-        while not (folder / "meta.json").exists():
+        while not is_complete(folder):
             time.sleep(1.0)
             if int(time.time() - t0) % 60 == 0:
                 print(f"[data] waiting for the tokenisation of data source path={src.path!r} ({folder})", flush=True)
