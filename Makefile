@@ -4,7 +4,7 @@ VENV    ?= .venv
 PYTHON  ?= $(VENV)/bin/python
 NPROC   ?=
 ARGS    ?=
-MAKE_VARS := VENV PYTHON NPROC ARGS PYTEST_ARGS EVAL_MODEL TORCH_SPEC
+MAKE_VARS := VENV PYTHON NPROC ARGS PYTEST_ARGS EVAL_MODEL TORCH_SPEC SRC DST
 HYDRA_ARGS := $(strip $(foreach a,$(MAKEOVERRIDES),$(if $(filter $(MAKE_VARS),$(firstword $(subst =, ,$(a)))),,$(a))) $(ARGS))
 # CPU-only machines get the CPU build of torch (the CUDA wheels are several GB); GPU machines the default.
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
@@ -14,7 +14,7 @@ BASE_EXPORT := checkpoints/base/base/export/config.json
 NEEDS_BASE := $(if $(filter model=% model.path=% stage.init_from=%,$(HYDRA_ARGS)),,$(BASE_EXPORT))
 EVAL_MODEL ?= checkpoints/default/sparse/export
 
-.PHONY: setup test test-all base warmup sparse eval plan bench
+.PHONY: setup test test-all base warmup sparse eval plan bench dequantize
 
 setup: $(VENV)/.installed
 
@@ -54,6 +54,10 @@ eval: setup
 # What a stage costs, from shapes only: `make plan preset=paper model=deepseek_v3_671b run.plan_gpus=16`.
 plan: setup
 	$(PYTHON) -m train run.dry_run=true $(HYDRA_ARGS)
+
+# An FP8 checkpoint (DeepSeek-V3.1's) as a bf16 copy to convert from: `make dequantize SRC=/ckpt/v3.1 DST=/ckpt/v3.1-bf16`.
+dequantize: setup
+	$(PYTHON) -m train.dequantize $(SRC) $(DST)
 
 # GPU kernels vs their PyTorch twins and SDPA, then whole ~1B-model steps: JSON in bench.json, a table on stdout.
 bench: setup

@@ -60,6 +60,12 @@ def read_config(path: str | os.PathLike) -> dict:
             f"{cfg_file}: key 'q_lora_rank' is {config.get('q_lora_rank')!r}; DSA's indexer reads MLA's query "
             "latent, so it must be a positive integer"
         )
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method")
+        raise CheckpointError(
+            f"{cfg_file}: key 'quantization_config' ({method}): the weights are quantised and training runs in "
+            f"bf16; write a bf16 copy first (FP8: `make dequantize SRC={directory} DST=<new dir>`) and use that"
+        )
     if model_type == "deepseek_v3" and config.get("rope_interleave", True) is not True:
         raise CheckpointError(
             f"{cfg_file}: key 'rope_interleave' is {config['rope_interleave']!r}; only the interleaved MLA RoPE "
