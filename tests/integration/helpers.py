@@ -21,7 +21,8 @@ TINY_DATA = [
 
 
 def tiny_overrides(root: Path) -> list[str]:
-    return [f"run.root={root}/ckpt", f"data.generated_dir={root}/data", "logging.wandb.mode=disabled",
+    return [f"run.root={root}/ckpt", f"data.generated_dir={root}/data", f"data.cache_dir={root}/token_cache",
+            "logging.wandb.mode=disabled",
             "stage.global_batch=4", "stage.log_every=1", *TINY_MODEL, *TINY_DATA]
 
 
