@@ -281,7 +281,8 @@ def table(results: dict) -> str:
         else:
             tf = f"{row['tflops']:.0f}" if "tflops" in row else ""
             lines.append(f"| {row['L']:,} | {row['name']} | {row['ms']:.2f} | {tf} | {row['peak_gib']:.2f} |")
-    lines += ["", "| L | step | ms | tokens/s | peak GiB |", "|---|---|---|---|---|"]
+    lines += ["", "| L | step | ms | tokens/s | total peak GiB (model, optimizer state, step) |",
+              "|---|---|---|---|---|"]
     for row in results["e2e"]:
         if "L" not in row:
             continue
@@ -289,7 +290,7 @@ def table(results: dict) -> str:
             lines.append(f"| {row['L']:,} | {row['name']} | {row['error']} | | |")
         else:
             lines.append(f"| {row['L']:,} | {row['name']} | {row['ms']:.0f} | {row['tokens_per_sec']:,.0f} | "
-                         f"{row['peak_gib']:.1f} |")
+                         f"{row['total_peak_gib']:.1f} |")
     return "\n".join(lines)
 
 

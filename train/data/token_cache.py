@@ -43,7 +43,8 @@ def _source_fingerprint(src: SourceConfig, dataset) -> dict:
 
 def entry_folder(cache_dir: str | os.PathLike, src: SourceConfig, dataset, tokenizer) -> Path:
     """Where the entry of `src` under `tokenizer` lives (`dataset` is read only for hf: sources)."""
-    what = {"format": FORMAT, "source": _source_fingerprint(src, dataset), "tokenizer": _tokenizer_fingerprint(tokenizer)}
+    what = {"format": FORMAT, "source": _source_fingerprint(src, dataset),
+            "tokenizer": _tokenizer_fingerprint(tokenizer)}
     return Path(cache_dir) / hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -58,7 +59,8 @@ class TokenCache:
         self.folder = folder
         self.offsets = np.load(folder / "offsets.npy")
         n = int(self.offsets[-1])
-        self.tokens = np.memmap(folder / "tokens.bin", dtype=np.int32, mode="r", shape=(n,)) if n else np.zeros(0, np.int32)
+        self.tokens = (np.memmap(folder / "tokens.bin", dtype=np.int32, mode="r", shape=(n,)) if n
+                       else np.zeros(0, np.int32))
 
     @property
     def num_docs(self) -> int:
