@@ -1,5 +1,6 @@
 """Data pipeline: format equivalence, rank sharding, exact resume, token accounting, clear errors."""
 
+import dataclasses
 import json
 import random
 import subprocess
@@ -161,6 +162,8 @@ def test_token_cache_follows_the_source_and_waiters_get_the_builders_entry(docs,
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:6]))  # edited: a new entry
     second = TokenPipeline(_cfg(src), tok).streams[0].load_cache()
     assert (first.num_docs, second.num_docs) == (12, 6) and first.folder != second.folder
+    other_tok = load_tokenizer(DataConfig(tokenizer="synthetic", synthetic=dataclasses.replace(SYN, num_keys=32)), None)
+    assert TokenPipeline(_cfg(src), other_tok).streams[0].load_cache().folder not in (first.folder, second.folder)
 
     other = _cfg(src, cache_dir=str(tmp_path / "fresh"))
     waiter, builder = TokenPipeline(other, tok), TokenPipeline(other, tok)

@@ -4,7 +4,8 @@ A cache entry is a folder `<data.cache_dir>/<key>/` with `tokens.bin` (int32, th
 followed by the end-of-document token, in source order), `offsets.npy` (int64, document i is
 tokens[offsets[i]:offsets[i + 1]]) and `meta.json`. The key hashes what determines the tokens: the source's
 files (path, size, modification time) or its HF dataset fingerprint, its column and txt splitting, the
-tokenizer's class, vocabulary and end-of-document id, and this format's version. An entry is built in a
+tokenizer (class, vocabulary, end-of-document id, and a fast tokenizer's whole definition), and this format's
+version. An entry is built in a
 temporary folder and renamed into place, so a half-written one is never read; builders racing on a shared
 file system each rename a complete copy, and the first wins.
 """
@@ -28,8 +29,12 @@ BATCH_DOCS = 256
 
 def _tokenizer_fingerprint(tokenizer) -> dict:
     vocab = sorted(tokenizer.get_vocab().items())
-    return {"class": type(tokenizer).__name__, "size": len(tokenizer), "eos": tokenizer.eos_token_id,
-            "vocab_sha256": hashlib.sha256(json.dumps(vocab).encode()).hexdigest()}
+    fp = {"class": type(tokenizer).__name__, "size": len(tokenizer), "eos": tokenizer.eos_token_id,
+          "vocab_sha256": hashlib.sha256(json.dumps(vocab).encode()).hexdigest()}
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers: normaliser, merges, templates
+    if backend is not None:
+        fp["backend_sha256"] = hashlib.sha256(backend.to_str().encode()).hexdigest()
+    return fp
 
 
 def _source_fingerprint(src: SourceConfig, dataset) -> dict:
