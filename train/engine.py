@@ -120,38 +120,24 @@ def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict
     return engine, optimizer
 
 
-def gather_groups(names: list[str]) -> list[list[str]]:
-    """Parameter names in the groups a ZeRO-3 export gathers one at a time: one per decoder layer
-    (`model.layers.{i}.`), one for each parameter outside the layers; in model order."""
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        parts = name.split(".")
-        key = ".".join(parts[:3]) if parts[:2] == ["model", "layers"] and len(parts) > 3 else name
-        groups.setdefault(key, []).append(name)
-    return list(groups.values())
+def state_dict_groups(engine):
+    """All ranks iterate it. Yields the model's state dict one group at a time (`hf.layer_groups`: a decoder
+    layer, or one tensor outside the layers) as CPU tensors on rank 0, and {} on the other ranks.
 
+    Under ZeRO-3 each group's shards are gathered just for it, so no GPU holds more than one layer beyond its
+    own shards and rank 0 holds one group in CPU memory (the export writes it before asking for the next)."""
+    from train.model.hf import layer_groups
 
-def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """All ranks call it. Rank 0 gets the whole state dict as CPU tensors; other ranks get None.
-
-    Under ZeRO-3 the shards are gathered one decoder layer at a time (`gather_groups`), so no GPU ever
-    holds more than one layer beyond its own shards; other stages copy what every rank already has."""
     module = engine.module
-    keys = list(module.state_dict().keys())  # under ZeRO-3: the right names, empty parameter tensors
-    if engine.zero_optimization_stage() != 3:
-        return {k: v.detach().cpu() for k, v in module.state_dict().items()} if is_rank0() else None
-    import deepspeed
+    zero3 = engine.zero_optimization_stage() == 3
+    state = module.state_dict(keep_vars=True)  # under ZeRO-3: the right names, the partitioned parameters
+    for keys in layer_groups(state):
+        params = [state[k] for k in keys if isinstance(state[k], torch.nn.Parameter)]
+        if zero3 and params:
+            import deepspeed
 
-    params = dict(module.named_parameters())
-    state: dict[str, torch.Tensor] = {}
-    for group in gather_groups(list(params)):
-        with deepspeed.zero.GatheredParameters([params[n] for n in group], modifier_rank=None):
-            if is_rank0():
-                state.update({n: params[n].detach().cpu().clone() for n in group})
-    if not is_rank0():
-        return None
-    buffers = dict(module.named_buffers())
-    missing = [k for k in keys if k not in state and k not in buffers]
-    if missing:
-        raise RuntimeError(f"export: state dict keys neither parameters nor buffers: {missing[:5]}")
-    return {k: state[k] if k in state else buffers[k].detach().cpu() for k in keys}
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                group = {k: state[k].detach().cpu().clone() for k in keys} if is_rank0() else {}
+        else:
+            group = {k: state[k].detach().cpu() for k in keys} if is_rank0() else {}
+        yield group

@@ -216,10 +216,12 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
                                                      "probe_topk": [t.cpu() for t in probe_topk or []]},
                             keep_last=cfg.stage.keep_last, world_size=world)
     logger.close()
-    state = eng.full_state_dict(engine)  # rank 0 only; ZeRO-3 gathers one layer at a time
+    groups = eng.state_dict_groups(engine)  # ZeRO-3 gathers one layer at a time: every rank takes part
     if eng.is_rank0():
-        export_hf(model, run_dir / "export", tokenizer=tokenizer, dense_only=stage.name == "base", state=state)
-    del state
+        export_hf(model, run_dir / "export", tokenizer=tokenizer, dense_only=stage.name == "base", groups=groups)
+    else:
+        for _ in groups:
+            pass
     eng.print0(f"[done] {stage.name}: {step} steps, {tokens_total:,} tokens; export in {run_dir / 'export'}")
     eng.barrier()
 

@@ -84,17 +84,3 @@ def test_ds_config_builder():
     assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
     assert ds["bf16"] == {"enabled": True}
-
-
-def test_zero3_export_gathers_one_layer_at_a_time(tiny_arch):
-    from tests.conftest import TINY_INDEX
-    from train.engine import gather_groups
-    from train.model import ModelConfig, build_model
-
-    names = [n for n, _ in build_model(ModelConfig(arch=tiny_arch, **TINY_INDEX)).named_parameters()]
-    groups = gather_groups(names)
-    assert sorted(n for g in groups for n in g) == sorted(names)
-    layers = [{n.split(".")[2] for n in g if n.startswith("model.layers.")} for g in groups]
-    assert all(len(ids) <= 1 for ids in layers)  # never two layers in one gather
-    assert sum(len(ids) == 1 for ids in layers) == tiny_arch["num_hidden_layers"]
-    assert all(len(g) == 1 for g, ids in zip(groups, layers) if not ids)  # the rest: one parameter each

@@ -1,12 +1,14 @@
 """Model surgery and attention modes: parity with transformers' DeepseekV3 / DeepseekV32 models."""
 
+import json
+
 import pytest
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM
 
 from tests.conftest import TINY_INDEX, perturb_
 from train.model import AttentionMode, ModelConfig, build_model, convert_to_dsa
-from train.model.hf import export_hf
+from train.model.hf import export_hf, v32_config
 
 
 def _source(arch, seed=0):
@@ -77,3 +79,37 @@ def test_build_from_arch_is_deterministic(tiny_arch):
     a, b = build_model(cfg), build_model(ModelConfig(arch=tiny_arch, **TINY_INDEX, init_seed=7))
     for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb and torch.equal(pa, pb), na
+
+
+def test_streamed_export_equals_save_pretrained_in_shards(tiny_arch, tmp_path):
+    """The export writes group by group, in shards, through transformers' reverse conversion: the tensors on
+    disk are exactly what `save_pretrained` writes for the same weights, and the sharded directory loads."""
+    from safetensors.torch import load_file
+
+    from train.model.hf import layer_groups
+
+    model = convert_to_dsa(_source(tiny_arch), ModelConfig(arch=tiny_arch, **TINY_INDEX))
+    perturb_(model, seed=5)
+    keys = list(model.state_dict())
+    groups = layer_groups(keys)
+    assert sorted(k for g in groups for k in g) == sorted(keys)
+    layer_ids = [{k.split(".")[2] for k in g if k.startswith("model.layers.")} for g in groups]
+    assert all(len(ids) <= 1 for ids in layer_ids)  # never two layers in one group
+    assert sum(len(ids) == 1 for ids in layer_ids) == tiny_arch["num_hidden_layers"]
+
+    out = export_hf(model, tmp_path / "streamed", max_shard_bytes=200_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    streamed = {k: v for f in files for k, v in load_file(out / f).items()}
+
+    with torch.device("meta"):
+        ref = DeepseekV32ForCausalLM(v32_config(model.source_config, model.index_n_heads, model.index_head_dim,
+                                                model.index_topk))
+    ref.load_state_dict(model.state_dict(), assign=True)
+    ref.save_pretrained(tmp_path / "reference")
+    reference = load_file(tmp_path / "reference" / "model.safetensors")
+    assert streamed.keys() == reference.keys() and any(".experts.0.gate_proj." in k for k in streamed)
+    assert all(torch.equal(streamed[k], reference[k]) for k in reference)
+    v32 = DeepseekV32ForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert all(torch.equal(v32.state_dict()[k], v) for k, v in model.state_dict().items())

@@ -2,8 +2,8 @@
 
 On disk, DeepSeek checkpoints keep one tensor per expert (`mlp.experts.{e}.gate_proj.weight`); transformers
 fuses them in memory (`mlp.experts.gate_up_proj`). Our model uses the in-memory names; `disk_shapes`
-maps between the two, and export goes through transformers' own `save_pretrained` so that the files are
-what transformers, vLLM and SGLang read.
+maps between the two, and export goes through transformers' own reverse conversion, shard by shard, so
+that the files are what `save_pretrained` would write and transformers, vLLM and SGLang read.
 """
 
 from __future__ import annotations
@@ -157,40 +157,122 @@ def v32_config(source_config: dict, index_n_heads: int, index_head_dim: int, ind
     return config
 
 
+def layer_groups(keys) -> list[list[str]]:
+    """State-dict keys grouped for streaming: one group per decoder layer (`model.layers.{i}.`), one for each
+    key outside the layers; in model order."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        parts = key.split(".")
+        group = ".".join(parts[:3]) if parts[:2] == ["model", "layers"] and len(parts) > 3 else key
+        groups.setdefault(group, []).append(key)
+    return list(groups.values())
+
+
+class _ShardWriter:
+    """Safetensors shards of at most `max_bytes` (a larger single group gets a shard of its own), named and
+    indexed the way `save_pretrained` names them."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.files: list[list[str]] = []
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = self.total_bytes = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending.update(tensors)
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.pending:
+            save_file({k: v.contiguous() for k, v in self.pending.items()},
+                      str(self.folder / f"part-{len(self.files)}.safetensors"), metadata={"format": "pt"})
+            self.files.append(list(self.pending))
+            self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        self.flush()
+        n = len(self.files)
+        if n == 1:
+            os.replace(self.folder / "part-0.safetensors", self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for i, keys in enumerate(self.files):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / f"part-{i}.safetensors", self.folder / name)
+            weight_map.update({k: name for k in keys})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = None, tokenizer=None,
-              dense_only: bool = False, state: dict[str, torch.Tensor] | None = None) -> Path:
+              dense_only: bool = False, groups=None, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Writes `model` (a DSAForCausalLM) as a `deepseek_v32` Hugging Face directory, atomically.
 
     `dense_only` writes the backbone alone as `deepseek_v3` (a dense source, e.g. `make base`'s model).
-    `state`: the weights to write (default: `model.state_dict()`; training passes the gathered CPU copy,
-    since a ZeRO-3 model holds only its shards). The files (and the tokenizer, if given) appear under
-    `out_dir` only once complete.
+    `groups`: the weights, as an iterable of partial state dicts (default: `model.state_dict()` one decoder
+    layer at a time; training passes CPU copies gathered layer by layer, `engine.state_dict_groups`). They are
+    written as they come, in shards of at most `max_shard_bytes`, in the on-disk layout transformers'
+    `save_pretrained` writes (its own reverse weight conversion: experts un-fused), so no more than one shard
+    is ever held. The files (and the tokenizer, if given) appear under `out_dir` only once complete.
     """
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
 
-    state = model.state_dict() if state is None else state
-    state = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach())
-             for k, v in state.items()}
     if dense_only:
         fields = {f.name for f in dataclasses.fields(DeepseekV3Config)} - _NOT_EXPORTED
         config = DeepseekV3Config(**{k: v for k, v in model.source_config.items() if k in fields})
         config.architectures = ["DeepseekV3ForCausalLM"]
-        state = {k: v for k, v in state.items() if ".indexer." not in k}
         model_class = DeepseekV3ForCausalLM
     else:
         config = v32_config(model.source_config, model.index_n_heads, model.index_head_dim, model.index_topk)
         model_class = DeepseekV32ForCausalLM
     with torch.device("meta"):
         hf_model = model_class(config)
-    result = hf_model.load_state_dict(state, strict=False, assign=True)
-    assert not result.missing_keys and not result.unexpected_keys, result  # our names are V3.2's by design
-    config.dtype = next(iter(state.values())).dtype
+    expected = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}  # our names are V3.2's by design
+    if getattr(config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+    if groups is None:
+        state = model.state_dict()
+        groups = ({k: state[k] for k in keys} for keys in layer_groups(state))
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    hf_model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        writer, seen, first_dtype = _ShardWriter(tmp, max_shard_bytes), set(), None
+        for group in groups:
+            part = {}
+            for key, tensor in group.items():
+                if (dense_only and ".indexer." in key) or (key == "lm_head.weight" and key not in expected):
+                    continue  # the dense export has no indexers; a tied head is the embedding
+                if key not in expected or tuple(tensor.shape) != expected[key]:
+                    raise RuntimeError(f"export: {key!r} of shape {list(tensor.shape)} is not in the "
+                                       f"{config.model_type} layout (expected {expected.get(key)})")
+                tensor = tensor.detach()
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                first_dtype = first_dtype or tensor.dtype
+                part[key] = tensor.cpu()
+            seen.update(part)
+            writer.add(revert_weight_conversion(hf_model, part))
+        missing = sorted(set(expected) - seen)
+        if missing:
+            raise RuntimeError(f"export: {len(missing)} weights never came, e.g. {missing[0]!r}")
+        writer.finish()
+        config.dtype = first_dtype
+        config.save_pretrained(tmp)
+        hf_model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        raise
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
