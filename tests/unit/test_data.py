@@ -93,6 +93,32 @@ def test_resume_continues_identically(docs, tok, tmp_path, streaming):
     resumed.load_state_dict(state)
     got = _stream(resumed, 17)
     assert all(torch.equal(a, b) for a, b in zip(want[13:], got))
+    if streaming:  # a checkpoint without positions (older format) replays up to its index instead
+        for s in state["streams"]:
+            assert s.pop("position")[0] > 0  # the resume above skipped whole documents unread
+        old = TokenPipeline(cfg(), tok)
+        old.load_state_dict(state)
+        assert all(torch.equal(a, b) for a, b in zip(want[13:], _stream(old, 17)))
+
+
+def test_streaming_resume_does_not_tokenise_what_was_consumed(docs, tok, tmp_path, monkeypatch):
+    from train.data import pipeline
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs * 3))
+    cfg = _cfg(tmp_path / "a.jsonl", streaming=True)
+    first = TokenPipeline(cfg, tok)
+    want = _stream(first, 20)
+    mid = TokenPipeline(cfg, tok)
+    _stream(mid, 15)
+    state = mid.state_dict()
+    tokenised = []
+    real = pipeline.tokenize_batch
+    monkeypatch.setattr(pipeline, "tokenize_batch", lambda t, texts: tokenised.extend(texts) or real(t, texts))
+    resumed = TokenPipeline(cfg, tok)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(want[15:], _stream(resumed, 5)))
+    skipped = state["streams"][0]["position"][0]
+    assert skipped > 10 and len(tokenised) <= 3 * len(docs) - skipped  # the skipped ones were never tokenised
 
 
 def test_bad_inputs_name_the_file_and_problem(tok, tmp_path):

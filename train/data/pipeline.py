@@ -14,6 +14,7 @@ The state (sequences consumed per source and in all) is part of every checkpoint
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,6 +75,7 @@ class SourceStream:
         self._order: np.ndarray | None = None                # this epoch's document order
         self._starts: np.ndarray | None = None               # where each document of that order starts
         self._iter = None                                    # streaming: the live packer
+        self._pos: tuple[int, int] | None = None             # streaming: (document, token) of the next window
 
     def _load_dataset(self) -> None:
         """Opens (and checks: files, format, UTF-8, column) the source."""
@@ -82,9 +84,10 @@ class SourceStream:
         if self._folder is None and not self.streaming:
             self._folder = token_cache.entry_folder(self.cache_dir, self.src, self.dataset, self.tokenizer)
 
-    def _documents(self):
+    def _documents(self, skip: int = 0):
         self._load_dataset()
-        for batch in self.dataset.iter(batch_size=256):
+        dataset = self.dataset.skip(skip) if skip else self.dataset
+        for batch in dataset.iter(batch_size=256):
             yield from tokenize_batch(self.tokenizer, batch[self.column])
 
     def load_cache(self, build_missing: bool = True) -> token_cache.TokenCache:
@@ -119,28 +122,46 @@ class SourceStream:
     def num_sequences(self) -> int:
         return (int(self._starts[-1]) - 1) // self.seq_len
 
-    def _windows_streaming(self):
+    def _windows_streaming(self, doc0: int, off0: int):
+        """Windows from token `off0` of document `doc0` on (documents before it are skipped unread by the
+        tokenizer). Before each window is handed out, `self._pos` becomes where the next one starts."""
         buf, produced = np.zeros(0, dtype=np.int64), 0
-        for doc in self._documents():
+        remaining = deque()  # tokens of each document in buf, the first being document pos_doc
+        pos_doc, pos_off = doc0, off0
+        for i, doc in enumerate(self._documents(skip=doc0)):
+            doc = doc[off0:] if i == 0 else doc  # the first document starts where the position says
             buf = np.concatenate([buf, doc])
+            remaining.append(len(doc))
             while len(buf) >= self.seq_len + 1:
-                yield buf[: self.seq_len + 1]
-                buf = buf[self.seq_len :]
+                window, buf = buf[: self.seq_len + 1], buf[self.seq_len :]
+                step = self.seq_len
+                while step:
+                    if remaining[0] <= step:
+                        step -= remaining.popleft()
+                        pos_doc, pos_off = pos_doc + 1, 0
+                    else:
+                        remaining[0] -= step
+                        pos_off, step = pos_off + step, 0
+                self._pos = (pos_doc, pos_off)
                 produced += 1
-        if produced == 0:
+                yield window
+        if produced == 0 and doc0 == 0 and off0 == 0:
             raise DataError(f"data source path={self.src.path!r}: fewer than one sequence of "
                             f"data.seq_len={self.seq_len} (+1) tokens")
 
     def next_window(self) -> np.ndarray:
         if self.streaming:
             if self._iter is None:
-                self._iter = self._windows_streaming()
-                for _ in range(self.index):  # resume: replay up to the saved position
-                    next(self._iter)
+                if self._pos is not None or self.index == 0:
+                    self._iter = self._windows_streaming(*(self._pos or (0, 0)))
+                else:  # a checkpoint from before positions were saved: replay up to it
+                    self._iter = self._windows_streaming(0, 0)
+                    for _ in range(self.index):
+                        next(self._iter)
             try:
                 window = next(self._iter)
             except StopIteration:
-                self.epoch, self.index, self._iter = self.epoch + 1, 0, None
+                self.epoch, self.index, self._iter, self._pos = self.epoch + 1, 0, None, None
                 return self.next_window()
         else:
             if self._order is None:
@@ -153,12 +174,16 @@ class SourceStream:
         return window
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        state = {"epoch": self.epoch, "index": self.index}
+        if self.streaming and self._pos is not None:
+            state["position"] = list(self._pos)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         reload = state["epoch"] != self.epoch
         self.epoch, self.index = state["epoch"], state["index"]
         self._iter = None
+        self._pos = tuple(state["position"]) if "position" in state else None
         if reload and self._order is not None:
             self._load_epoch()
 
