@@ -218,7 +218,8 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
     logger.close()
     groups = eng.state_dict_groups(engine)  # ZeRO-3 gathers one layer at a time: every rank takes part
     if eng.is_rank0():
-        export_hf(model, run_dir / "export", tokenizer=tokenizer, dense_only=stage.name == "base", groups=groups)
+        export_hf(model, run_dir / "export", tokenizer=tokenizer, dense_only=stage.name == "base", groups=groups,
+                  log=eng.print0)
     else:
         for _ in groups:
             pass

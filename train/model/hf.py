@@ -172,8 +172,8 @@ class _ShardWriter:
     """Safetensors shards of at most `max_bytes` (a larger single group gets a shard of its own), named and
     indexed the way `save_pretrained` names them."""
 
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
+    def __init__(self, folder: Path, max_bytes: int, log=None):
+        self.folder, self.max_bytes, self.log = folder, max_bytes, log
         self.files: list[list[str]] = []
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = self.total_bytes = 0
@@ -194,6 +194,8 @@ class _ShardWriter:
                       str(self.folder / f"part-{len(self.files)}.safetensors"), metadata={"format": "pt"})
             self.files.append(list(self.pending))
             self.pending, self.pending_bytes = {}, 0
+            if self.log:
+                self.log(f"[export] shard {len(self.files)} written ({self.total_bytes / 2**30:.2f} GiB so far)")
 
     def finish(self) -> None:
         self.flush()
@@ -211,7 +213,7 @@ class _ShardWriter:
 
 
 def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = None, tokenizer=None,
-              dense_only: bool = False, groups=None, max_shard_bytes: int = 5 * 2**30) -> Path:
+              dense_only: bool = False, groups=None, max_shard_bytes: int = 5 * 2**30, log=None) -> Path:
     """Writes `model` (a DSAForCausalLM) as a `deepseek_v32` Hugging Face directory, atomically.
 
     `dense_only` writes the backbone alone as `deepseek_v3` (a dense source, e.g. `make base`'s model).
@@ -219,7 +221,8 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
     layer at a time; training passes CPU copies gathered layer by layer, `engine.state_dict_groups`). They are
     written as they come, in shards of at most `max_shard_bytes`, in the on-disk layout transformers'
     `save_pretrained` writes (its own reverse weight conversion: experts un-fused), so no more than one shard
-    is ever held. The files (and the tokenizer, if given) appear under `out_dir` only once complete.
+    is ever held. `log` (e.g. print) gets a line per shard written. The files (and the tokenizer, if given)
+    appear under `out_dir` only once complete.
     """
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
@@ -245,7 +248,7 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        writer, seen, first_dtype = _ShardWriter(tmp, max_shard_bytes), set(), None
+        writer, seen, first_dtype = _ShardWriter(tmp, max_shard_bytes, log), set(), None
         for group in groups:
             part = {}
             for key, tensor in group.items():
