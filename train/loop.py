@@ -216,12 +216,12 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
                                                      "probe_topk": [t.cpu() for t in probe_topk or []]},
                             keep_last=cfg.stage.keep_last, world_size=world)
     logger.close()
-    groups = eng.state_dict_groups(engine)  # ZeRO-3 gathers one layer at a time: every rank takes part
+    weights = eng.state_dict_groups(engine)  # ZeRO-3 gathers one layer at a time: every rank takes part
     if eng.is_rank0():
-        export_hf(model, run_dir / "export", tokenizer=tokenizer, dense_only=stage.name == "base", groups=groups,
+        export_hf(model, run_dir / "export", tokenizer=tokenizer, dense_only=stage.name == "base", groups=weights,
                   log=eng.print0)
     else:
-        for _ in groups:
+        for _ in weights:
             pass
     eng.print0(f"[done] {stage.name}: {step} steps, {tokens_total:,} tokens; export in {run_dir / 'export'}")
     eng.barrier()

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from torch.utils.checkpoint import checkpoint
 
 from train.model.attention import AttentionMode, AttentionStats, CheckpointSlot, DSAAttention
