@@ -195,7 +195,9 @@ class _ShardWriter:
             self.files.append(list(self.pending))
             self.pending, self.pending_bytes = {}, 0
             if self.log:
-                self.log(f"[export] shard {len(self.files)} written ({self.total_bytes / 2**30:.2f} GiB so far)")
+                done = self.total_bytes  # flush runs before the next group is added: all of it is written
+                size = f"{done / 2**30:.2f} GiB" if done >= 2**30 else f"{done / 2**20:.1f} MiB"
+                self.log(f"[export] shard {len(self.files)} written ({size} so far)")
 
     def finish(self) -> None:
         self.flush()
