@@ -57,7 +57,8 @@ plan: setup
 
 # An FP8 checkpoint (DeepSeek-V3.1's) as a bf16 copy to convert from: `make dequantize SRC=/ckpt/v3.1 DST=/ckpt/v3.1-bf16`.
 dequantize: setup
-	$(PYTHON) -m train.dequantize $(SRC) $(DST)
+	@test -n "$(SRC)" -a -n "$(DST)" || { echo "error: make dequantize needs SRC=<FP8 checkpoint directory> DST=<new directory>" >&2; exit 2; }
+	$(PYTHON) -m train.dequantize "$(SRC)" "$(DST)"
 
 # GPU kernels vs their PyTorch twins and SDPA, then whole ~1B-model steps: JSON in bench.json, a table on stdout.
 bench: setup
