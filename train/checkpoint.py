@@ -73,18 +73,22 @@ def save(engine, ckpt_dir: Path, step: int, train_state: dict, keep_last: int, w
 def resume(engine, ckpt_dir: Path, world_size: int) -> dict | None:
     """Loads the checkpoint named by `latest` into the engine; returns its train state (None: fresh start).
 
-    A checkpoint saved by another number of ranks stops with a ValueError before DeepSpeed reads it (ZeRO
-    partitions the optimizer state per rank; the count of its shards is the saved world size)."""
+    A checkpoint saved by another number of ranks stops with a ValueError, before DeepSpeed reads it where
+    the optimizer is partitioned (ZeRO: one shard per rank), else from the saved train state."""
     latest = ckpt_dir / LATEST
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
-    shards = len(list((ckpt_dir / tag).glob("*optim_states.pt")))
-    if shards and shards != world_size:
-        raise ValueError(f"{ckpt_dir}: saved with {shards} ranks, resumed with {world_size}; relaunch with the "
-                         "same number of ranks (or run.resume=false to start over)")
+    _check_world_size(ckpt_dir, len(list((ckpt_dir / tag).glob("*optim_states.pt"))) or world_size, world_size)
     load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if load_path is None:
         raise RuntimeError(f"{latest} names checkpoint {tag!r}, which cannot be loaded")
+    _check_world_size(ckpt_dir, client["train_state"]["world_size"], world_size)  # stage 0: no optimizer shards
     set_rng_state(client["rng"])
     return client["train_state"]
+
+
+def _check_world_size(ckpt_dir: Path, saved: int, world_size: int) -> None:
+    if saved != world_size:
+        raise ValueError(f"{ckpt_dir}: saved with {saved} ranks, resumed with {world_size}; relaunch with the "
+                         "same number of ranks (or run.resume=false to start over)")

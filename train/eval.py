@@ -2,8 +2,8 @@
 
 Reports the LM loss and perplexity in dense and in sparse mode, the indexer KL (the warm-up loss's
 definition) and recall against dense attention, and, on the synthetic corpus, the retrieval accuracy
-(next-token accuracy over the replayed half, where each token is the one `--recall-distance` back) in both modes. A `deepseek_v3` model (no indexer)
-reports the dense figures only.
+(next-token accuracy over the replayed half, where each token is the one `--recall-distance` back) in both
+modes. A `deepseek_v3` model (no indexer) reports the dense figures only.
 """
 
 from __future__ import annotations

@@ -143,9 +143,6 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
     if cfg.run.resume:
         state = checkpoint.resume(engine, ckpt_dir, world)
         if state is not None:
-            if state["world_size"] != world:
-                raise ValueError(f"{ckpt_dir}: saved with {state['world_size']} ranks, resumed with {world}; "
-                                 "relaunch with the same number of ranks (or run.resume=false to start over)")
             step, tokens_total = state["step"], state["tokens_total"]
             skipped, skipped_in_row = state.get("skipped", 0), state.get("skipped_in_row", 0)
             data.load_state_dict(state["data"])
