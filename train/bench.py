@@ -183,8 +183,9 @@ def bench_topk(L: int, iters: int, twin_max: int, plain_max: int) -> list[dict]:
     return rows
 
 
-def sweep(L: int, iters: int, kernels: list[str]) -> list[dict]:
-    """Launch-configuration sweeps (`--sweep`): how the kernels' defaults were chosen, re-runnable on other GPUs."""
+def sweep(L: int, iters: int, kernels: list[str], heads: int = H) -> list[dict]:
+    """Launch-configuration sweeps (`--sweep`): how the kernels' defaults were chosen, re-runnable on other GPUs.
+    `heads`: the sparse MLA's head count (DeepSeek-V3's 128, or the 1B model's 16: one program per query)."""
     from train.ops import triton_sparse_mla as sm
     from train.ops import triton_warmup_kl as wk
 
@@ -198,20 +199,28 @@ def sweep(L: int, iters: int, kernels: list[str]) -> list[dict]:
                          bench_warmup_kl(L, iters, 0, label=f"warmup_kl {wk.KL_CONFIG}")]
         wk.KL_CONFIG = default
     if "sparse_mla" in kernels:
-        q = torch.randn(1, L, H, DV + DR, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(1, L, heads, DV + DR, device="cuda", dtype=torch.bfloat16)
         kv = torch.randn(1, L, DV + DR, device="cuda", dtype=torch.bfloat16)
         idx = causal_selection(L, TOPK, "cuda")
-        fwd_flops = 2 * H * int((idx >= 0).sum()) * (DV + DR + DV)
+        fwd_flops = 2 * heads * int((idx >= 0).sum()) * (DV + DR + DV)
         out, lse = sm.sparse_mla_forward(q, kv, idx, 192 ** -0.5, DV)
         g = torch.randn_like(out)
-        for BH, BK, warps, stages in ((64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 1), (64, 64, 8, 3), (64, 32, 4, 2),
-                                      (64, 128, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)):
+        fwd = ((64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 1), (64, 64, 8, 3), (64, 32, 4, 2), (64, 128, 8, 2),
+               (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2))
+        if heads <= 16:  # one head block of 16: only the key block, warps and stages matter
+            fwd = tuple((16, BK, warps, stages) for BK in (32, 64, 128) for warps in (2, 4, 8) for stages in (2, 3))
+        for BH, BK, warps, stages in fwd:
             cfg = dict(BH=BH, BK=BK, warps=warps, stages=stages)
             rows.append({"L": L, "config": cfg, **guarded(f"sparse_mla fwd {cfg}", lambda: sm.sparse_mla_forward(
                 q, kv, idx, 192 ** -0.5, DV, **cfg), iters, fwd_flops)})
+            rows.append({"L": L, "config": cfg, **guarded(f"sparse_mla probs {cfg}", lambda: sm.sparse_mla_probs(
+                q, kv, idx, lse, 192 ** -0.5, DV, **cfg), iters)})
         bwd = [dict(BH=BH, BK=BK, warps=warps, stages=stages) for BH, BK, warps, stages in (
             (32, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2), (64, 32, 8, 2), (64, 16, 8, 2),
             (32, 16, 4, 2), (32, 32, 8, 1))]
+        if heads <= 16:
+            bwd = [dict(BH=16, BK=BK, warps=warps, stages=stages) for BK in (16, 32, 64) for warps in (2, 4, 8)
+                   for stages in (1, 2)]
         for cfg in bwd:
             rows.append({"L": L, "config": cfg, **guarded(f"sparse_mla bwd {cfg}", lambda: sm.sparse_mla_backward(
                 q, kv, idx, out, lse, g, 192 ** -0.5, DV, **cfg), iters, 2.5 * fwd_flops)})
@@ -315,6 +324,7 @@ def main() -> None:
                     help="end to end: recompute each layer's top-k in backward (stage.recompute_topk=true)")
     ap.add_argument("--sweep", nargs="*", choices=["warmup_kl", "sparse_mla"],
                     help="only sweep these kernels' launch configurations, at the first of --lengths")
+    ap.add_argument("--sweep-heads", type=int, default=H, help="the sparse MLA sweep's head count (16: the 1B model)")
     ap.add_argument("--memory-marks", action="store_true",
                     help="end to end: print allocated memory after each step's forward and backward")
     ap.add_argument("--profile", action="store_true", help="print each op's top GPU kernels (torch.profiler)")
@@ -331,7 +341,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     if args.sweep:
-        results["sweep"] = sweep(args.lengths[0], args.iters, args.sweep)
+        results["sweep"] = sweep(args.lengths[0], args.iters, args.sweep, args.sweep_heads)
         save()
         return
     for L in args.topk_lengths if "topk" in args.sections else []:

@@ -78,14 +78,16 @@ def _check_sparse_mla(B, L, H, DV, DR, K, dtype, tol):
     _assert_close(outs["kernel"], outs["twin"], ("out", "p", "dq", "dkv"), 2, tol)
 
 
-def test_sparse_mla_kernel_matches_twin_small():
+@pytest.mark.parametrize("H", [16, 40])  # one head block (the small-H launch configuration); masked blocks
+def test_sparse_mla_kernel_matches_twin_small(H):
     # fp32 inputs: exact on CPU; on a GPU tl.dot rounds fp32 inputs to TF32 (10-bit mantissa)
-    _check_sparse_mla(B=2, L=40, H=16, DV=32, DR=16, K=24, dtype=torch.float32, tol=TOL)
+    _check_sparse_mla(B=2, L=40, H=H, DV=32, DR=16, K=24, dtype=torch.float32, tol=TOL)
 
 
 @GPU
-def test_sparse_mla_kernel_matches_twin_deepseek_shape():
-    _check_sparse_mla(B=1, L=4096, H=128, DV=512, DR=64, K=2048, dtype=torch.bfloat16, tol=TOL)
+@pytest.mark.parametrize("H", [128, 16])  # DeepSeek-V3, and the 1B benchmark model
+def test_sparse_mla_kernel_matches_twin_deepseek_shape(H):
+    _check_sparse_mla(B=1, L=4096, H=H, DV=512, DR=64, K=2048, dtype=torch.bfloat16, tol=TOL)
 
 
 @GPU
@@ -121,14 +123,15 @@ def _check_sparse_indexer_kl(B, L, G, D, K, dtype, tol):
     _assert_close(res["kernel"], res["twin"], ("kl", "dqi", "dki", "dwi"), 1, tol)
 
 
-def test_sparse_indexer_kl_kernel_matches_twin_small():
-    _check_sparse_indexer_kl(B=2, L=50, G=16, D=16, K=24, dtype=torch.float32,
-                             tol=TOL)
+@pytest.mark.parametrize("G", [16, 8, 3])  # fewer heads than a tile: the padding heads must stay out
+def test_sparse_indexer_kl_kernel_matches_twin_small(G):
+    _check_sparse_indexer_kl(B=2, L=50, G=G, D=16, K=24, dtype=torch.float32, tol=TOL)
 
 
 @GPU
-def test_sparse_indexer_kl_kernel_matches_twin_deepseek_shape():
-    _check_sparse_indexer_kl(B=1, L=4096, G=64, D=128, K=2048, dtype=torch.bfloat16, tol=TOL)
+@pytest.mark.parametrize("G", [64, 8])  # DeepSeek-V3's indexer, and one scaled to a 16-head model
+def test_sparse_indexer_kl_kernel_matches_twin_deepseek_shape(G):
+    _check_sparse_indexer_kl(B=1, L=4096, G=G, D=128, K=2048, dtype=torch.bfloat16, tol=TOL)
 
 
 def _check_dense_indexer_kl(B, L, H, DA, G, D, topk, rows, dtype, tol):

@@ -6,7 +6,8 @@ Triton kernel with the same contract (`triton_*.py`). `DSA_KERNELS` picks the ba
   reference       always the reference
   triton          Triton wherever the shapes allow, CPU tensors included (tests: TRITON_INTERPRET=1)
 Shapes the kernels take: power-of-two head dims >= 16 (the main attention's d_qk may be two such parts,
-192 = 128 + 64), since tl.dot needs them; anything else runs the reference.
+192 = 128 + 64), since tl.dot needs them; anything else runs the reference. Head counts are free (tiles
+pad them to a power of two >= 16 and mask the rest).
 """
 
 from __future__ import annotations
@@ -81,8 +82,7 @@ def dense_indexer_kl(qi_BLGD: torch.Tensor, ki_BLD: torch.Tensor, wi_BLG: torch.
 def sparse_indexer_kl(qi_BLGD: torch.Tensor, ki_BLD: torch.Tensor, wi_BLG: torch.Tensor, idx_BLK: torch.Tensor,
                       p_BLK: torch.Tensor) -> torch.Tensor:
     """Sparse-stage indexer KL over the selected set (see `reference.sparse_indexer_kl`)."""
-    G, D = qi_BLGD.shape[-2:]
-    if _use_triton(qi_BLGD, _pow2(G, D)):
+    if _use_triton(qi_BLGD, _pow2(qi_BLGD.shape[-1])):
         return triton_indexer_kl.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, idx_BLK, p_BLK)
     return reference.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, idx_BLK, p_BLK)
 

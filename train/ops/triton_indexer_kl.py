@@ -1,7 +1,8 @@
 """Sparse-stage indexer loss on the GPU (Triton); twin: `reference.sparse_indexer_kl`.
 
 One program per query token: it gathers the indexer keys of the selected rows in blocks, scores them
-with all G indexer heads at once (relu, weights, head sum), and keeps an online log-sum-exp, so the KL
+with all G indexer heads at once (relu, weights, head sum; G is padded to a power of two >= 16 for tl.dot,
+the padding heads masked to zero), and keeps an online log-sum-exp, so the KL
     KL(p || softmax(I)) = sum p log p - sum p I + (sum p) * logsumexp(I)
 needs one pass. Backward recomputes the scores; dI = (sum p) * softmax(I) - p; the key gradient is
 scattered with fp32 atomics. Memory: O(L) besides the inputs.
@@ -15,15 +16,23 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_qw(q_ptr, w_ptr, pid, sq_t, sq_g, sw_t, G, D: tl.constexpr, BG: tl.constexpr):
+    """Token pid's [BG, D] indexer queries and [BG] fp32 weights; heads >= G (padding) are zero."""
+    offs_g = tl.arange(0, BG)
+    gmask = offs_g < G
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + pid * sq_t + offs_g[:, None] * sq_g + offs_d[None, :], mask=gmask[:, None], other=0.0)
+    w = tl.load(w_ptr + pid * sw_t + offs_g, mask=gmask, other=0.0).to(tl.float32)
+    return q, w, offs_g, gmask, offs_d
+
+
+@triton.jit
 def _fwd_kernel(q_ptr, k_ptr, w_ptr, idx_ptr, p_ptr, kl_ptr, lse_ptr, ptot_ptr, L, K,
                 sq_t, sq_g, sk_b, sk_s, sw_t, si_t, sp_t,
-                G: tl.constexpr, D: tl.constexpr, BK: tl.constexpr):
+                G, D: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # b * L + t
     b = pid // L
-    offs_g = tl.arange(0, G)
-    offs_d = tl.arange(0, D)
-    q = tl.load(q_ptr + pid * sq_t + offs_g[:, None] * sq_g + offs_d[None, :])
-    w = tl.load(w_ptr + pid * sw_t + offs_g).to(tl.float32)
+    q, w, offs_g, gmask, offs_d = _load_qw(q_ptr, w_ptr, pid, sq_t, sq_g, sw_t, G, D, BG)
     m = float("-inf")
     den = 0.0
     plogp = 0.0
@@ -55,37 +64,40 @@ def _fwd_kernel(q_ptr, k_ptr, w_ptr, idx_ptr, p_ptr, kl_ptr, lse_ptr, ptot_ptr, 
 @triton.jit
 def _bwd_kernel(q_ptr, k_ptr, w_ptr, idx_ptr, p_ptr, lse_ptr, ptot_ptr, dkl_ptr, dq_ptr, dk_ptr, dw_ptr, L, K,
                 sq_t, sq_g, sk_b, sk_s, sw_t, si_t, sp_t, sdk_b, sdk_s,
-                G: tl.constexpr, D: tl.constexpr, BK: tl.constexpr):
+                G, D: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // L
-    offs_g = tl.arange(0, G)
-    offs_d = tl.arange(0, D)
-    q = tl.load(q_ptr + pid * sq_t + offs_g[:, None] * sq_g + offs_d[None, :])
-    w = tl.load(w_ptr + pid * sw_t + offs_g).to(tl.float32)
+    q, w, offs_g, gmask, offs_d = _load_qw(q_ptr, w_ptr, pid, sq_t, sq_g, sw_t, G, D, BG)
     lse = tl.load(lse_ptr + pid)
     ptot = tl.load(ptot_ptr + pid)
     g = tl.load(dkl_ptr + pid)
-    dq = tl.zeros([G, D], dtype=tl.float32)
-    dw = tl.zeros([G], dtype=tl.float32)
+    dq = tl.zeros([BG, D], dtype=tl.float32)
+    dw = tl.zeros([BG], dtype=tl.float32)
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
         ids = tl.load(idx_ptr + pid * si_t + offs_k, mask=offs_k < K, other=-1).to(tl.int64)
         valid = ids >= 0
         safe = tl.where(valid, ids, 0)
         keys = tl.load(k_ptr + b * sk_b + safe[:, None] * sk_s + offs_d[None, :], mask=valid[:, None], other=0.0)
-        raw = tl.dot(q, tl.trans(keys))  # [G, BK]
+        raw = tl.dot(q, tl.trans(keys))  # [BG, BK]
         relu = tl.maximum(raw, 0.0)
         logit = tl.sum(relu * w[:, None], 0)
         pk = tl.load(p_ptr + pid * sp_t + offs_k, mask=valid, other=0.0).to(tl.float32)
         dlogit = tl.where(valid, g * (ptot * tl.exp(logit - lse) - pk), 0.0)  # [BK]
         dw += tl.sum(relu * dlogit[None, :], 1)
-        dscore = tl.where(raw > 0, w[:, None] * dlogit[None, :], 0.0).to(q.dtype)  # [G, BK]
+        dscore = tl.where(raw > 0, w[:, None] * dlogit[None, :], 0.0).to(q.dtype)  # [BG, BK]
         dq += tl.dot(dscore, keys)
         dkeys = tl.dot(tl.trans(dscore), q)  # [BK, D]
         tl.atomic_add(dk_ptr + b * sdk_b + safe[:, None] * sdk_s + offs_d[None, :], dkeys, mask=valid[:, None],
                       sem="relaxed")
-    tl.store(dq_ptr + pid * sq_t + offs_g[:, None] * sq_g + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty))
-    tl.store(dw_ptr + pid * sw_t + offs_g, dw.to(dw_ptr.dtype.element_ty))
+    tl.store(dq_ptr + pid * sq_t + offs_g[:, None] * sq_g + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
+             mask=gmask[:, None])
+    tl.store(dw_ptr + pid * sw_t + offs_g, dw.to(dw_ptr.dtype.element_ty), mask=gmask)
+
+
+def _block_g(G: int) -> int:
+    """Heads per tile: G rounded up to a power of two, at least 16 (tl.dot's smallest M)."""
+    return max(16, triton.next_power_of_2(G))
 
 
 class SparseIndexerKL(torch.autograd.Function):
@@ -100,7 +112,7 @@ class SparseIndexerKL(torch.autograd.Function):
         kl = torch.empty(B, L, dtype=torch.float32, device=qi.device)
         lse, ptot = torch.empty_like(kl), torch.empty_like(kl)
         _fwd_kernel[(B * L,)](qi, ki, wi, idx, p, kl, lse, ptot, L, K, qi.stride(1), qi.stride(2), ki.stride(0),
-                              ki.stride(1), wi.stride(1), idx.stride(1), p.stride(1), G=G, D=D, BK=BK,
+                              ki.stride(1), wi.stride(1), idx.stride(1), p.stride(1), G, D=D, BG=_block_g(G), BK=BK,
                               num_warps=4, num_stages=2)
         ctx.save_for_backward(qi, ki, wi, idx, p, lse, ptot)
         ctx.BK = BK
@@ -115,7 +127,7 @@ class SparseIndexerKL(torch.autograd.Function):
         dk = torch.zeros(ki.shape, dtype=torch.float32, device=ki.device)
         _bwd_kernel[(B * L,)](qi, ki, wi, idx, p, lse, ptot, dkl, dq, dk, dw, L, idx.shape[-1], qi.stride(1),
                               qi.stride(2), ki.stride(0), ki.stride(1), wi.stride(1), idx.stride(1), p.stride(1),
-                              dk.stride(0), dk.stride(1), G=G, D=D, BK=ctx.BK, num_warps=4, num_stages=2)
+                              dk.stride(0), dk.stride(1), G, D=D, BG=_block_g(G), BK=ctx.BK, num_warps=4, num_stages=2)
         return dq, dk.to(ctx.k_dtype), dw, None, None, None
 
 

@@ -143,11 +143,28 @@ def _shapes(q, kv, idx, v_dim):
     return B, L, H, D, K, v_dim, D - v_dim
 
 
-# Launch configurations: the fastest of a sweep on the H200 at L = 16K (H 128, d_qk 576, top-2048).
-def sparse_mla_forward(q, kv, idx, scale: float, v_dim: int, BH: int = 64, BK: int = 64, warps: int = 8,
-                       stages: int = 2):
+# Launch configurations: the fastest of `python -m train.bench --sweep sparse_mla` on the H200 (d_qk 576,
+# top-2048), for DeepSeek-V3's 128 heads (at L = 16K) and for one head block of 16 (--sweep-heads 16, L = 64K:
+# the 1B model; larger key blocks, fewer warps).
+CONFIGS = {
+    "fwd": (dict(BH=64, BK=64, warps=8, stages=2), dict(BH=16, BK=128, warps=4, stages=2)),
+    "probs": (dict(BH=64, BK=64, warps=4, stages=2), dict(BH=16, BK=64, warps=4, stages=2)),
+    "bwd": (dict(BH=32, BK=32, warps=8, stages=2), dict(BH=16, BK=16, warps=4, stages=2)),
+}
+
+
+def _config(kind: str, H: int, given: dict) -> dict:
+    """The launch configuration for `kind` at H heads, with the caller's non-None choices on top."""
+    cfg = dict(CONFIGS[kind][1 if H <= 16 else 0])
+    cfg.update({k: v for k, v in given.items() if v is not None})
+    return cfg
+
+
+def sparse_mla_forward(q, kv, idx, scale: float, v_dim: int, BH: int | None = None, BK: int | None = None,
+                       warps: int | None = None, stages: int | None = None):
     """(out [B, L, H, v_dim] in q's dtype, lse [B, L, H] fp32 natural-log)."""
     B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
+    BH, BK, warps, stages = _config("fwd", H, dict(BH=BH, BK=BK, warps=warps, stages=stages)).values()
     out = torch.empty(B, L, H, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
     BH = _block_h(H, BH)
@@ -158,10 +175,11 @@ def sparse_mla_forward(q, kv, idx, scale: float, v_dim: int, BH: int = 64, BK: i
     return out, lse
 
 
-def sparse_mla_probs(q, kv, idx, lse, scale: float, v_dim: int, BH: int = 64, BK: int = 64, warps: int = 4,
-                     stages: int = 2):
+def sparse_mla_probs(q, kv, idx, lse, scale: float, v_dim: int, BH: int | None = None, BK: int | None = None,
+                     warps: int | None = None, stages: int | None = None):
     """Head-averaged attention probabilities over the selected set, [B, L, K] fp32 (0 where idx = -1)."""
     B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
+    BH, BK, warps, stages = _config("probs", H, dict(BH=BH, BK=BK, warps=warps, stages=stages)).values()
     p = torch.zeros(B, L, K, dtype=torch.float32, device=q.device)
     BH = _block_h(H, BH)
     grid = (B * L, triton.cdiv(H, BH))
@@ -171,10 +189,11 @@ def sparse_mla_probs(q, kv, idx, lse, scale: float, v_dim: int, BH: int = 64, BK
     return p
 
 
-def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int, BH: int = 32, BK: int = 32,
-                        warps: int = 8, stages: int = 2):
+def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int, BH: int | None = None,
+                        BK: int | None = None, warps: int | None = None, stages: int | None = None):
     """(dq like q, dkv like kv)."""
     B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
+    BH, BK, warps, stages = _config("bwd", H, dict(BH=BH, BK=BK, warps=warps, stages=stages)).values()
     grad_out = grad_out.contiguous()
     delta = torch.empty(B, L, H, dtype=torch.float32, device=q.device)  # rowsum(dO * O), in slices: no fp32 copies
     for t0 in range(0, L, 4096):
