@@ -206,7 +206,7 @@ def sweep(L: int, iters: int, kernels: list[str], heads: int = H) -> list[dict]:
         out, lse = sm.sparse_mla_forward(q, kv, idx, 192 ** -0.5, DV)
         g = torch.randn_like(out)
         fwd = ((64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 1), (64, 64, 8, 3), (64, 32, 4, 2), (64, 128, 8, 2),
-               (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2))
+               (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 16, 2), (128, 32, 16, 1), (128, 64, 16, 1))
         if heads <= 16:  # one head block of 16: only the key block, warps and stages matter
             fwd = tuple((16, BK, warps, stages) for BK in (32, 64, 128) for warps in (2, 4, 8) for stages in (2, 3))
         for BH, BK, warps, stages in fwd:
@@ -217,7 +217,7 @@ def sweep(L: int, iters: int, kernels: list[str], heads: int = H) -> list[dict]:
                 q, kv, idx, lse, 192 ** -0.5, DV, **cfg), iters)})
         bwd = [dict(BH=BH, BK=BK, warps=warps, stages=stages) for BH, BK, warps, stages in (
             (32, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2), (64, 32, 8, 2), (64, 16, 8, 2),
-            (32, 16, 4, 2), (32, 32, 8, 1))]
+            (32, 16, 4, 2), (32, 32, 8, 1), (64, 32, 16, 2), (64, 16, 16, 2), (64, 32, 16, 1), (128, 16, 16, 1))]
         if heads <= 16:
             bwd = [dict(BH=16, BK=BK, warps=warps, stages=stages) for BK in (16, 32, 64) for warps in (2, 4, 8)
                    for stages in (1, 2)]
