@@ -227,6 +227,24 @@ def sweep(L: int, iters: int, kernels: list[str], heads: int = H) -> list[dict]:
     return rows
 
 
+def sweep_summary(rows: list[dict]) -> str:
+    """The fastest configuration of each swept op (name up to its configuration), and how many failed."""
+    best: dict[str, dict] = {}
+    failed: dict[str, int] = {}
+    for row in rows:
+        op = row["name"].split(" {")[0]
+        if "ms" not in row:
+            failed[op] = failed.get(op, 0) + 1
+        elif op not in best or row["ms"] < best[op]["ms"]:
+            best[op] = row
+    lines = ["| op | fastest configuration | ms | failed to run |", "|---|---|---|---|"]
+    for op in sorted(set(best) | set(failed)):
+        r = best.get(op)
+        config, ms = (r["config"], f"{r['ms']:.2f}") if r else ("-", "-")
+        lines.append(f"| {op} | {config} | {ms} | {failed.get(op, 0)} |")
+    return "\n".join(lines)
+
+
 ONE_B = dict(vocab_size=32768, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
              num_hidden_layers=18, first_k_dense_replace=18, n_routed_experts=8, n_shared_experts=1,
              num_experts_per_tok=2, n_group=1, topk_group=1, num_attention_heads=16, num_key_value_heads=16,
@@ -343,6 +361,8 @@ def main() -> None:
     if args.sweep:
         results["sweep"] = sweep(args.lengths[0], args.iters, args.sweep, args.sweep_heads)
         save()
+        print(sweep_summary(results["sweep"]))
+        print(f"[bench] wrote {args.out}")
         return
     for L in args.topk_lengths if "topk" in args.sections else []:
         print(f"[topk] L={L}", flush=True)
