@@ -27,9 +27,9 @@ def _load_qw(q_ptr, w_ptr, pid, sq_t, sq_g, sw_t, G, D: tl.constexpr, BG: tl.con
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, w_ptr, idx_ptr, p_ptr, kl_ptr, lse_ptr, ptot_ptr, L, K,
-                sq_t, sq_g, sk_b, sk_s, sw_t, si_t, sp_t,
-                G, D: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr):
+def _indexer_kl_fwd_kernel(q_ptr, k_ptr, w_ptr, idx_ptr, p_ptr, kl_ptr, lse_ptr, ptot_ptr, L, K,
+                           sq_t, sq_g, sk_b, sk_s, sw_t, si_t, sp_t,
+                           G, D: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # b * L + t
     b = pid // L
     q, w, offs_g, gmask, offs_d = _load_qw(q_ptr, w_ptr, pid, sq_t, sq_g, sw_t, G, D, BG)
@@ -62,9 +62,9 @@ def _fwd_kernel(q_ptr, k_ptr, w_ptr, idx_ptr, p_ptr, kl_ptr, lse_ptr, ptot_ptr, 
 
 
 @triton.jit
-def _bwd_kernel(q_ptr, k_ptr, w_ptr, idx_ptr, p_ptr, lse_ptr, ptot_ptr, dkl_ptr, dq_ptr, dk_ptr, dw_ptr, L, K,
-                sq_t, sq_g, sk_b, sk_s, sw_t, si_t, sp_t, sdk_b, sdk_s,
-                G, D: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr):
+def _indexer_kl_bwd_kernel(q_ptr, k_ptr, w_ptr, idx_ptr, p_ptr, lse_ptr, ptot_ptr, dkl_ptr, dq_ptr, dk_ptr, dw_ptr,
+                           L, K, sq_t, sq_g, sk_b, sk_s, sw_t, si_t, sp_t, sdk_b, sdk_s,
+                           G, D: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // L
     q, w, offs_g, gmask, offs_d = _load_qw(q_ptr, w_ptr, pid, sq_t, sq_g, sw_t, G, D, BG)
@@ -111,9 +111,9 @@ class SparseIndexerKL(torch.autograd.Function):
         K = idx.shape[-1]
         kl = torch.empty(B, L, dtype=torch.float32, device=qi.device)
         lse, ptot = torch.empty_like(kl), torch.empty_like(kl)
-        _fwd_kernel[(B * L,)](qi, ki, wi, idx, p, kl, lse, ptot, L, K, qi.stride(1), qi.stride(2), ki.stride(0),
-                              ki.stride(1), wi.stride(1), idx.stride(1), p.stride(1), G, D=D, BG=_block_g(G), BK=BK,
-                              num_warps=4, num_stages=2)
+        _indexer_kl_fwd_kernel[(B * L,)](qi, ki, wi, idx, p, kl, lse, ptot, L, K, qi.stride(1), qi.stride(2),
+                                         ki.stride(0), ki.stride(1), wi.stride(1), idx.stride(1), p.stride(1), G,
+                                         D=D, BG=_block_g(G), BK=BK, num_warps=4, num_stages=2)
         ctx.save_for_backward(qi, ki, wi, idx, p, lse, ptot)
         ctx.BK = BK
         return kl
@@ -125,9 +125,10 @@ class SparseIndexerKL(torch.autograd.Function):
         dkl = dkl.float().contiguous()
         dq, dw = torch.empty_like(qi), torch.empty_like(wi)
         dk = torch.zeros(ki.shape, dtype=torch.float32, device=ki.device)
-        _bwd_kernel[(B * L,)](qi, ki, wi, idx, p, lse, ptot, dkl, dq, dk, dw, L, idx.shape[-1], qi.stride(1),
-                              qi.stride(2), ki.stride(0), ki.stride(1), wi.stride(1), idx.stride(1), p.stride(1),
-                              dk.stride(0), dk.stride(1), G, D=D, BG=_block_g(G), BK=ctx.BK, num_warps=4, num_stages=2)
+        _indexer_kl_bwd_kernel[(B * L,)](qi, ki, wi, idx, p, lse, ptot, dkl, dq, dk, dw, L, idx.shape[-1],
+                                         qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(1), wi.stride(1),
+                                         idx.stride(1), p.stride(1), dk.stride(0), dk.stride(1), G, D=D,
+                                         BG=_block_g(G), BK=ctx.BK, num_warps=4, num_stages=2)
         return dq, dk.to(ctx.k_dtype), dw, None, None, None
 
 

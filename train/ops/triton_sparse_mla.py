@@ -49,9 +49,9 @@ def _scores(qn, qr, kvn, kvr):
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, kv_ptr, idx_ptr, o_ptr, lse_ptr, scale, L, K, H,
-                sq_t, sq_h, skv_b, skv_s, si_t, so_t, so_h, sl_t,
-                DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
+def _sparse_mla_fwd_kernel(q_ptr, kv_ptr, idx_ptr, o_ptr, lse_ptr, scale, L, K, H,
+                           sq_t, sq_h, skv_b, skv_s, si_t, so_t, so_h, sl_t,
+                           DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
     pid_t = tl.program_id(0).to(tl.int64)  # b * L + t
     pid_h = tl.program_id(1)
     b = pid_t // L
@@ -82,9 +82,9 @@ def _fwd_kernel(q_ptr, kv_ptr, idx_ptr, o_ptr, lse_ptr, scale, L, K, H,
 
 
 @triton.jit
-def _probs_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, p_ptr, scale, L, K, H,
-                  sq_t, sq_h, skv_b, skv_s, si_t, sl_t, sp_t,
-                  DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
+def _sparse_mla_probs_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, p_ptr, scale, L, K, H,
+                             sq_t, sq_h, skv_b, skv_s, si_t, sl_t, sp_t,
+                             DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
     """p[t, k] += sum over this program's BH heads of softmax probabilities / H (atomics across head blocks)."""
     pid_t = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1)
@@ -102,9 +102,9 @@ def _probs_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, p_ptr, scale, L, K, H,
 
 
 @triton.jit
-def _bwd_kernel(q_ptr, kv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dkv_ptr, scale, L, K, H,
-                sq_t, sq_h, skv_b, skv_s, si_t, sdo_t, sdo_h, sl_t, sdq_t, sdq_h, sdkv_b, sdkv_s,
-                DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
+def _sparse_mla_bwd_kernel(q_ptr, kv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dkv_ptr, scale, L, K, H,
+                           sq_t, sq_h, skv_b, skv_s, si_t, sdo_t, sdo_h, sl_t, sdq_t, sdq_h, sdkv_b, sdkv_s,
+                           DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
     pid_t = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1)
     b = pid_t // L
@@ -169,9 +169,9 @@ def sparse_mla_forward(q, kv, idx, scale: float, v_dim: int, BH: int | None = No
     lse = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
     BH = _block_h(H, BH)
     grid = (B * L, triton.cdiv(H, BH))
-    _fwd_kernel[grid](q, kv, idx, out, lse, scale, L, K, H, q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
-                      idx.stride(1), out.stride(1), out.stride(2), lse.stride(1),
-                      DV=DV, DR=DR, BH=BH, BK=BK, num_warps=warps, num_stages=stages)
+    _sparse_mla_fwd_kernel[grid](q, kv, idx, out, lse, scale, L, K, H, q.stride(1), q.stride(2), kv.stride(0),
+                                 kv.stride(1), idx.stride(1), out.stride(1), out.stride(2), lse.stride(1),
+                                 DV=DV, DR=DR, BH=BH, BK=BK, num_warps=warps, num_stages=stages)
     return out, lse
 
 
@@ -183,9 +183,9 @@ def sparse_mla_probs(q, kv, idx, lse, scale: float, v_dim: int, BH: int | None =
     p = torch.zeros(B, L, K, dtype=torch.float32, device=q.device)
     BH = _block_h(H, BH)
     grid = (B * L, triton.cdiv(H, BH))
-    _probs_kernel[grid](q, kv, idx, lse, p, scale, L, K, H, q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
-                        idx.stride(1), lse.stride(1), p.stride(1), DV=DV, DR=DR, BH=BH, BK=BK,
-                        num_warps=warps, num_stages=stages)
+    _sparse_mla_probs_kernel[grid](q, kv, idx, lse, p, scale, L, K, H, q.stride(1), q.stride(2), kv.stride(0),
+                                   kv.stride(1), idx.stride(1), lse.stride(1), p.stride(1), DV=DV, DR=DR, BH=BH, BK=BK,
+                                   num_warps=warps, num_stages=stages)
     return p
 
 
@@ -202,10 +202,10 @@ def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
     BH = _block_h(H, BH)
     grid = (B * L, triton.cdiv(H, BH))
-    _bwd_kernel[grid](q, kv, idx, grad_out, lse, delta, dq, dkv, scale, L, K, H, q.stride(1), q.stride(2),
-                      kv.stride(0), kv.stride(1), idx.stride(1), grad_out.stride(1), grad_out.stride(2),
-                      lse.stride(1), dq.stride(1), dq.stride(2), dkv.stride(0), dkv.stride(1),
-                      DV=DV, DR=DR, BH=BH, BK=BK, num_warps=warps, num_stages=stages)
+    _sparse_mla_bwd_kernel[grid](q, kv, idx, grad_out, lse, delta, dq, dkv, scale, L, K, H, q.stride(1),
+                                 q.stride(2), kv.stride(0), kv.stride(1), idx.stride(1), grad_out.stride(1),
+                                 grad_out.stride(2), lse.stride(1), dq.stride(1), dq.stride(2), dkv.stride(0),
+                                 dkv.stride(1), DV=DV, DR=DR, BH=BH, BK=BK, num_warps=warps, num_stages=stages)
     return dq, dkv.to(kv.dtype)
 
 
