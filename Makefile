@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# Everything, including end-to-end stage runs marked slow.
+# Everything, including the main job end to end against the README's figures (marked slow: ~10 minutes).
 test-all: setup
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
