@@ -20,6 +20,14 @@ def _block_h(H: int, limit: int) -> int:
 
 
 @triton.jit
+def _program(L, H, BH: tl.constexpr):
+    """This program's token row pid_t = b * L + t (int64), its batch index, its heads and their mask."""
+    pid_t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BH + tl.arange(0, BH)
+    return pid_t, pid_t // L, offs_h, offs_h < H
+
+
+@triton.jit
 def _load_q(q_ptr, pid_t, offs_h, hmask, sq_t, sq_h, DV: tl.constexpr, DR: tl.constexpr):
     """The [BH, DV] latent and [BH, DR] rope parts of the queries of token pid_t, heads offs_h."""
     base = q_ptr + pid_t * sq_t + offs_h[:, None] * sq_h
@@ -52,11 +60,7 @@ def _scores(qn, qr, kvn, kvr):
 def _sparse_mla_fwd_kernel(q_ptr, kv_ptr, idx_ptr, o_ptr, lse_ptr, scale, L, K, H,
                            sq_t, sq_h, skv_b, skv_s, si_t, so_t, so_h, sl_t,
                            DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
-    pid_t = tl.program_id(0).to(tl.int64)  # b * L + t
-    pid_h = tl.program_id(1)
-    b = pid_t // L
-    offs_h = pid_h * BH + tl.arange(0, BH)
-    hmask = offs_h < H
+    pid_t, b, offs_h, hmask = _program(L, H, BH)
     offs_v = tl.arange(0, DV)
     qn, qr = _load_q(q_ptr, pid_t, offs_h, hmask, sq_t, sq_h, DV, DR)
     m = tl.full([BH], float("-inf"), dtype=tl.float32)
@@ -86,11 +90,7 @@ def _sparse_mla_probs_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, p_ptr, scale, L, K
                              sq_t, sq_h, skv_b, skv_s, si_t, sl_t, sp_t,
                              DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
     """p[t, k] += sum over this program's BH heads of softmax probabilities / H (atomics across head blocks)."""
-    pid_t = tl.program_id(0).to(tl.int64)
-    pid_h = tl.program_id(1)
-    b = pid_t // L
-    offs_h = pid_h * BH + tl.arange(0, BH)
-    hmask = offs_h < H
+    pid_t, b, offs_h, hmask = _program(L, H, BH)
     qn, qr = _load_q(q_ptr, pid_t, offs_h, hmask, sq_t, sq_h, DV, DR)
     lse = tl.load(lse_ptr + pid_t * sl_t + offs_h, mask=hmask, other=float("inf"))
     for k0 in range(0, K, BK):
@@ -105,11 +105,7 @@ def _sparse_mla_probs_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, p_ptr, scale, L, K
 def _sparse_mla_bwd_kernel(q_ptr, kv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dkv_ptr, scale, L, K, H,
                            sq_t, sq_h, skv_b, skv_s, si_t, sdo_t, sdo_h, sl_t, sdq_t, sdq_h, sdkv_b, sdkv_s,
                            DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
-    pid_t = tl.program_id(0).to(tl.int64)
-    pid_h = tl.program_id(1)
-    b = pid_t // L
-    offs_h = pid_h * BH + tl.arange(0, BH)
-    hmask = offs_h < H
+    pid_t, b, offs_h, hmask = _program(L, H, BH)
     offs_v = tl.arange(0, DV)
     offs_r = tl.arange(0, DR)
     qn, qr = _load_q(q_ptr, pid_t, offs_h, hmask, sq_t, sq_h, DV, DR)
@@ -153,22 +149,22 @@ CONFIGS = {
 }
 
 
-def _config(kind: str, H: int, given: dict) -> dict:
-    """The launch configuration for `kind` at H heads, with the caller's non-None choices on top."""
-    cfg = dict(CONFIGS[kind][1 if H <= 16 else 0])
-    cfg.update({k: v for k, v in given.items() if v is not None})
-    return cfg
+def _launch(kind: str, B: int, L: int, H: int, BH, BK, warps, stages):
+    """(grid, BH, BK, warps, stages) for `kind` at H heads: CONFIGS' entry, the caller's non-None choices on
+    top, BH fitted to H."""
+    cfg = {**CONFIGS[kind][1 if H <= 16 else 0],
+           **{k: v for k, v in dict(BH=BH, BK=BK, warps=warps, stages=stages).items() if v is not None}}
+    BH = _block_h(H, cfg["BH"])
+    return (B * L, triton.cdiv(H, BH)), BH, cfg["BK"], cfg["warps"], cfg["stages"]
 
 
 def sparse_mla_forward(q, kv, idx, scale: float, v_dim: int, BH: int | None = None, BK: int | None = None,
                        warps: int | None = None, stages: int | None = None):
     """(out [B, L, H, v_dim] in q's dtype, lse [B, L, H] fp32 natural-log)."""
     B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
-    BH, BK, warps, stages = _config("fwd", H, dict(BH=BH, BK=BK, warps=warps, stages=stages)).values()
+    grid, BH, BK, warps, stages = _launch("fwd", B, L, H, BH, BK, warps, stages)
     out = torch.empty(B, L, H, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
-    BH = _block_h(H, BH)
-    grid = (B * L, triton.cdiv(H, BH))
     _sparse_mla_fwd_kernel[grid](q, kv, idx, out, lse, scale, L, K, H, q.stride(1), q.stride(2), kv.stride(0),
                                  kv.stride(1), idx.stride(1), out.stride(1), out.stride(2), lse.stride(1),
                                  DV=DV, DR=DR, BH=BH, BK=BK, num_warps=warps, num_stages=stages)
@@ -179,10 +175,8 @@ def sparse_mla_probs(q, kv, idx, lse, scale: float, v_dim: int, BH: int | None =
                      warps: int | None = None, stages: int | None = None):
     """Head-averaged attention probabilities over the selected set, [B, L, K] fp32 (0 where idx = -1)."""
     B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
-    BH, BK, warps, stages = _config("probs", H, dict(BH=BH, BK=BK, warps=warps, stages=stages)).values()
+    grid, BH, BK, warps, stages = _launch("probs", B, L, H, BH, BK, warps, stages)
     p = torch.zeros(B, L, K, dtype=torch.float32, device=q.device)
-    BH = _block_h(H, BH)
-    grid = (B * L, triton.cdiv(H, BH))
     _sparse_mla_probs_kernel[grid](q, kv, idx, lse, p, scale, L, K, H, q.stride(1), q.stride(2), kv.stride(0),
                                    kv.stride(1), idx.stride(1), lse.stride(1), p.stride(1), DV=DV, DR=DR, BH=BH, BK=BK,
                                    num_warps=warps, num_stages=stages)
@@ -193,15 +187,13 @@ def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int
                         BK: int | None = None, warps: int | None = None, stages: int | None = None):
     """(dq like q, dkv like kv)."""
     B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
-    BH, BK, warps, stages = _config("bwd", H, dict(BH=BH, BK=BK, warps=warps, stages=stages)).values()
+    grid, BH, BK, warps, stages = _launch("bwd", B, L, H, BH, BK, warps, stages)
     grad_out = grad_out.contiguous()
     delta = torch.empty(B, L, H, dtype=torch.float32, device=q.device)  # rowsum(dO * O), in slices: no fp32 copies
     for t0 in range(0, L, 4096):
         delta[:, t0 : t0 + 4096] = (grad_out[:, t0 : t0 + 4096].float() * out[:, t0 : t0 + 4096].float()).sum(-1)
     dq = torch.empty_like(q)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-    BH = _block_h(H, BH)
-    grid = (B * L, triton.cdiv(H, BH))
     _sparse_mla_bwd_kernel[grid](q, kv, idx, grad_out, lse, delta, dq, dkv, scale, L, K, H, q.stride(1),
                                  q.stride(2), kv.stride(0), kv.stride(1), idx.stride(1), grad_out.stride(1),
                                  grad_out.stride(2), lse.stride(1), dq.stride(1), dq.stride(2), dkv.stride(0),
