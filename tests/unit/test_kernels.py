@@ -63,6 +63,7 @@ def _sparse_inputs(B, L, H, DV, DR, K, dtype, seed=0):
     causal = torch.ones(L, L).tril().bool()
     idx = scores.masked_fill(~causal, -1).topk(min(K, L), dim=-1)
     idx = idx.indices.masked_fill(idx.values < 0, -1)
+    idx[:, L // 2] = -1  # a query with no selection: zero output, no NaN
     return (q.to(DEVICE, dtype).requires_grad_(), kv.to(DEVICE, dtype).requires_grad_(), idx.to(DEVICE))
 
 

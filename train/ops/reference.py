@@ -186,7 +186,10 @@ def _sparse_mla_block(t0, q_BTHD, idx_BTK, kv_BSD, scale, v_dim):
     valid_BTK = idx_BTK >= 0
     kv_BTKD = _gather_rows(kv_BSD, idx_BTK).float()
     s_BTHK = torch.einsum("bthd,btkd->bthk", q_BTHD.float(), kv_BTKD) * scale
-    p_BTHK = s_BTHK.masked_fill(~valid_BTK[:, :, None, :], float("-inf")).softmax(dim=-1)
+    # A query with no selection (a row of -1) gets zero output and zero gradients, as in the kernel: its
+    # scores stay finite, so softmax makes no NaN, and the mask below zeroes its probabilities.
+    hide_BT1K = (~valid_BTK & valid_BTK.any(-1, keepdim=True))[:, :, None, :]
+    p_BTHK = s_BTHK.masked_fill(hide_BT1K, float("-inf")).softmax(dim=-1).masked_fill(~valid_BTK[:, :, None, :], 0.0)
     out_BTHV = torch.einsum("bthk,btkv->bthv", p_BTHK, kv_BTKD[..., :v_dim]).to(q_BTHD.dtype)
     return out_BTHV, p_BTHK.mean(dim=2).detach()
 
@@ -200,6 +203,7 @@ def sparse_mla(
     block_elems: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse MLA in MQA (absorbed) form: query t attends to latent rows idx[t] (-1 = none), shared by all heads.
+    A query with no selection at all gets a zero output.
 
     kv holds [latent | rope key] per token (d_qk wide); its first `v_dim` dims are the values.
     Returns (out [B, L, H, v_dim], differentiable w.r.t. q and kv; p [B, L, K] fp32, the head-averaged
