@@ -47,12 +47,25 @@ def test_topk_kernel_equals_twin_exactly(L, topk):
     assert (got[:, : min(topk, L) - 1, -1] == -1).all()  # early rows see fewer than k keys
 
 
+@pytest.mark.parametrize("BS", [16, 1024])  # several blocks of the row scan, and one
+def test_top_keys_take_ties_in_position_order(BS):
+    q, k, w = _exact_indexer_inputs(2, 90, 4, 16, seed=2)
+    logits = reference.indexer_logits(q, k, w, 0)
+    assert (logits == 0).sum() > 100  # relu clips whole rows of heads: many exact ties
+    keys = triton_topk.top_keys(triton_topk.logit_keys(q, k, w, t0=0), 40, BS=BS)
+    top = torch.sort(keys, dim=-1, descending=True).values
+    vals, pos = reference.topk_stable(logits, 40)
+    kth = vals[..., -1:]
+    assert ((logits == kth).sum(-1) > (vals == kth).sum(-1)).any()  # ties straddle the threshold: the rule matters
+    assert torch.equal(4294967295 - (top & 0xFFFFFFFF), pos)
+    assert torch.equal(triton_topk.decode_keys((top >> 32).to(torch.int32)), vals)
+
+
 def test_logit_keys_decode_to_the_twin_logits():
     q, k, w = _exact_indexer_inputs(1, 70, 4, 16, seed=1)
     keys = triton_topk.logit_keys(q, k, w, t0=0)
-    logits, pos = triton_topk.decode_keys(keys)
-    assert torch.equal(logits, reference.indexer_logits(q, k, w, 0))
-    assert torch.equal(pos, torch.arange(70, device=DEVICE).expand_as(pos))
+    assert keys.dtype == torch.int32
+    assert torch.equal(triton_topk.decode_keys(keys), reference.indexer_logits(q, k, w, 0))
 
 
 def _sparse_inputs(B, L, H, DV, DR, K, dtype, seed=0):

@@ -1,11 +1,14 @@
 """Indexer logits and top-k on the GPU (Triton); twin: `reference.indexer_topk`.
 
 One kernel scores a block of R queries against every key, fusing the G indexer heads (relu, weights,
-head sum) and the causal mask, and writes each score as an int64 *sort key*: the fp32 logit's bits
-mapped to a monotonic integer in the high word, `2**32 - 1 - position` in the low word. Keys are unique,
-so `torch.topk` on them is deterministic and breaks ties toward the lower position exactly like
-`topk_stable`; -inf (invisible) scores sort last and come back as -1. Offsets are int64 throughout
-(128K+ columns, any batch). Memory: one [R, L] int64 buffer with R = max(topk, 256) rows, O(L x k).
+head sum) and the causal mask, and writes each score as an int32 *sort key*: the fp32 logit's bits mapped
+to a monotonic integer (-inf, for invisible keys, is the lowest). `torch.topk` over these 32-bit keys gives
+each row's k-th largest key (the threshold; ties make the *set* of positions ambiguous, the value is not);
+a second kernel then takes, in position order, every key above the threshold and the lowest-positioned
+ties at it until k are taken, as 64-bit keys (sort key in the high word, `2**32 - 1 - position` in the
+low). Sorting those gives descending logit order with ties to the lower position, exactly like
+`topk_stable`; -inf (invisible) scores sort last and come back as -1. Offsets are int64 throughout (128K+
+columns, any batch). Memory: one [R, L] int32 buffer with R = max(topk, 256) rows, O(L x k).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-_NEG_INF_KEY_HIGH = -(2**31) + 0x7FFFFF  # high word of -inf's key: 0xFF800000 ^ 0x7FFFFFFF as int32
+NEG_INF_KEY = -(2**31) + 0x7FFFFF  # -inf's sort key: 0xFF800000 ^ 0x7FFFFFFF as int32
 
 
 @triton.jit
@@ -38,15 +41,43 @@ def _logit_keys_kernel(q_ptr, k_ptr, w_ptr, out_ptr, t0, T, S,
     visible = offs_s[None, :] <= (t0 + offs_t)[:, None]
     acc = tl.where(visible, acc, float("-inf"))
     bits = acc.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-    keys = ordered * 4294967296 + (4294967295 - offs_s[None, :])
+    keys = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     tl.store(out_ptr + b * so_b + offs_t[:, None] * so_t + offs_s[None, :], keys,
              mask=(offs_t[:, None] < T) & (offs_s[None, :] < S))
 
 
+@triton.jit
+def _top_keys_kernel(keys_ptr, thr_ptr, out_ptr, S, K, sk_b, sk_r, st_b, so_b, so_r, BS: tl.constexpr):
+    """Row r: every sort key above thr[r], then ties at it in position order until K are taken, as 64-bit
+    keys in position order (the rest of the row's K slots keep what the caller put there)."""
+    r = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    row = keys_ptr + b * sk_b + r * sk_r
+    thr = tl.load(thr_ptr + b * st_b + r)
+    n_gt = tl.full([], 0, tl.int32)
+    for s0 in range(0, S, BS):  # first pass: how many are above the threshold
+        offs = s0 + tl.arange(0, BS)
+        k = tl.load(row + offs, mask=offs < S, other=-(2**31))  # below every key, -inf's included
+        n_gt += tl.sum((k > thr).to(tl.int32), 0)
+    need = K - n_gt  # ties to take, lowest positions first
+    n_out = tl.full([], 0, tl.int32)
+    n_eq = tl.full([], 0, tl.int32)
+    out = out_ptr + b * so_b + r * so_r
+    for s0 in range(0, S, BS):
+        offs = s0 + tl.arange(0, BS)
+        k = tl.load(row + offs, mask=offs < S, other=-(2**31))
+        eq = (k == thr).to(tl.int32)
+        take = ((k > thr) | ((eq != 0) & (n_eq + tl.cumsum(eq, 0) <= need))).to(tl.int32)
+        slot = n_out + tl.cumsum(take, 0) - 1
+        wide = k.to(tl.int64) * 4294967296 + (4294967295 - offs.to(tl.int64))
+        tl.store(out + slot, wide, mask=take != 0)
+        n_out += tl.sum(take, 0)
+        n_eq += tl.sum(eq, 0)
+
+
 def logit_keys(q_BTGD: torch.Tensor, k_BSD: torch.Tensor, w_BTG: torch.Tensor, t0: int, BT: int = 64, BS: int = 128,
                warps: int = 4, stages: int = 2) -> torch.Tensor:
-    """[B, T, S] int64 sort keys of the indexer logits of queries t0..t0+T-1 over keys 0..S-1.
+    """[B, T, S] int32 sort keys of the indexer logits of queries t0..t0+T-1 over keys 0..S-1.
 
     Default launch configuration: the fastest of a sweep on the H200 (G 64, D 128, 16K keys)."""
     B, T, G, D = q_BTGD.shape
@@ -54,7 +85,7 @@ def logit_keys(q_BTGD: torch.Tensor, k_BSD: torch.Tensor, w_BTG: torch.Tensor, t
     q, k, w = q_BTGD.contiguous(), k_BSD.contiguous(), w_BTG.float().contiguous()
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
-    out = torch.empty(B, T, S, dtype=torch.int64, device=q.device)
+    out = torch.empty(B, T, S, dtype=torch.int32, device=q.device)
     grid = (triton.cdiv(S, BS), triton.cdiv(T, BT), B)
     _logit_keys_kernel[grid](q, k, w, out, t0, T, S, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
                              w.stride(0), w.stride(1), out.stride(0), out.stride(1), G=G, D=D, BT=BT, BS=BS,
@@ -62,11 +93,25 @@ def logit_keys(q_BTGD: torch.Tensor, k_BSD: torch.Tensor, w_BTG: torch.Tensor, t
     return out
 
 
-def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 logits, positions) of sort keys."""
-    high = (keys >> 32).to(torch.int32)
-    bits = torch.where(high >= 0, high, high ^ 0x7FFFFFFF)
-    return bits.view(torch.float32), 4294967295 - (keys & 0xFFFFFFFF)
+def decode_keys(keys: torch.Tensor) -> torch.Tensor:
+    """The fp32 logits of int32 sort keys."""
+    return torch.where(keys >= 0, keys, keys ^ 0x7FFFFFFF).view(torch.float32)
+
+
+def top_keys(keys_BTS: torch.Tensor, k: int, BS: int = 1024) -> torch.Tensor:
+    """[B, T, k] int64 keys of each row's top k (descending logit, ties to the lower position), in position
+    order: sort key << 32 | (2**32 - 1 - position). Rows with fewer than k keys are padded with -inf's key
+    (high word NEG_INF_KEY). The largest 64-bit key is the best; `>= min` tests membership."""
+    B, T, S = keys_BTS.shape
+    keys = keys_BTS.contiguous()
+    if S > k:
+        thr = torch.topk(keys, k, dim=-1, sorted=False).values.min(dim=-1).values.contiguous()
+    else:  # every key is in: the threshold is the lowest possible one
+        thr = torch.full((B, T), NEG_INF_KEY, dtype=torch.int32, device=keys.device)
+    out = torch.full((B, T, k), NEG_INF_KEY << 32, dtype=torch.int64, device=keys.device)
+    _top_keys_kernel[(T, B)](keys, thr, out, S, k, keys.stride(0), keys.stride(1), thr.stride(0), out.stride(0),
+                             out.stride(1), BS=BS)
+    return out
 
 
 def query_rows(L: int, topk: int) -> int:
@@ -83,12 +128,8 @@ def indexer_topk(q_BLGD: torch.Tensor, k_BLD: torch.Tensor, w_BLG: torch.Tensor,
     out = torch.empty(B, L, K, dtype=torch.long, device=q_BLGD.device)
     for t0 in range(0, L, rows):
         t1 = min(L, t0 + rows)
-        keys = logit_keys(q_BLGD[:, t0:t1], k_BLD[:, :t1], w_BLG[:, t0:t1], t0)
-        if keys.shape[-1] < K:  # the first block sees fewer than K keys: pad with -inf keys
-            pad = torch.full((B, t1 - t0, K - keys.shape[-1]), _NEG_INF_KEY_HIGH << 32, dtype=torch.int64,
-                             device=keys.device)
-            keys = torch.cat([keys, pad], dim=-1)
-        top = torch.topk(keys, K, dim=-1, sorted=True).values
+        keys = top_keys(logit_keys(q_BLGD[:, t0:t1], k_BLD[:, :t1], w_BLG[:, t0:t1], t0), K)
+        top = torch.sort(keys, dim=-1, descending=True).values
         pos = 4294967295 - (top & 0xFFFFFFFF)
-        out[:, t0:t1] = pos.masked_fill((top >> 32) == _NEG_INF_KEY_HIGH, -1)
+        out[:, t0:t1] = pos.masked_fill((top >> 32) == NEG_INF_KEY, -1)
     return out

@@ -5,8 +5,8 @@ the indexer's recall (share of p_t inside its top-k). Nothing of size [H, L, L] 
 
 1. `_attn_lse_kernel`: per-head log-sum-exp of the main attention (flash-style, no values).
 2. For a block of R query rows: indexer logits of those rows against all keys (`triton_topk.logit_keys`,
-   an [R, L] buffer, R <= 2048: O(L x k)), their log-sum-exp, and the k-th largest sort key (top-k
-   threshold, same tie rule as `topk_stable`).
+   an [R, L] buffer, R <= 2048: O(L x k)), their log-sum-exp, and the top-k threshold: the k-th largest
+   64-bit key of `triton_topk.top_keys` (same tie rule as `topk_stable`).
 3. `_kl_kernel`: recomputes p tile by tile from q, k and the log-sum-exps (a loop over heads), reads the
    logits, accumulates KL and recall per row; in backward it overwrites the buffer with dKL/dI =
    g_t (softmax(I_t) - p_t). Its grid spans row tiles x key chunks, so that even one row block fills
@@ -195,12 +195,13 @@ def _attn_lse(qa, ka, scale):
 
 
 def _indexer_block(qi, ki, wi, t0, t1, topk, need_kth=True):
-    """(logits [B, R, t1] fp32, their log-sum-exp [B, R], k-th largest sort key [B, R] or None) of rows t0..t1-1."""
+    """(logits [B, R, t1] fp32, their log-sum-exp [B, R], the k-th largest 64-bit key of `top_keys` [B, R] or
+    None) of rows t0..t1-1."""
     keys = triton_topk.logit_keys(qi[:, t0:t1], ki[:, :t1], wi[:, t0:t1], t0)
     kth = None
     if need_kth:
-        kth = torch.topk(keys, min(topk, t1), dim=-1, sorted=False).values.min(dim=-1).values.contiguous()
-    logits = triton_topk.decode_keys(keys)[0]
+        kth = triton_topk.top_keys(keys, min(topk, t1)).min(dim=-1).values.contiguous()
+    logits = triton_topk.decode_keys(keys)
     del keys
     return logits, torch.logsumexp(logits, dim=-1).contiguous(), kth
 
@@ -278,5 +279,5 @@ class DenseIndexerKL(torch.autograd.Function):
 def dense_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, qa_BLHD, ka_BLHD, scale: float, topk: int, rows: int | None = None):
     """Same contract as `reference.dense_indexer_kl`: (kl [B, L] fp32, recall [B, L] fp32, no gradient).
 
-    `rows`: query rows per indexer-logit block (default max(256, min(L, topk))); memory 12 bytes x rows x L."""
+    `rows`: query rows per indexer-logit block (default max(256, min(L, topk))); memory 8 bytes x rows x L."""
     return DenseIndexerKL.apply(qi_BLGD, ki_BLD, wi_BLG, qa_BLHD.detach(), ka_BLHD.detach(), scale, topk, rows)
