@@ -198,6 +198,8 @@ def sweep(L: int, iters: int, kernels: list[str], heads: int = H) -> list[dict]:
                 rows += [{"L": L, "config": wk.KL_CONFIG, **r} for r in
                          bench_warmup_kl(L, iters, 0, label=f"warmup_kl {wk.KL_CONFIG}")]
         wk.KL_CONFIG = default
+    if "sparse_mla_writes" in kernels:
+        rows += sparse_mla_writes(L, iters, heads)
     if "sparse_mla" in kernels:
         q = torch.randn(1, L, heads, DV + DR, device="cuda", dtype=torch.bfloat16)
         kv = torch.randn(1, L, DV + DR, device="cuda", dtype=torch.bfloat16)
@@ -224,6 +226,35 @@ def sweep(L: int, iters: int, kernels: list[str], heads: int = H) -> list[dict]:
         for cfg in bwd:
             rows.append({"L": L, "config": cfg, **guarded(f"sparse_mla bwd {cfg}", lambda: sm.sparse_mla_backward(
                 q, kv, idx, out, lse, g, 192 ** -0.5, DV, **cfg), iters, 2.5 * fwd_flops)})
+    return rows
+
+
+def window_selection(L: int, k: int, device) -> torch.Tensor:
+    """[1, L, k]: row t selects t, t-1, ..., t-k+1 (-1 below 0): neighbouring rows share all but one row."""
+    idx = torch.arange(L, device=device)[:, None] - torch.arange(k, device=device)[None, :]
+    return idx.masked_fill(idx < 0, -1)[None]
+
+
+def sparse_mla_writes(L: int, iters: int, heads: int) -> list[dict]:
+    """What the sparse MLA backward's fp32 atomics cost (`--sweep sparse_mla_writes`): the default launch
+    configuration with the latent-row gradients added atomically, stored (racy), or reduced to one number per
+    row; with random selections (rows scattered over L) and with a sliding window (rows shared by neighbours)."""
+    from train.ops import triton_sparse_mla as sm
+
+    q = torch.randn(1, L, heads, DV + DR, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(1, L, DV + DR, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for selection, make in (("random", causal_selection), ("window", window_selection)):
+        idx = make(L, TOPK, "cuda")
+        flops = 2.5 * 2 * heads * int((idx >= 0).sum()) * (DV + DR + DV)
+        out, lse = sm.sparse_mla_forward(q, kv, idx, 192 ** -0.5, DV)
+        g = torch.randn_like(out)
+        for writes, what in ((0, "atomics"), (1, "stores"), (2, "one number per row")):
+            if selection == "window" and writes:
+                continue
+            cfg = {"heads": heads, "selection": selection, "writes": what}
+            rows.append({"L": L, "config": cfg, **guarded(f"sparse_mla bwd writes {cfg}", lambda: sm.sparse_mla_backward(
+                q, kv, idx, out, lse, g, 192 ** -0.5, DV, writes=writes), iters, flops)})
     return rows
 
 
@@ -340,8 +371,9 @@ def main() -> None:
     ap.add_argument("--e2e-index-dim", type=int, default=DI, help="end to end: indexer head dim")
     ap.add_argument("--recompute-topk", action="store_true",
                     help="end to end: recompute each layer's top-k in backward (stage.recompute_topk=true)")
-    ap.add_argument("--sweep", nargs="*", choices=["warmup_kl", "sparse_mla"],
-                    help="only sweep these kernels' launch configurations, at the first of --lengths")
+    ap.add_argument("--sweep", nargs="*", choices=["warmup_kl", "sparse_mla", "sparse_mla_writes"],
+                    help="only sweep these kernels' launch configurations, at the first of --lengths "
+                         "(sparse_mla_writes: what the sparse MLA backward's atomics cost)")
     ap.add_argument("--sweep-heads", type=int, default=H, help="the sparse MLA sweep's head count (16: the 1B model)")
     ap.add_argument("--memory-marks", action="store_true",
                     help="end to end: print allocated memory after each step's forward and backward")

@@ -1,6 +1,6 @@
 """The benchmark's report functions (the measurements themselves need a GPU: `make bench`)."""
 
-from train.bench import sweep_summary, table
+from train.bench import sweep_summary, table, window_selection
 
 
 def test_sweep_summary_picks_the_fastest_and_counts_failures():
@@ -26,3 +26,7 @@ def test_table_reports_errors_and_end_to_end_rows():
     assert "| 8,192 | sparse_mla fwd | 19.10 | 215 | 0.50 |" in text
     assert "| 131,072 | indexer_topk plain pytorch | out of memory | | |" in text
     assert "| 65,536 | e2e dense step L=65536 | 4762 | 13,762 | 18.9 |" in text
+
+
+def test_window_selection_takes_the_last_k_positions():
+    assert window_selection(4, 3, "cpu").tolist() == [[[0, -1, -1], [1, 0, -1], [2, 1, 0], [3, 2, 1]]]
