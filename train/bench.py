@@ -258,6 +258,32 @@ def sparse_mla_writes(L: int, iters: int, heads: int) -> list[dict]:
     return rows
 
 
+def compiled_stats() -> list[dict]:
+    """Per compiled sparse MLA kernel: registers, spills, shared memory, and its tensor-core instructions in the
+    PTX (Hopper's wgmma needs 64 rows per warpgroup in a tl.dot; smaller tiles fall back to mma.sync).
+    Reads Triton's kernel cache (not a public API): an empty list if that changes."""
+    import re
+
+    from train.ops import triton_sparse_mla as sm
+
+    stats = []
+    for fn in (sm._sparse_mla_fwd_kernel, sm._sparse_mla_probs_kernel, sm._sparse_mla_bwd_kernel):
+        try:
+            compiled = list(fn.device_caches[torch.cuda.current_device()][0].values())
+        except (AttributeError, IndexError, KeyError, TypeError):
+            return []
+        for ck in compiled:
+            try:
+                ptx = ck.asm["ptx"]
+                stats.append({"kernel": fn.fn.__name__, "warps": ck.metadata.num_warps, "regs": ck.n_regs,
+                              "spills": ck.n_spills, "shared_kib": ck.metadata.shared / 1024,
+                              "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+                              "mma.sync": len(re.findall(r"mma\.sync", ptx))})
+            except AttributeError:  # a configuration that failed to load (out of shared memory)
+                continue
+    return stats
+
+
 def sweep_summary(rows: list[dict]) -> str:
     """The fastest configuration of each swept op (name up to its configuration), and how many failed."""
     best: dict[str, dict] = {}
@@ -392,8 +418,11 @@ def main() -> None:
             json.dump(results, f, indent=1)
     if args.sweep:
         results["sweep"] = sweep(args.lengths[0], args.iters, args.sweep, args.sweep_heads)
+        results["compiled"] = compiled_stats()
         save()
         print(sweep_summary(results["sweep"]))
+        for row in results["compiled"]:
+            print(f"  [compiled] {row}")
         print(f"[bench] wrote {args.out}")
         return
     for L in args.topk_lengths if "topk" in args.sections else []:
