@@ -106,10 +106,11 @@ def test_sparse_mla_backward_write_diagnostics():
     idx = torch.full((1, 20, 16), -1, dtype=torch.long, device=DEVICE)
     idx[0, :, 0] = torch.arange(20, device=DEVICE)  # query t attends to itself only
     out, lse = triton_sparse_mla.sparse_mla_forward(q, kv, idx, 0.1, 32)
-    g = torch.randn_like(out)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     got = [triton_sparse_mla.sparse_mla_backward(q, kv, idx, out, lse, g, 0.1, 32, writes=w)[1] for w in (0, 1, 2)]
     assert got[0].abs().max() > 0 and torch.equal(got[1], got[0])
-    assert torch.allclose(got[2][..., 0], got[0].sum(-1), rtol=1e-5, atol=1e-6)
+    # a sum of 48 numbers in another order: fp32 rounding relative to their magnitudes
+    assert (got[2][..., 0] - got[0].sum(-1)).abs().max() <= 1e-5 * got[0].abs().sum(-1).max()
     assert torch.equal(got[2][..., 1:], torch.zeros_like(got[2][..., 1:]))
 
 

@@ -21,9 +21,13 @@ def _block_h(H: int, limit: int) -> int:
 
 @triton.jit
 def _program(L, H, BH: tl.constexpr):
-    """This program's token row pid_t = b * L + t (int64), its batch index, its heads and their mask."""
-    pid_t = tl.program_id(0).to(tl.int64)
-    offs_h = tl.program_id(1) * BH + tl.arange(0, BH)
+    """This program's token row pid_t = b * L + t (int64), its batch index, its heads and their mask. The head
+    blocks of a token are neighbouring programs, so that they run side by side and share its gathered rows (and,
+    in backward, the rows' gradient lines) in L2. One grid axis: the second is limited to 65,535."""
+    blocks = tl.cdiv(H, BH)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_t = pid // blocks
+    offs_h = (pid % blocks).to(tl.int32) * BH + tl.arange(0, BH)
     return pid_t, pid_t // L, offs_h, offs_h < H
 
 
@@ -165,7 +169,7 @@ def _launch(kind: str, B: int, L: int, H: int, BH, BK, warps, stages):
     cfg = {**CONFIGS[kind][1 if H <= 16 else 0],
            **{k: v for k, v in dict(BH=BH, BK=BK, warps=warps, stages=stages).items() if v is not None}}
     BH = _block_h(H, cfg["BH"])
-    return (B * L, triton.cdiv(H, BH)), BH, cfg["BK"], cfg["warps"], cfg["stages"]
+    return (triton.cdiv(H, BH) * B * L,), BH, cfg["BK"], cfg["warps"], cfg["stages"]
 
 
 def sparse_mla_forward(q, kv, idx, scale: float, v_dim: int, BH: int | None = None, BK: int | None = None,
