@@ -5,7 +5,8 @@ python -m train.bench [--lengths 8192 32768 65536 131072] [--e2e-lengths 32768 6
 Kernels, at DeepSeek-V3's attention shape (128 heads, d_qk 576 = 512 + 64, d_v 512, indexer 64 x 128,
 top-2048), batch 1, bf16: time (median of `--iters`), TFLOP/s and peak memory above the inputs.
   sparse_mla fwd / probs / bwd   the Triton kernels (FLOPs: 2*H*selected*(576+512) forward, 2.5x that
-                                 backward, DSA.md §5; `selected` counts valid entries only)
+                                 backward, DSA.md §5; `selected` counts valid entries only), and the
+                                 one-pass forward + probabilities of the checkpoint recomputation
   sparse_mla twin fwd+bwd        the chunked PyTorch reference (lengths <= --twin-max)
   sdpa fwd / fwd+bwd             torch SDPA, causal, MLA's dense shape (d_qk 192, d_v 128), 128 heads
   warmup_kl fwd+bwd              the warm-up loss kernel (KL to the head-averaged attention of 128 heads of
@@ -109,12 +110,14 @@ def bench_sparse_mla(L: int, iters: int, twin_max: int) -> list[dict]:
             guarded("sparse_mla probs", lambda: k.sparse_mla_probs(q, kv, idx, lse, scale, DV), iters,
                     2 * H * selected * (DV + DR)),
             guarded("sparse_mla bwd", lambda: k.sparse_mla_backward(q, kv, idx, out, lse, g, scale, DV), iters,
-                    2.5 * fwd_flops)]
+                    2.5 * fwd_flops),
+            guarded("sparse_mla fwd+probs given lse", lambda: k.sparse_mla_forward_given_lse(q, kv, idx, lse, scale,
+                                                                                          DV), iters, fwd_flops)]
     if L <= twin_max:
         qg, kvg = q.clone().requires_grad_(), kv.clone().requires_grad_()
 
         def twin():
-            o, _ = reference.sparse_mla(qg, kvg, idx, scale, DV)
+            o = reference.sparse_mla(qg, kvg, idx, scale, DV)[0]
             torch.autograd.grad(o, (qg, kvg), g)
         rows.append(guarded("sparse_mla twin fwd+bwd", twin, max(1, iters // 3), 3.5 * fwd_flops))
     return rows

@@ -84,12 +84,20 @@ def _check_sparse_mla(B, L, H, DV, DR, K, dtype, tol):
     q, kv, idx = _sparse_inputs(B, L, H, DV, DR, K, dtype)
     scale = (DV + DR) ** -0.5
     g = torch.randn(B, L, H, DV, device=DEVICE, dtype=dtype)
-    outs = {}
-    for name, fn in (("twin", reference.sparse_mla), ("kernel", triton_sparse_mla.sparse_mla)):
-        out, p = fn(q, kv, idx, scale, DV)
+
+    def run(fn, lse=None):
+        out, p, lse_out = fn(q, kv, idx, scale, DV, lse)
         dq, dkv = torch.autograd.grad(out, (q, kv), g)
-        outs[name] = (out, p, dq, dkv)
-    _assert_close(outs["kernel"], outs["twin"], ("out", "p", "dq", "dkv"), 2, tol)
+        return out, p, lse_out, dq, dkv
+
+    twin = run(reference.sparse_mla)
+    # the kernel alone, and given the twin's log-sum-exp (one pass: the checkpoint recomputation's path)
+    for got in (run(triton_sparse_mla.sparse_mla), run(triton_sparse_mla.sparse_mla, twin[2])):
+        none = torch.isinf(twin[2])  # +inf: the query with no selection
+        assert none.any() and torch.equal(torch.isinf(got[2]), none)
+        got, want = [list(x) for x in (got, twin)]
+        got[2], want[2] = got[2].masked_fill(none, 0.0), want[2].masked_fill(none, 0.0)
+        _assert_close(got, want, ("out", "p", "lse", "dq", "dkv"), 3, tol)
 
 
 @pytest.mark.parametrize("H", [16, 40])  # one head block (the small-H launch configuration); masked blocks
@@ -209,9 +217,8 @@ KERNEL_ARCH = dict(
 )
 
 
-@pytest.mark.parametrize("stage_name", ["warmup", "sparse"])
-def test_model_stage_losses_and_grads_equal_with_kernels(stage_name, monkeypatch):
-    """Through the dispatch point: a whole stage loss (all four ops) and its gradients, kernels vs twins."""
+def _stage_run(stage_name):
+    """A tiny model and one batch: run() -> (metrics, gradients) of the stage loss under the current settings."""
     from tests.conftest import perturb_
     from train.model import ModelConfig, build_model
     from train.stages import STAGES, StageConfig, compute_loss, param_groups
@@ -222,17 +229,46 @@ def test_model_stage_losses_and_grads_equal_with_kernels(stage_name, monkeypatch
     stage = STAGES[stage_name]
     params = [p for g in param_groups(model, stage, StageConfig(name=stage_name)) for p in g["params"]]
     ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+    def run():
+        loss, metrics = compute_loss(model, stage, StageConfig(name=stage_name), ids, torch.roll(ids, -1, 1))
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return metrics, [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    return model, run
+
+
+def _assert_same_run(got, want):
+    (m_want, g_want), (m_got, g_got) = want, got
+    for key in m_want:
+        assert abs(m_want[key].item() - m_got[key].item()) <= TOL_FWD * max(1.0, abs(m_want[key].item())), key
+    worst = max((a - b).abs().max().item() / max(b.abs().max().item(), 1e-12) for a, b in zip(g_got, g_want))
+    assert worst <= max(TOL, 1e-4), worst  # fp32 summation order, carried through two layers
+
+
+@pytest.mark.parametrize("stage_name", ["warmup", "sparse"])
+def test_model_stage_losses_and_grads_equal_with_kernels(stage_name, monkeypatch):
+    """Through the dispatch point: a whole stage loss (all four ops) and its gradients, kernels vs twins."""
+    _, run = _stage_run(stage_name)
     res = {}
     for backend in ("reference", "triton"):
         monkeypatch.setenv("DSA_KERNELS", backend)
-        loss, metrics = compute_loss(model, stage, StageConfig(name=stage_name), ids, torch.roll(ids, -1, 1))
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        res[backend] = (metrics, [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
-    (m_ref, g_ref), (m_tri, g_tri) = res["reference"], res["triton"]
-    for key in m_ref:
-        assert abs(m_ref[key].item() - m_tri[key].item()) <= TOL_FWD * max(1.0, abs(m_ref[key].item())), key
-    worst = max((a - b).abs().max().item() / max(b.abs().max().item(), 1e-12) for a, b in zip(g_tri, g_ref))
-    assert worst <= max(TOL, 1e-4), worst  # fp32 summation order, carried through two layers
+        res[backend] = run()
+    _assert_same_run(res["triton"], res["reference"])
+
+
+def test_checkpoint_recomputation_reuses_the_attention_lse(monkeypatch):
+    """Under activation checkpointing each layer's recomputation gets the sparse attention's output and
+    probabilities in one pass from the forward's log-sum-exp, with the plain run's loss and gradients."""
+    monkeypatch.setenv("DSA_KERNELS", "triton")
+    calls = []
+    real = triton_sparse_mla.sparse_mla_forward_given_lse
+    monkeypatch.setattr(triton_sparse_mla, "sparse_mla_forward_given_lse", lambda *a: calls.append(1) or real(*a))
+    model, run = _stage_run("sparse")
+    plain = run()
+    assert not calls
+    model.activation_checkpointing = True
+    _assert_same_run(run(), plain)
+    assert len(calls) == KERNEL_ARCH["num_hidden_layers"]
 
 
 def test_backend_choice(monkeypatch):

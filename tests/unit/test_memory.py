@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
         kl.sum().backward()
     elif kind == "sparse_layer":
         idx = ops.indexer_topk(qi.detach(), ki.detach(), wi.detach(), K)
-        out, p = ops.sparse_mla(q, kv, idx, 0.1, 8)
+        out, p, _ = ops.sparse_mla(q, kv, idx, 0.1, 8)
         kl = ops.sparse_indexer_kl(qi, ki, wi, idx, p)
         (out.sum() + kl.sum()).backward()
     print(json.dumps({{"peak_delta_mib": rss() - base}}))

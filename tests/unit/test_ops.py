@@ -27,7 +27,7 @@ def test_sparse_mla_equals_dense_attention_masked_to_the_selection(block_elems):
     V, K = 8, 9
     q, kv = _rand(B, L, H, D, seed=0), _rand(B, L, D, seed=1)
     idx = ops.indexer_topk(_rand(B, L, G, DI, seed=2), _rand(B, L, DI, seed=3), _rand(B, L, G, seed=4), K)
-    out, p = reference.sparse_mla(q, kv, idx, 0.3, V, block_elems=block_elems)
+    out, p, _ = reference.sparse_mla(q, kv, idx, 0.3, V, block_elems=block_elems)
 
     hits = torch.zeros(B, L, L).scatter_add_(-1, idx.clamp(min=0), (idx >= 0).float())
     selected = hits > 0

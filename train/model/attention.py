@@ -47,11 +47,14 @@ class CheckpointSlot:
     the attention probabilities: ~5 GiB per layer at 128K tokens) alive after backward.
     With `keep_topk`, the forward's top-k selection is kept for the recomputation: it has no gradient, is the
     costliest part of the indexer, and the recomputation would find the same one (same inputs, deterministic
-    kernels). Kept as int32: L x k x 4 bytes per layer until that layer's backward."""
+    kernels). Kept as int32: L x k x 4 bytes per layer until that layer's backward.
+    In sparse mode the attention's per-head log-sum-exp is always kept (L x H x 4 bytes per layer): with it the
+    recomputation gets the attention output and its probabilities in one pass (`ops.sparse_mla`)."""
 
     def __init__(self, keep_topk: bool):
         self.keep_topk, self.replay = keep_topk, False
         self._topk: tuple[torch.Tensor, torch.dtype] | None = None
+        self.lse_BLH: torch.Tensor | None = None
 
     def keep(self, topk_BLK: torch.Tensor) -> None:
         if self.keep_topk:
@@ -65,6 +68,11 @@ class CheckpointSlot:
         topk_BLK, dtype = self._topk
         self._topk = None
         return topk_BLK.to(dtype)
+
+    def take_lse(self) -> torch.Tensor | None:
+        """The forward's attention log-sum-exp (once), or None."""
+        lse_BLH, self.lse_BLH = self.lse_BLH, None
+        return lse_BLH
 
 
 class DSAAttention(nn.Module):
@@ -145,7 +153,12 @@ class DSAAttention(nn.Module):
         q_latent_BLHA = torch.einsum("blhn,hna->blha", q_nope_BLHN, w_uk_HNA)
         q_BLHD = torch.cat((q_latent_BLHA, q_rope_BLHR), dim=-1)
         kv_BLD = torch.cat((latent_BLA, k_rope_BLR), dim=-1)
-        out_BLHA, p_BLK = ops.sparse_mla(q_BLHD, kv_BLD, topk_BLK, self.softmax_scale, self.latent_dim)
+        slot = self.slot
+        replay = slot is not None and slot.replay
+        out_BLHA, p_BLK, lse_BLH = ops.sparse_mla(q_BLHD, kv_BLD, topk_BLK, self.softmax_scale, self.latent_dim,
+                                                  slot.take_lse() if replay else None)
+        if slot is not None and not replay:
+            slot.lse_BLH = lse_BLH
         out_BLHV = torch.einsum("blha,hva->blhv", out_BLHA, w_uv_HVA)
         kl_BL = ops.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, topk_BLK, p_BLK) if mode.indexer_loss else None
         return out_BLHV, AttentionStats(kl_BL=kl_BL, topk_BLK=topk_BLK if mode.keep_topk else None)

@@ -63,12 +63,13 @@ def indexer_topk(q_BLGD: torch.Tensor, k_BLD: torch.Tensor, w_BLG: torch.Tensor,
     return reference.indexer_topk(q_BLGD, k_BLD, w_BLG, topk)
 
 
-def sparse_mla(q_BLHD: torch.Tensor, kv_BLD: torch.Tensor, idx_BLK: torch.Tensor, scale: float, v_dim: int):
-    """Sparse MLA in absorbed form (see `reference.sparse_mla`)."""
+def sparse_mla(q_BLHD: torch.Tensor, kv_BLD: torch.Tensor, idx_BLK: torch.Tensor, scale: float, v_dim: int,
+               lse_BLH: torch.Tensor | None = None):
+    """Sparse MLA in absorbed form (see `reference.sparse_mla`): (out, p, lse)."""
     D = q_BLHD.shape[-1]
     if _use_triton(q_BLHD, _pow2(v_dim, D - v_dim) and q_BLHD.dtype == kv_BLD.dtype):
-        return triton_sparse_mla.sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, v_dim)
-    return reference.sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, v_dim)
+        return triton_sparse_mla.sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH)
+    return reference.sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH)
 
 
 def dense_indexer_kl(qi_BLGD: torch.Tensor, ki_BLD: torch.Tensor, wi_BLG: torch.Tensor, qa_BLHD: torch.Tensor,

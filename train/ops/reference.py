@@ -188,10 +188,12 @@ def _sparse_mla_block(t0, q_BTHD, idx_BTK, kv_BSD, scale, v_dim):
     s_BTHK = torch.einsum("bthd,btkd->bthk", q_BTHD.float(), kv_BTKD) * scale
     # A query with no selection (a row of -1) gets zero output and zero gradients, as in the kernel: its
     # scores stay finite, so softmax makes no NaN, and the mask below zeroes its probabilities.
-    hide_BT1K = (~valid_BTK & valid_BTK.any(-1, keepdim=True))[:, :, None, :]
-    p_BTHK = s_BTHK.masked_fill(hide_BT1K, float("-inf")).softmax(dim=-1).masked_fill(~valid_BTK[:, :, None, :], 0.0)
+    any_BT1 = valid_BTK.any(-1, keepdim=True)
+    s_BTHK = s_BTHK.masked_fill((~valid_BTK & any_BT1)[:, :, None, :], float("-inf"))
+    p_BTHK = s_BTHK.softmax(dim=-1).masked_fill(~valid_BTK[:, :, None, :], 0.0)
     out_BTHV = torch.einsum("bthk,btkv->bthv", p_BTHK, kv_BTKD[..., :v_dim]).to(q_BTHD.dtype)
-    return out_BTHV, p_BTHK.mean(dim=2).detach()
+    lse_BTH = s_BTHK.detach().logsumexp(dim=-1).masked_fill(~any_BT1, float("inf"))
+    return out_BTHV, p_BTHK.mean(dim=2).detach(), lse_BTH
 
 
 def sparse_mla(
@@ -200,14 +202,18 @@ def sparse_mla(
     idx_BLK: torch.Tensor,
     scale: float,
     v_dim: int,
+    lse_BLH: torch.Tensor | None = None,
     block_elems: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sparse MLA in MQA (absorbed) form: query t attends to latent rows idx[t] (-1 = none), shared by all heads.
     A query with no selection at all gets a zero output.
 
     kv holds [latent | rope key] per token (d_qk wide); its first `v_dim` dims are the values.
     Returns (out [B, L, H, v_dim], differentiable w.r.t. q and kv; p [B, L, K] fp32, the head-averaged
-    attention over the selected rows, which the sparse indexer loss uses as its target).
+    attention over the selected rows, which the sparse indexer loss uses as its target; lse [B, L, H] fp32,
+    each head's log-sum-exp of its scaled scores over the selection, +inf for a query with none).
+    `lse_BLH`, the lse of an earlier call on the same inputs (the checkpoint recomputation), lets the kernel
+    compute out and p in one pass; this twin does not need it.
     """
     B, L, H, D = q_BLHD.shape
     K = idx_BLK.shape[-1]

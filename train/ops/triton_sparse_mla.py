@@ -3,7 +3,8 @@
 One program serves one query token and a block of BH heads: it gathers each selected latent row
 [latent (DV) | rope key (DR)] once per key block and uses it for all BH heads, with an online softmax in
 fp32. Forward writes the output and the per-head log-sum-exp; a second kernel turns the log-sum-exp into
-the head-averaged probabilities over the selected set (the sparse indexer loss's target). Backward
+the head-averaged probabilities over the selected set (the sparse indexer loss's target). Given the
+log-sum-exp of an earlier forward (the checkpoint recomputation), one kernel gives both in one pass. Backward
 recomputes the scores from the log-sum-exp and scatters the latent-row gradient with fp32 atomics.
 Invalid selections (-1) are masked; a query with none gets a zero output.
 """
@@ -106,6 +107,27 @@ def _sparse_mla_probs_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, p_ptr, scale, L, K
 
 
 @triton.jit
+def _sparse_mla_fwd_given_lse_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, o_ptr, p_ptr, scale, L, K, H,
+                                     sq_t, sq_h, skv_b, skv_s, si_t, sl_t, so_t, so_h, sp_t,
+                                     DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
+    """The forward and the probabilities in one pass, the log-sum-exp being known: no online softmax."""
+    pid_t, b, offs_h, hmask = _program(L, H, BH)
+    offs_v = tl.arange(0, DV)
+    qn, qr = _load_q(q_ptr, pid_t, offs_h, hmask, sq_t, sq_h, DV, DR)
+    lse = tl.load(lse_ptr + pid_t * sl_t + offs_h, mask=hmask, other=float("inf"))
+    acc = tl.zeros([BH, DV], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        valid, _, kvn, kvr = _gather(kv_ptr, idx_ptr, pid_t, b, k0, K, si_t, skv_b, skv_s, DV, DR, BK)
+        s = _scores(qn, qr, kvn, kvr) * scale
+        p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
+        acc += tl.dot(p.to(kvn.dtype), kvn)
+        tl.atomic_add(p_ptr + pid_t * sp_t + offs_k, tl.sum(p, 0) / H, mask=offs_k < K, sem="relaxed")
+    tl.store(o_ptr + pid_t * so_t + offs_h[:, None] * so_h + offs_v[None, :], acc.to(o_ptr.dtype.element_ty),
+             mask=hmask[:, None])
+
+
+@triton.jit
 def _sparse_mla_bwd_kernel(q_ptr, kv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dkv_ptr, scale, L, K, H,
                            sq_t, sq_h, skv_b, skv_s, si_t, sdo_t, sdo_h, sl_t, sdq_t, sdq_h, sdkv_b, sdkv_s,
                            DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
@@ -161,6 +183,7 @@ CONFIGS = {
     "probs": (dict(BH=64, BK=64, warps=4, stages=2), dict(BH=16, BK=64, warps=4, stages=2)),
     "bwd": (dict(BH=32, BK=32, warps=8, stages=2), dict(BH=16, BK=16, warps=4, stages=2)),
 }
+CONFIGS["fwd_given_lse"] = CONFIGS["fwd"]  # not swept separately: the forward's loop plus the probabilities' atomics
 
 
 def _launch(kind: str, B: int, L: int, H: int, BH, BK, warps, stages):
@@ -197,6 +220,20 @@ def sparse_mla_probs(q, kv, idx, lse, scale: float, v_dim: int, BH: int | None =
     return p
 
 
+def sparse_mla_forward_given_lse(q, kv, idx, lse, scale: float, v_dim: int):
+    """(out, p) of `sparse_mla_forward` and `sparse_mla_probs` in one pass, from their log-sum-exp `lse`."""
+    B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
+    grid, BH, BK, warps, stages = _launch("fwd_given_lse", B, L, H, None, None, None, None)
+    lse = lse.contiguous()
+    out = torch.empty(B, L, H, DV, dtype=q.dtype, device=q.device)
+    p = torch.zeros(B, L, K, dtype=torch.float32, device=q.device)
+    _sparse_mla_fwd_given_lse_kernel[grid](q, kv, idx, lse, out, p, scale, L, K, H, q.stride(1), q.stride(2),
+                                           kv.stride(0), kv.stride(1), idx.stride(1), lse.stride(1), out.stride(1),
+                                           out.stride(2), p.stride(1), DV=DV, DR=DR, BH=BH, BK=BK, num_warps=warps,
+                                           num_stages=stages)
+    return out, p
+
+
 def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int, BH: int | None = None,
                         BK: int | None = None, warps: int | None = None, stages: int | None = None, writes: int = 0):
     """(dq like q, dkv like kv). `writes` != 0: the benchmark's diagnostic, dkv is wrong (see the kernel)."""
@@ -218,22 +255,27 @@ def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int
 
 class SparseMLA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, kv, idx, scale, v_dim):
+    def forward(ctx, q, kv, idx, scale, v_dim, lse):
         q, kv, idx = q.contiguous(), kv.contiguous(), idx.contiguous()
-        out, lse = sparse_mla_forward(q, kv, idx, scale, v_dim)
-        p = sparse_mla_probs(q, kv, idx, lse, scale, v_dim)
+        if lse is None:
+            out, lse = sparse_mla_forward(q, kv, idx, scale, v_dim)
+            p = sparse_mla_probs(q, kv, idx, lse, scale, v_dim)
+        else:
+            lse = lse.clone()  # an output of its own (the caller's tensor is an input)
+            out, p = sparse_mla_forward_given_lse(q, kv, idx, lse, scale, v_dim)
         ctx.save_for_backward(q, kv, idx, out, lse)
         ctx.scale, ctx.v_dim = scale, v_dim
-        ctx.mark_non_differentiable(p)
-        return out, p
+        ctx.mark_non_differentiable(p, lse)
+        return out, p, lse
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_p):
+    def backward(ctx, grad_out, _grad_p, _grad_lse):
         q, kv, idx, out, lse = ctx.saved_tensors
         dq, dkv = sparse_mla_backward(q, kv, idx, out, lse, grad_out, ctx.scale, ctx.v_dim)
-        return dq, dkv, None, None, None
+        return dq, dkv, None, None, None, None
 
 
-def sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale: float, v_dim: int):
-    """Same contract as `reference.sparse_mla`: (out [B, L, H, v_dim], p [B, L, K] fp32)."""
-    return SparseMLA.apply(q_BLHD, kv_BLD, idx_BLK, scale, v_dim)
+def sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale: float, v_dim: int, lse_BLH=None):
+    """Same contract as `reference.sparse_mla`: (out [B, L, H, v_dim], p [B, L, K] fp32, lse [B, L, H] fp32);
+    given `lse_BLH` (from a forward on the same inputs) the output and p come from one pass."""
+    return SparseMLA.apply(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH)
