@@ -256,8 +256,9 @@ def sparse_mla_writes(L: int, iters: int, heads: int) -> list[dict]:
             if selection == "window" and writes:
                 continue
             cfg = {"heads": heads, "selection": selection, "writes": what}
-            rows.append({"L": L, "config": cfg, **guarded(f"sparse_mla bwd writes {cfg}", lambda: sm.sparse_mla_backward(
-                q, kv, idx, out, lse, g, 192 ** -0.5, DV, writes=writes), iters, flops)})
+            def bwd():
+                return sm.sparse_mla_backward(q, kv, idx, out, lse, g, 192 ** -0.5, DV, writes=writes)
+            rows.append({"L": L, "config": cfg, **guarded(f"sparse_mla bwd writes {cfg}", bwd, iters, flops)})
     return rows
 
 

@@ -192,7 +192,10 @@ def _sparse_mla_block(t0, q_BTHD, idx_BTK, kv_BSD, scale, v_dim):
     s_BTHK = s_BTHK.masked_fill((~valid_BTK & any_BT1)[:, :, None, :], float("-inf"))
     p_BTHK = s_BTHK.softmax(dim=-1).masked_fill(~valid_BTK[:, :, None, :], 0.0)
     out_BTHV = torch.einsum("bthk,btkv->bthv", p_BTHK, kv_BTKD[..., :v_dim]).to(q_BTHD.dtype)
-    lse_BTH = s_BTHK.detach().logsumexp(dim=-1).masked_fill(~any_BT1, float("inf"))
+    # log-sum-exp from the softmax already taken: p_max = exp(s_max - lse), and p_max >= 1/K (no underflow);
+    # a query with no selection has p = 0, so lse = +inf, as in the kernel
+    with torch.no_grad():
+        lse_BTH = s_BTHK.amax(dim=-1) - p_BTHK.amax(dim=-1).log()
     return out_BTHV, p_BTHK.mean(dim=2).detach(), lse_BTH
 
 

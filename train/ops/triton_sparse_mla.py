@@ -91,28 +91,14 @@ def _sparse_mla_fwd_kernel(q_ptr, kv_ptr, idx_ptr, o_ptr, lse_ptr, scale, L, K, 
 
 
 @triton.jit
-def _sparse_mla_probs_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, p_ptr, scale, L, K, H,
-                             sq_t, sq_h, skv_b, skv_s, si_t, sl_t, sp_t,
-                             DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
-    """p[t, k] += sum over this program's BH heads of softmax probabilities / H (atomics across head blocks)."""
+def _sparse_mla_probs_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, p_ptr, o_ptr, scale, L, K, H,
+                             sq_t, sq_h, skv_b, skv_s, si_t, sl_t, sp_t, so_t, so_h,
+                             DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                             OUT: tl.constexpr):
+    """p[t, k] += sum over this program's BH heads of softmax probabilities / H (atomics across head blocks),
+    from the log-sum-exp. With OUT, also the attention output in the same pass (the log-sum-exp being known,
+    no online softmax): the checkpoint recomputation's forward."""
     pid_t, b, offs_h, hmask = _program(L, H, BH)
-    qn, qr = _load_q(q_ptr, pid_t, offs_h, hmask, sq_t, sq_h, DV, DR)
-    lse = tl.load(lse_ptr + pid_t * sl_t + offs_h, mask=hmask, other=float("inf"))
-    for k0 in range(0, K, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        valid, _, kvn, kvr = _gather(kv_ptr, idx_ptr, pid_t, b, k0, K, si_t, skv_b, skv_s, DV, DR, BK)
-        s = _scores(qn, qr, kvn, kvr) * scale
-        p = tl.where(hmask[:, None] & valid[None, :], tl.exp(s - lse[:, None]), 0.0)
-        tl.atomic_add(p_ptr + pid_t * sp_t + offs_k, tl.sum(p, 0) / H, mask=offs_k < K, sem="relaxed")
-
-
-@triton.jit
-def _sparse_mla_fwd_given_lse_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, o_ptr, p_ptr, scale, L, K, H,
-                                     sq_t, sq_h, skv_b, skv_s, si_t, sl_t, so_t, so_h, sp_t,
-                                     DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
-    """The forward and the probabilities in one pass, the log-sum-exp being known: no online softmax."""
-    pid_t, b, offs_h, hmask = _program(L, H, BH)
-    offs_v = tl.arange(0, DV)
     qn, qr = _load_q(q_ptr, pid_t, offs_h, hmask, sq_t, sq_h, DV, DR)
     lse = tl.load(lse_ptr + pid_t * sl_t + offs_h, mask=hmask, other=float("inf"))
     acc = tl.zeros([BH, DV], dtype=tl.float32)
@@ -120,11 +106,14 @@ def _sparse_mla_fwd_given_lse_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, o_ptr, p_p
         offs_k = k0 + tl.arange(0, BK)
         valid, _, kvn, kvr = _gather(kv_ptr, idx_ptr, pid_t, b, k0, K, si_t, skv_b, skv_s, DV, DR, BK)
         s = _scores(qn, qr, kvn, kvr) * scale
-        p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
-        acc += tl.dot(p.to(kvn.dtype), kvn)
+        p = tl.where(hmask[:, None] & valid[None, :], tl.exp(s - lse[:, None]), 0.0)
+        if OUT:
+            acc += tl.dot(p.to(kvn.dtype), kvn)
         tl.atomic_add(p_ptr + pid_t * sp_t + offs_k, tl.sum(p, 0) / H, mask=offs_k < K, sem="relaxed")
-    tl.store(o_ptr + pid_t * so_t + offs_h[:, None] * so_h + offs_v[None, :], acc.to(o_ptr.dtype.element_ty),
-             mask=hmask[:, None])
+    if OUT:
+        offs_v = tl.arange(0, DV)
+        tl.store(o_ptr + pid_t * so_t + offs_h[:, None] * so_h + offs_v[None, :], acc.to(o_ptr.dtype.element_ty),
+                 mask=hmask[:, None])
 
 
 @triton.jit
@@ -208,30 +197,30 @@ def sparse_mla_forward(q, kv, idx, scale: float, v_dim: int, BH: int | None = No
     return out, lse
 
 
+def _probs(kind: str, q, kv, idx, lse, scale: float, v_dim: int, with_out: bool, BH, BK, warps, stages):
+    """p [B, L, K] fp32 from the log-sum-exp, and with `with_out` the attention output first: (out, p)."""
+    B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
+    grid, BH, BK, warps, stages = _launch(kind, B, L, H, BH, BK, warps, stages)
+    lse = lse.contiguous()
+    p = torch.zeros(B, L, K, dtype=torch.float32, device=q.device)
+    out = torch.empty(B, L, H, DV, dtype=q.dtype, device=q.device) if with_out else None
+    o = out if with_out else p  # an unused pointer without OUT
+    _sparse_mla_probs_kernel[grid](q, kv, idx, lse, p, o, scale, L, K, H, q.stride(1), q.stride(2), kv.stride(0),
+                                   kv.stride(1), idx.stride(1), lse.stride(1), p.stride(1), o.stride(1),
+                                   o.stride(2) if with_out else 0, DV=DV, DR=DR, BH=BH, BK=BK, OUT=with_out,
+                                   num_warps=warps, num_stages=stages)
+    return (out, p) if with_out else p
+
+
 def sparse_mla_probs(q, kv, idx, lse, scale: float, v_dim: int, BH: int | None = None, BK: int | None = None,
                      warps: int | None = None, stages: int | None = None):
     """Head-averaged attention probabilities over the selected set, [B, L, K] fp32 (0 where idx = -1)."""
-    B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
-    grid, BH, BK, warps, stages = _launch("probs", B, L, H, BH, BK, warps, stages)
-    p = torch.zeros(B, L, K, dtype=torch.float32, device=q.device)
-    _sparse_mla_probs_kernel[grid](q, kv, idx, lse, p, scale, L, K, H, q.stride(1), q.stride(2), kv.stride(0),
-                                   kv.stride(1), idx.stride(1), lse.stride(1), p.stride(1), DV=DV, DR=DR, BH=BH, BK=BK,
-                                   num_warps=warps, num_stages=stages)
-    return p
+    return _probs("probs", q, kv, idx, lse, scale, v_dim, False, BH, BK, warps, stages)
 
 
 def sparse_mla_forward_given_lse(q, kv, idx, lse, scale: float, v_dim: int):
     """(out, p) of `sparse_mla_forward` and `sparse_mla_probs` in one pass, from their log-sum-exp `lse`."""
-    B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
-    grid, BH, BK, warps, stages = _launch("fwd_given_lse", B, L, H, None, None, None, None)
-    lse = lse.contiguous()
-    out = torch.empty(B, L, H, DV, dtype=q.dtype, device=q.device)
-    p = torch.zeros(B, L, K, dtype=torch.float32, device=q.device)
-    _sparse_mla_fwd_given_lse_kernel[grid](q, kv, idx, lse, out, p, scale, L, K, H, q.stride(1), q.stride(2),
-                                           kv.stride(0), kv.stride(1), idx.stride(1), lse.stride(1), out.stride(1),
-                                           out.stride(2), p.stride(1), DV=DV, DR=DR, BH=BH, BK=BK, num_warps=warps,
-                                           num_stages=stages)
-    return out, p
+    return _probs("fwd_given_lse", q, kv, idx, lse, scale, v_dim, True, None, None, None, None)
 
 
 def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int, BH: int | None = None,
