@@ -16,6 +16,8 @@ top-2048), batch 1, bf16: time (median of `--iters`), TFLOP/s and peak memory ab
 End to end, a ~1B-parameter DeepSeek-V3-architecture model (bf16 weights, AdamW, activation checkpointing):
 tokens/s and peak memory of a dense-attention step (all parameters), a warm-up step (indexer only, KL over
 the full span) and a sparse step (top-k attention, LM + sparse indexer KL).
+Bound (`--sections bound`): the fastest a sparse step could be against the dense step, from SDPA at the 1B
+model's shape, the sparse MLA FLOPs and issue #7's kernel rates (see `bench_bound`).
 Writes JSON to --out and prints a table; failures (out of memory) are recorded, not fatal.
 """
 
@@ -142,13 +144,13 @@ def bench_warmup_kl(L: int, iters: int, twin_max: int, label: str = "warmup_kl f
     return rows
 
 
-def bench_sdpa(L: int, iters: int) -> list[dict]:
+def bench_sdpa(L: int, iters: int, heads: int = H, label: str = "") -> list[dict]:
     """SDPA on MLA's dense (non-absorbed) shape: what the dense model runs."""
     dev = "cuda"
-    qa = torch.randn(1, H, L, 192, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    ka = torch.randn(1, H, L, 192, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    va = torch.randn(1, H, L, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    sdpa_flops = 2 * H * (L * (L + 1) / 2) * (192 + 128)
+    qa = torch.randn(1, heads, L, 192, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    ka = torch.randn(1, heads, L, 192, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    va = torch.randn(1, heads, L, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    sdpa_flops = 2 * heads * (L * (L + 1) / 2) * (192 + 128)
 
     def sdpa_fwd():
         with torch.no_grad():
@@ -157,8 +159,8 @@ def bench_sdpa(L: int, iters: int) -> list[dict]:
     def sdpa_fwd_bwd():
         o = F.scaled_dot_product_attention(qa, ka, va, is_causal=True)
         o.backward(torch.ones_like(o))
-    return [guarded("sdpa fwd", sdpa_fwd, iters, sdpa_flops),
-            guarded("sdpa fwd+bwd", sdpa_fwd_bwd, iters, 3.5 * sdpa_flops)]
+    return [guarded(f"sdpa fwd{label}", sdpa_fwd, iters, sdpa_flops),
+            guarded(f"sdpa fwd+bwd{label}", sdpa_fwd_bwd, iters, 3.5 * sdpa_flops)]
 
 
 def bench_topk(L: int, iters: int, twin_max: int, plain_max: int) -> list[dict]:
@@ -241,7 +243,8 @@ def window_selection(L: int, k: int, device) -> torch.Tensor:
 def sparse_mla_writes(L: int, iters: int, heads: int) -> list[dict]:
     """What the sparse MLA backward's fp32 atomics cost (`--sweep sparse_mla_writes`): the default launch
     configuration with the latent-row gradients added atomically, stored (racy), or reduced to one number per
-    row; with random selections (rows scattered over L) and with a sliding window (rows shared by neighbours)."""
+    row; with random selections (rows scattered over L) and with a sliding window (rows shared by neighbours).
+    The forward is timed with both selections too: what its gathers cost when neighbours share rows in L2."""
     from train.ops import triton_sparse_mla as sm
 
     q = torch.randn(1, L, heads, DV + DR, device="cuda", dtype=torch.bfloat16)
@@ -252,6 +255,9 @@ def sparse_mla_writes(L: int, iters: int, heads: int) -> list[dict]:
         flops = 2.5 * 2 * heads * int((idx >= 0).sum()) * (DV + DR + DV)
         out, lse = sm.sparse_mla_forward(q, kv, idx, 192 ** -0.5, DV)
         g = torch.randn_like(out)
+        cfg = {"heads": heads, "selection": selection}  # the forward too: does it wait on its gathers?
+        rows.append({"L": L, "config": cfg, **guarded(f"sparse_mla fwd selection {cfg}", lambda: sm.sparse_mla_forward(
+            q, kv, idx, 192 ** -0.5, DV), iters, flops / 2.5)})
         for writes, what in ((0, "atomics"), (1, "stores"), (2, "one number per row")):
             if selection == "window" and writes:
                 continue
@@ -361,6 +367,71 @@ def bench_e2e(lengths: list[int], iters: int, warmup_max: int, stages: list[str]
     return rows
 
 
+# Issue #7's sparse MLA rates (TFLOP/s, forward / backward): its targets and its goals.
+RATES = {"targets": (350, 150), "goals": (450, 250)}
+
+
+def matmul_tflops(iters: int) -> float:
+    """The GPU's bf16 matmul rate, 8192^3 (the ceiling any attention kernel's tensor-core work runs under)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    r = measure(lambda: a @ a, max(iters, 5))
+    return 2 * 8192**3 / (r["ms"] * 1e-3) / 1e12
+
+
+def sparse_bound(L: int, dense_ms: float, attention_ms: float, peak: float, layers: int, heads: int,
+                 k: int = TOPK) -> dict:
+    """The bound's arithmetic (see `bench_bound`): per rate pair, the sparse attention's time per step, the best
+    speedup over the dense step, and how short the rest of the step would have to be for 3x (negative: no
+    length is short enough)."""
+    rest = dense_ms - attention_ms
+    selected = k * L - k * (k - 1) // 2 if L >= k else L * (L + 1) // 2  # sum over t of min(t + 1, k)
+    fwd_tflop = 2 * heads * selected * (DV + DR + DV) / 1e12
+    row = {"name": f"bound L={L}", "L": L, "dense_step_ms": dense_ms, "dense_attention_ms": attention_ms,
+           "rest_ms": rest, "matmul_tflops": peak, "rates": []}
+    for what, (f, b) in [*RATES.items(), ("matmul peak", (peak, peak))]:
+        sparse_attention = layers * (2 * fwd_tflop / f + 2.5 * fwd_tflop / b) * 1e3
+        row["rates"].append({"rates": what, "fwd_tflops": f, "bwd_tflops": b, "sparse_attention_ms": sparse_attention,
+                             "max_speedup": dense_ms / (rest + sparse_attention),
+                             "rest_ms_for_3x": (attention_ms - 3 * sparse_attention) / 2})
+    return row
+
+
+def bench_bound(e2e: list[dict], iters: int) -> list[dict]:
+    """The fastest a sparse step of the 1B model could be, next to its dense step measured in this run.
+    The dense step = its attention (SDPA at the model's shape, timed here: forward + backward + the checkpoint
+    recomputation's forward, times the layers) + the rest. The sparse step keeps the rest and swaps the
+    attention for sparse MLA: at least 2 forwards (the step's and the recomputation's) and a backward of
+    2*H*selected*(576 + 512) FLOPs each (backward 2.5x), at issue #7's target and goal rates and at the GPU's
+    measured matmul rate. The indexer (logits, top-k, its loss) is left out: every bound here is generous."""
+    layers, heads = ONE_B["num_hidden_layers"], ONE_B["num_attention_heads"]
+    peak = matmul_tflops(iters)
+    print(f"  bf16 matmul 8192^3: {peak:.0f} TFLOP/s", flush=True)
+    rows = []
+    for dense in (r for r in e2e if r.get("name", "").startswith("e2e dense step") and "ms" in r):
+        L = dense["L"]
+        sdpa = [r.get("ms") for r in bench_sdpa(L, iters, heads, label=f" ({heads} heads)")]  # fwd, fwd+bwd
+        if None in sdpa:
+            rows.append({"name": f"bound L={L}", "L": L, "error": "SDPA at the model's shape did not run"})
+            continue
+        rows.append(sparse_bound(L, dense["ms"], layers * (sdpa[0] + sdpa[1]), peak, layers, heads))
+        print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def bound_table(rows: list[dict]) -> str:
+    lines = ["| L | dense step | its attention | the rest | sparse rates (fwd / bwd TFLOP/s) | sparse attention | "
+             "sparse step at best | speedup at best | the rest would have to take, for 3x |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for r in row.get("rates", []):
+            need = f"{r['rest_ms_for_3x']:,.0f} ms" if r["rest_ms_for_3x"] > 0 else "less than nothing"
+            lines.append(f"| {row['L']:,} | {row['dense_step_ms']:,.0f} ms | {row['dense_attention_ms']:,.0f} ms | "
+                         f"{row['rest_ms']:,.0f} ms | {r['rates']} ({r['fwd_tflops']:.0f} / {r['bwd_tflops']:.0f}) | "
+                         f"{r['sparse_attention_ms']:,.0f} ms | {row['rest_ms'] + r['sparse_attention_ms']:,.0f} ms | "
+                         f"{r['max_speedup']:.2f}x | {need} |")
+    return "\n".join(lines)
+
+
 def table(results: dict) -> str:
     lines = ["| L | op | ms | TFLOP/s | peak GiB |", "|---|---|---|---|---|"]
     for row in results["kernels"]:
@@ -391,7 +462,9 @@ def main() -> None:
     ap.add_argument("--twin-max", type=int, default=32768, help="longest length the PyTorch twins are timed at")
     ap.add_argument("--plain-max", type=int, default=16384, help="longest length plain PyTorch top-k is tried at")
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--sections", nargs="*", default=["topk", "sparse_mla", "sdpa", "warmup_kl", "e2e"])
+    ap.add_argument("--sections", nargs="*", default=["topk", "sparse_mla", "sdpa", "warmup_kl", "e2e", "bound"],
+                    help="bound: the fastest a sparse step of the 1B model could be against its dense step "
+                         "(at the e2e lengths; runs the dense step if e2e did not)")
     ap.add_argument("--e2e-stages", nargs="*", default=["base", "warmup", "sparse"])
     ap.add_argument("--e2e-cold-from", type=int, default=131072,
                     help="end-to-end steps this long are timed once, without a warm-up run")
@@ -447,7 +520,16 @@ def main() -> None:
                                    args.e2e_cold_from, args.recompute_topk, args.e2e_index_heads,
                                    args.e2e_index_dim)
         save()
+    if args.e2e_lengths and "bound" in args.sections:
+        print("[bound] the fastest possible sparse step of the 1B model against its dense step", flush=True)
+        if not any(r.get("name", "").startswith("e2e dense step") for r in results["e2e"]):
+            results["e2e"] += bench_e2e(args.e2e_lengths, max(1, args.iters // 2), args.warmup_max, ["base"],
+                                        args.e2e_cold_from)
+        results["bound"] = bench_bound(results["e2e"], args.iters)
+        save()
     print(table(results))
+    if results.get("bound"):
+        print(bound_table(results["bound"]))
     print(f"[bench] wrote {args.out}")
 
 

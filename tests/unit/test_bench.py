@@ -1,5 +1,7 @@
 """The benchmark's report functions (the measurements themselves need a GPU: `make bench`)."""
 
+import pytest
+
 from train.bench import sweep_summary, table, window_selection
 
 
@@ -30,3 +32,19 @@ def test_table_reports_errors_and_end_to_end_rows():
 
 def test_window_selection_takes_the_last_k_positions():
     assert window_selection(4, 3, "cpu").tolist() == [[[0, -1, -1], [1, 0, -1], [2, 1, 0], [3, 2, 1]]]
+
+
+def test_sparse_bound_counts_causal_selections_and_keeps_the_rest_of_the_step():
+    from train.bench import sparse_bound
+
+    # L = 4 with top-2: rows select 1, 2, 2, 2 keys; 1 layer of 1 head; the dense step is 10 ms, 6 of attention.
+    row = sparse_bound(4, 10.0, 6.0, 1.0, layers=1, heads=1, k=2)
+    fwd_tflop = 2 * 1 * (1 + 2 + 2 + 2) * (512 + 64 + 512) / 1e12
+    goals = next(r for r in row["rates"] if r["rates"] == "goals")
+    assert goals["sparse_attention_ms"] == (2 * fwd_tflop / 450 + 2.5 * fwd_tflop / 250) * 1e3
+    assert goals["max_speedup"] == 10.0 / (4.0 + goals["sparse_attention_ms"])
+    assert goals["rest_ms_for_3x"] == (6.0 - 3 * goals["sparse_attention_ms"]) / 2
+    # past k every row selects k: the closed form equals the sum over rows
+    long = next(r for r in sparse_bound(5000, 1.0, 1.0, 1.0, layers=1, heads=1)["rates"] if r["rates"] == "targets")
+    fwd_tflop = 2 * sum(min(t + 1, 2048) for t in range(5000)) * (512 + 64 + 512) / 1e12
+    assert long["sparse_attention_ms"] == pytest.approx((2 * fwd_tflop / 350 + 2.5 * fwd_tflop / 150) * 1e3, rel=1e-12)
