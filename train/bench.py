@@ -413,7 +413,8 @@ def bench_bound(e2e: list[dict], iters: int) -> list[dict]:
         if None in sdpa:
             rows.append({"name": f"bound L={L}", "L": L, "error": "SDPA at the model's shape did not run"})
             continue
-        rows.append(sparse_bound(L, dense["ms"], layers * (sdpa[0] + sdpa[1]), peak, layers, heads))
+        rows.append({**sparse_bound(L, dense["ms"], layers * (sdpa[0] + sdpa[1]), peak, layers, heads),
+                     "sdpa_fwd_ms": sdpa[0], "sdpa_fwd_bwd_ms": sdpa[1]})
         print(f"  {rows[-1]}", flush=True)
     return rows
 
