@@ -87,6 +87,12 @@ def guarded(name: str, fn, iters: int, flops: float | None = None, warm: bool = 
     return {"name": name, **r}
 
 
+def sparse_mla_flops(heads: int, selected: int) -> float:
+    """Sparse MLA forward FLOPs (DSA.md §5): scores over d_qk (576) and values over d_v (512) for every valid
+    (query, key) pair and head; the backward counts 2.5x this."""
+    return 2 * heads * selected * (DV + DR + DV)
+
+
 def causal_selection(L: int, k: int, device) -> torch.Tensor:
     """[1, L, k] random distinct-enough causal positions (row t draws from 0..t), -1 where t + 1 < k."""
     t = torch.arange(L, device=device)[:, None]
@@ -103,7 +109,7 @@ def bench_sparse_mla(L: int, iters: int, twin_max: int) -> list[dict]:
     idx = causal_selection(L, TOPK, dev)
     scale = (128 + 64) ** -0.5
     selected = int((idx >= 0).sum())
-    fwd_flops = 2 * H * selected * (DV + DR + DV)
+    fwd_flops = sparse_mla_flops(H, selected)
     from train.ops import triton_sparse_mla as k
 
     out, lse = k.sparse_mla_forward(q, kv, idx, scale, DV)
@@ -209,7 +215,7 @@ def sweep(L: int, iters: int, kernels: list[str], heads: int = H) -> list[dict]:
         q = torch.randn(1, L, heads, DV + DR, device="cuda", dtype=torch.bfloat16)
         kv = torch.randn(1, L, DV + DR, device="cuda", dtype=torch.bfloat16)
         idx = causal_selection(L, TOPK, "cuda")
-        fwd_flops = 2 * heads * int((idx >= 0).sum()) * (DV + DR + DV)
+        fwd_flops = sparse_mla_flops(heads, int((idx >= 0).sum()))
         out, lse = sm.sparse_mla_forward(q, kv, idx, 192 ** -0.5, DV)
         g = torch.randn_like(out)
         fwd = ((64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 1), (64, 64, 8, 3), (64, 32, 4, 2), (64, 128, 8, 2),
@@ -252,19 +258,19 @@ def sparse_mla_writes(L: int, iters: int, heads: int) -> list[dict]:
     rows = []
     for selection, make in (("random", causal_selection), ("window", window_selection)):
         idx = make(L, TOPK, "cuda")
-        flops = 2.5 * 2 * heads * int((idx >= 0).sum()) * (DV + DR + DV)
+        fwd_flops = sparse_mla_flops(heads, int((idx >= 0).sum()))
         out, lse = sm.sparse_mla_forward(q, kv, idx, 192 ** -0.5, DV)
         g = torch.randn_like(out)
         cfg = {"heads": heads, "selection": selection}  # the forward too: does it wait on its gathers?
         rows.append({"L": L, "config": cfg, **guarded(f"sparse_mla fwd selection {cfg}", lambda: sm.sparse_mla_forward(
-            q, kv, idx, 192 ** -0.5, DV), iters, flops / 2.5)})
+            q, kv, idx, 192 ** -0.5, DV), iters, fwd_flops)})
         for writes, what in ((0, "atomics"), (1, "stores"), (2, "one number per row")):
             if selection == "window" and writes:
                 continue
             cfg = {"heads": heads, "selection": selection, "writes": what}
             def bwd():
                 return sm.sparse_mla_backward(q, kv, idx, out, lse, g, 192 ** -0.5, DV, writes=writes)
-            rows.append({"L": L, "config": cfg, **guarded(f"sparse_mla bwd writes {cfg}", bwd, iters, flops)})
+            rows.append({"L": L, "config": cfg, **guarded(f"sparse_mla bwd writes {cfg}", bwd, iters, 2.5 * fwd_flops)})
     return rows
 
 
@@ -385,7 +391,7 @@ def sparse_bound(L: int, dense_ms: float, attention_ms: float, peak: float, laye
     length is short enough)."""
     rest = dense_ms - attention_ms
     selected = k * L - k * (k - 1) // 2 if L >= k else L * (L + 1) // 2  # sum over t of min(t + 1, k)
-    fwd_tflop = 2 * heads * selected * (DV + DR + DV) / 1e12
+    fwd_tflop = sparse_mla_flops(heads, selected) / 1e12
     row = {"name": f"bound L={L}", "L": L, "dense_step_ms": dense_ms, "dense_attention_ms": attention_ms,
            "rest_ms": rest, "matmul_tflops": peak, "rates": []}
     for what, (f, b) in [*RATES.items(), ("matmul peak", (peak, peak))]:
