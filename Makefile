@@ -4,7 +4,7 @@ VENV    ?= .venv
 PYTHON  ?= $(VENV)/bin/python
 NPROC   ?=
 ARGS    ?=
-MAKE_VARS := VENV PYTHON NPROC ARGS PYTEST_ARGS EVAL_MODEL TORCH_SPEC SRC DST
+MAKE_VARS := VENV PYTHON NPROC ARGS PYTEST_ARGS EVAL_MODEL EVAL_BASELINE TORCH_SPEC SRC DST
 HYDRA_ARGS := $(strip $(foreach a,$(MAKEOVERRIDES),$(if $(filter $(MAKE_VARS),$(firstword $(subst =, ,$(a)))),,$(a))) $(ARGS))
 # CPU-only machines get the CPU build of torch (the CUDA wheels are several GB); GPU machines the default.
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
@@ -13,6 +13,7 @@ BASE_EXPORT := checkpoints/base/base/export/config.json
 # The default model is the one `make base` trains; a command line that names another model skips it.
 NEEDS_BASE := $(if $(filter model=% model.path=% stage.init_from=%,$(HYDRA_ARGS)),,$(BASE_EXPORT))
 EVAL_MODEL ?= checkpoints/default/sparse/export
+EVAL_BASELINE ?= checkpoints/base/base/export
 
 .PHONY: setup test test-all base warmup sparse eval plan bench dequantize
 
@@ -36,20 +37,20 @@ test-all: setup
 # The embedded default's dense source model (cached: delete checkpoints/base/ to retrain).
 base: setup $(BASE_EXPORT)
 $(BASE_EXPORT):
-	NPROC=$(NPROC) launch/local.sh stage=base run.name=base $(if $(filter base,$(MAKECMDGOALS)),$(HYDRA_ARGS))
+	PYTHON="$(PYTHON)" NPROC=$(NPROC) launch/local.sh stage=base run.name=base $(if $(filter base,$(MAKECMDGOALS)),$(HYDRA_ARGS))
 	$(PYTHON) -m train.eval --model checkpoints/base/base/export --out checkpoints/base/base/eval.json
 
 # Stage 1: dense warm-up of the indexers.
 warmup: setup $(NEEDS_BASE)
-	NPROC=$(NPROC) launch/local.sh stage=warmup $(HYDRA_ARGS)
+	PYTHON="$(PYTHON)" NPROC=$(NPROC) launch/local.sh stage=warmup $(HYDRA_ARGS)
 
 # Stage 2: sparse training, from the warm-up export of the same run.
 sparse: setup $(NEEDS_BASE)
-	NPROC=$(NPROC) launch/local.sh stage=sparse $(HYDRA_ARGS)
+	PYTHON="$(PYTHON)" NPROC=$(NPROC) launch/local.sh stage=sparse $(HYDRA_ARGS)
 
-# Held-out figures of the converted model next to the dense base model (EVAL_MODEL=... for another export).
+# Held-out figures of a converted model next to its dense source (EVAL_MODEL=..., EVAL_BASELINE=... for others).
 eval: setup
-	$(PYTHON) -m train.eval --model $(EVAL_MODEL) --baseline checkpoints/base/base/export $(ARGS)
+	$(PYTHON) -m train.eval --model "$(EVAL_MODEL)" --baseline "$(EVAL_BASELINE)" $(ARGS)
 
 # What a stage costs, from shapes only: `make plan preset=paper model=deepseek_v3_671b run.plan_gpus=16`.
 plan: setup
@@ -60,6 +61,6 @@ dequantize: setup
 	@test -n "$(SRC)" -a -n "$(DST)" || { echo "error: make dequantize needs SRC=<FP8 checkpoint directory> DST=<new directory>" >&2; exit 2; }
 	$(PYTHON) -m train.dequantize "$(SRC)" "$(DST)"
 
-# GPU kernels vs their PyTorch twins and SDPA, then whole ~1B-model steps: JSON in bench.json, a table on stdout.
+# GPU kernels vs their PyTorch twins and SDPA, then whole training steps (bench/): JSON in bench.json, tables on stdout.
 bench: setup
-	$(PYTHON) -m train.bench $(ARGS)
+	$(PYTHON) -m bench $(ARGS)

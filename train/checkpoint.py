@@ -1,4 +1,4 @@
-"""Save and resume a stage exactly: DeepSpeed engine state plus the train state (step, tokens, data, RNG).
+"""Save and resume a stage exactly: DeepSpeed engine state plus the `TrainState` (step, tokens, data, RNG).
 
 Protocol (a kill at any moment leaves a loadable checkpoint): every rank writes tag `step<N>` with
 `save_latest=False`; after a barrier rank 0 checks that each rank's files are there and non-empty, then
@@ -12,7 +12,9 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +22,38 @@ import torch
 from train import engine as eng
 
 LATEST = "latest"
+
+
+@dataclass
+class TrainState:
+    """Everything beyond the engine's weights and optimizer that a stage needs to continue exactly: what the loop
+    counts, the data position (`data`: the pipeline, saved through its own state_dict) and the probe batch."""
+
+    stage: str
+    world_size: int
+    data: Any                                  # has state_dict() / load_state_dict() (the TokenPipeline)
+    step: int = 0
+    tokens_total: int = 0                      # all ranks, every step counted once
+    skipped: int = 0                           # updates skipped for non-finite values (stage.on_nonfinite=skip)
+    skipped_in_row: int = 0
+    probe_ids: torch.Tensor | None = None      # a fixed micro-batch for the selection-overlap and recall probes
+    probe_topk: list[torch.Tensor] = field(default_factory=list)  # its selections at the last probe
+
+    def state_dict(self) -> dict:
+        return {"stage": self.stage, "world_size": self.world_size, "data": self.data.state_dict(),
+                "step": self.step, "tokens_total": self.tokens_total, "skipped": self.skipped,
+                "skipped_in_row": self.skipped_in_row,
+                "probe_ids": None if self.probe_ids is None else self.probe_ids.cpu(),
+                "probe_topk": [t.cpu() for t in self.probe_topk]}
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        if state["stage"] != self.stage:
+            raise ValueError(f"the checkpoint belongs to stage {state['stage']!r}, not {self.stage!r}")
+        self.world_size, self.step, self.tokens_total = state["world_size"], state["step"], state["tokens_total"]
+        self.skipped, self.skipped_in_row = state["skipped"], state["skipped_in_row"]
+        self.data.load_state_dict(state["data"])
+        self.probe_ids = None if state["probe_ids"] is None else state["probe_ids"].to(device)
+        self.probe_topk = [t.to(device) for t in state["probe_topk"]]
 
 
 def rng_state() -> dict:
@@ -55,10 +89,10 @@ def _verify(tag_dir: Path, world_size: int) -> None:
         raise RuntimeError(f"checkpoint {tag_dir} has optimizer shards of {len(optim)} ranks, expected {world_size}")
 
 
-def save(engine, ckpt_dir: Path, step: int, train_state: dict, keep_last: int, world_size: int) -> None:
-    tag = f"step{step}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"train_state": train_state, "rng": rng_state()},
-                           save_latest=False)
+def save(engine, ckpt_dir: Path, state: TrainState, keep_last: int) -> None:
+    tag, world_size = f"step{state.step}", state.world_size
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"train_state": state.state_dict(),
+                                                                 "rng": rng_state()}, save_latest=False)
     eng.barrier()
     if eng.is_rank0():
         _verify(ckpt_dir / tag, world_size)
@@ -70,14 +104,14 @@ def save(engine, ckpt_dir: Path, step: int, train_state: dict, keep_last: int, w
     eng.barrier()
 
 
-def resume(engine, ckpt_dir: Path, world_size: int) -> dict | None:
-    """Loads the checkpoint named by `latest` into the engine; returns its train state (None: fresh start).
+def resume(engine, ckpt_dir: Path, state: TrainState) -> bool:
+    """Loads the checkpoint named by `latest` into the engine and `state`; False: none there (a fresh start).
 
     A checkpoint saved by another number of ranks stops with a ValueError, before DeepSpeed reads it where
     the optimizer is partitioned (ZeRO: one shard per rank), else from the saved train state."""
-    latest = ckpt_dir / LATEST
+    latest, world_size = ckpt_dir / LATEST, state.world_size
     if not latest.is_file():
-        return None
+        return False
     tag = latest.read_text().strip()
     _check_world_size(ckpt_dir, len(list((ckpt_dir / tag).glob("*optim_states.pt"))) or world_size, world_size)
     load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
@@ -85,7 +119,8 @@ def resume(engine, ckpt_dir: Path, world_size: int) -> dict | None:
         raise RuntimeError(f"{latest} names checkpoint {tag!r}, which cannot be loaded")
     _check_world_size(ckpt_dir, client["train_state"]["world_size"], world_size)  # stage 0: no optimizer shards
     set_rng_state(client["rng"])
-    return client["train_state"]
+    state.load_state_dict(client["train_state"], engine.device)
+    return True
 
 
 def _check_world_size(ckpt_dir: Path, saved: int, world_size: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +17,8 @@ from train.stages import STAGES, StageConfig
 
 @dataclass
 class RunConfig:
+    """Where a run lives and how it starts; defaults here only (conf/config.yaml does not repeat them)."""
+
     name: str = "default"          # run state lives in <root>/<name>/<stage>/
     root: str = "checkpoints"
     seed: int = 0
@@ -70,6 +73,31 @@ class TrainConfig:
         self.data.validate()
         self.deepspeed.validate()
         self.logging.validate()
+
+    def check_source(self) -> dict:
+        """The checks that need the config.json of the checkpoint the stage starts from (cheap: no weights).
+        Raises ValueError naming the keys; returns that config."""
+        from train.model.hf import source_config
+        from train.model.surgery import index_config
+
+        init = self.stage.init_from
+        if init is not None and not Path(init).is_dir():
+            before = {"sparse": " (run the warm-up first: make warmup with the same run.name)"}.get(self.stage.name, "")
+            raise ValueError(f"stage.init_from={init!r}: no such directory{before}")
+        path = self.model_path()
+        source = source_config(path, self.model.arch)
+        where = f"{path}/config.json" if path else "model.arch"
+        max_pos = source.get("max_position_embeddings")
+        if max_pos and self.data.seq_len > max_pos:
+            raise ValueError(f"data.seq_len={self.data.seq_len} is longer than the model's max_position_embeddings="
+                             f"{max_pos} ({where}); allowed: data.seq_len <= {max_pos}")
+        k = index_config(source, self.model)["index_topk"]
+        if self.stage.name == "sparse" and k >= self.data.seq_len:
+            origin = "model.index_topk" if self.model.index_topk is not None else f"index_topk of {where}"
+            raise ValueError(f"index_topk={k} ({origin}) is not below data.seq_len={self.data.seq_len}: every query "
+                             "would keep every token and the sparse stage would train dense attention; allowed: "
+                             f"model.index_topk < {self.data.seq_len}, or a longer data.seq_len")
+        return source
 
     def model_path(self) -> str | None:
         """The checkpoint this stage starts from; base builds from model.arch unless stage.init_from is set."""

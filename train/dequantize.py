@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from train.files import atomic_directory, write_shard_index
+
 FP8_DTYPES = (torch.float8_e4m3fn,)
 SCALE_SUFFIX = "_scale_inv"
 
@@ -106,8 +108,7 @@ def _write_shards(src: Path, tmp: Path, weight_map: dict[str, str], block: tuple
     if done == 0:
         raise DequantizeError(f"{src}: quantization_config says fp8, but no tensor is float8")
     if len(shards) > 1 or (src / "model.safetensors.index.json").is_file():
-        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(new_map.items()))}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_shard_index(tmp, new_map, total_bytes)
     return done
 
 
@@ -122,10 +123,7 @@ def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype:
     if dst.exists():
         raise DequantizeError(f"{dst}: exists; give a new directory")
     weight_map = _weight_map(src)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(dst, replace=False) as tmp:
         done = _write_shards(src, tmp, weight_map, block, dtype)
         config.pop("quantization_config")
         config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
@@ -134,10 +132,6 @@ def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype:
             if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in (
                     "config.json", "model.safetensors.index.json"):
                 shutil.copy2(extra, tmp / extra.name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
-        raise
-    os.replace(tmp, dst)
     print(f"[dequantize] {done} weights dequantised to {str(dtype).removeprefix('torch.')} -> {dst}", flush=True)
     return dst
 

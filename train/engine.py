@@ -120,18 +120,17 @@ def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict
     return engine, optimizer
 
 
-def state_dict_groups(engine):
-    """All ranks iterate it. Yields the model's state dict one group at a time (`hf.layer_groups`: a decoder
-    layer, or one tensor outside the layers) as CPU tensors on rank 0, and {} on the other ranks.
+def state_dict_groups(engine, group_keys):
+    """All ranks iterate it. Yields the model's state dict one group at a time (`group_keys(keys)` lists the
+    groups, e.g. the export's: a decoder layer, or one tensor outside the layers) as CPU tensors on rank 0, and
+    {} on the other ranks.
 
     Under ZeRO-3 each group's shards are gathered just for it, so no GPU holds more than one layer beyond its
     own shards and rank 0 holds one group in CPU memory (the export writes it before asking for the next)."""
-    from train.model.hf import layer_groups
-
     module = engine.module
     zero3 = engine.zero_optimization_stage() == 3
     state = module.state_dict(keep_vars=True)  # under ZeRO-3: the right names, the partitioned parameters
-    for keys in layer_groups(state):
+    for keys in group_keys(state):
         params = [state[k] for k in keys if isinstance(state[k], torch.nn.Parameter)]
         if zero3 and params:
             import deepspeed

@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
     p.add_argument("--index-n-heads", type=int, default=None)
     p.add_argument("--index-head-dim", type=int, default=None)
-    p.add_argument("--index-topk", type=int, default=2048)
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--index-topk", type=int, default=None, help="default: the source's, else 2048")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: the source's own")
     args = p.parse_args(argv)
     cfg = ModelConfig(path=args.source, index_n_heads=args.index_n_heads, index_head_dim=args.index_head_dim,
                       index_topk=args.index_topk, dtype=args.dtype)

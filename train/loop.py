@@ -14,7 +14,8 @@ from train.config import TrainConfig
 from train.data import TokenPipeline, check_tokenizer_fits, ensure_generated, load_tokenizer
 from train.metrics import MetricsLogger, peak_memory_gib
 from train.model import ModelConfig, build_model
-from train.model.hf import export_hf
+from train.checkpoint import TrainState
+from train.model.hf import export_hf, layer_groups
 from train.stages import STAGES, alignment_probe, compute_loss, param_groups
 
 
@@ -27,14 +28,22 @@ def lr_at(step: int, cfg) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def print_plan(cfg: TrainConfig, world_size: int) -> None:
+def print_plan(cfg: TrainConfig, world_size: int, model) -> None:
+    """The stage's sizes as they will run: preset, steps, batch, sequence length, learning rate and schedule,
+    the indexer and its top-k."""
     s = cfg.stage
+    schedule = ("constant" if s.min_lr_ratio == 1 else f"cosine to {s.min_lr_ratio:g}x") + (
+        f" after {s.lr_warmup_steps} warm-up steps" if s.lr_warmup_steps else "")
+    lrs = f"lr {s.lr:g}" + (f", indexer lr {s.indexer_lr:g}" if s.indexer_lr else "")
     eng.print0(
-        f"[plan] stage {s.name}: {s.steps:,} steps x {s.global_batch:,} sequences x {cfg.data.seq_len:,} tokens\n"
+        f"[plan] preset {cfg.preset.get('name', '-')}, stage {s.name}: {s.steps:,} steps x {s.global_batch:,} "
+        f"sequences x {cfg.data.seq_len:,} tokens; {lrs}, {schedule}\n"
         f"[plan] tokens per step: {cfg.tokens_per_step():,}\n"
         f"[plan] tokens in stage: {cfg.tokens_per_step() * s.steps:,}"
         + (f" (capped by stage.max_tokens={s.max_tokens:,})" if s.max_tokens else "") + "\n"
         f"[plan] ranks: {world_size}, micro batch {s.micro_batch}, gradient accumulation {cfg.grad_accum(world_size)}"
+        f"\n[plan] indexer: {model.index_n_heads} heads x {model.index_head_dim}, top-{model.index_topk} of "
+        f"{cfg.data.seq_len:,}"
     )
 
 
@@ -107,119 +116,133 @@ def train_step(engine, model, stage, cfg: TrainConfig, batch: dict, lr_scale: fl
     return totals, True
 
 
-def run_stage(cfg: TrainConfig, raw_cfg) -> None:
-    rank, world, local_rank = eng.init_distributed()
-    if cfg.run.dry_run:
-        return dry_run(cfg, world)
-    cfg.validate(world)
-    stage = STAGES[cfg.stage.name]
-    run_dir = Path(cfg.run.root) / cfg.run.name / stage.name
-    ckpt_dir = run_dir / "ckpt"
-    torch.manual_seed(cfg.run.seed)
-
+def build(cfg: TrainConfig, stage, rank: int, world: int, local_rank: int):
+    """(engine, model, tokenizer, data pipeline, optimizer groups) of a stage, from its config."""
     if eng.is_rank0():
         ensure_generated(cfg.data)
     eng.barrier()
     model_cfg = ModelConfig(**{**vars(cfg.model), "path": cfg.model_path()})
     model = build_model(model_cfg)
+    # One compute dtype for parameters, buffers, the indexer and the kernels' inputs: bf16 where DeepSpeed's bf16
+    # is on (its optimizer keeps fp32 master weights), else fp32 (Adam's updates would round away in bf16).
+    # The export writes the checkpoint's own dtype back.
+    model.weights_dtype = next(model.parameters()).dtype
+    model.to(torch.bfloat16 if eng.use_bf16(cfg.deepspeed) else torch.float32)
     model.activation_checkpointing = cfg.stage.activation_checkpointing
     model.keep_topk_for_recompute = not cfg.stage.recompute_topk
     tokenizer = load_tokenizer(cfg.data, model_cfg.path)
     check_tokenizer_fits(tokenizer, model.source_config["vocab_size"], cfg.data.tokenizer or model_cfg.path)
     data = TokenPipeline(cfg.data, tokenizer, rank=rank, world_size=world)
     data.prepare(build_missing=local_rank == 0)  # one tokenisation per node; its other ranks wait and share it
-
     groups = param_groups(model, stage, cfg.stage)
-    base_lrs = [g["lr"] for g in groups]
     ds_config = eng.build_ds_config(cfg.deepspeed, micro_batch=cfg.stage.micro_batch,
                                     grad_accum=cfg.grad_accum(world), world_size=world, lr=cfg.stage.lr,
                                     weight_decay=cfg.stage.weight_decay, grad_clip=cfg.stage.grad_clip,
                                     bf16=eng.use_bf16(cfg.deepspeed))
     engine, _ = eng.initialize(model, groups, ds_config)
-    model = engine.module
+    return engine, engine.module, tokenizer, data, groups
 
-    step, tokens_total, skipped, skipped_in_row = 0, 0, 0, 0
-    probe_ids, probe_topk = None, None  # a fixed micro-batch for the selection-overlap and recall probes
-    if cfg.run.resume:
-        state = checkpoint.resume(engine, ckpt_dir, world)
-        if state is not None:
-            step, tokens_total = state["step"], state["tokens_total"]
-            skipped, skipped_in_row = state.get("skipped", 0), state.get("skipped_in_row", 0)
-            data.load_state_dict(state["data"])
-            probe_ids = state["probe_ids"].to(engine.device)
-            probe_topk = [t.to(engine.device) for t in state["probe_topk"]] if state["probe_topk"] else None
-            eng.print0(f"[resume] {ckpt_dir} at step {step}, {tokens_total:,} tokens")
 
+def log_metrics(logger: MetricsLogger, state: TrainState, totals: dict, batch: dict, n_micro: int, lr: float,
+                since: tuple[float, int]) -> tuple[float, int]:
+    """Averages the step's summed metrics over all micro-batches of all ranks (one all-reduce), adds the counters,
+    logs them; returns the (time, tokens) the next interval's throughput counts from."""
+    keys = sorted(totals)
+    summed = eng.all_reduce_sum(torch.stack([totals[k] for k in keys]))
+    metrics = {k: v / n_micro for k, v in zip(keys, summed.tolist())}
+    now = time.perf_counter()
+    metrics.update({
+        "lr": lr,
+        "tokens/step": batch["global_tokens"],
+        "tokens/total": state.tokens_total,
+        "perf/tokens_per_sec": (state.tokens_total - since[1]) / max(now - since[0], 1e-9),
+        "mem/peak_gib": peak_memory_gib(),
+        "data/epoch": max(state.data.epochs),
+        "train/skipped_steps": state.skipped,
+    })
+    logger.log(state.step, metrics)
+    logger.progress(state.step, metrics)
+    return now, state.tokens_total
+
+
+def count_skip(state: TrainState, was_skipped: bool, totals: dict, cfg: TrainConfig) -> None:
+    if not was_skipped:
+        state.skipped_in_row = 0
+        return
+    state.skipped, state.skipped_in_row = state.skipped + 1, state.skipped_in_row + 1
+    bad = ", ".join(k for k, v in totals.items() if not torch.isfinite(v).all()) or "gradient norm"
+    eng.print0(f"[skip] step {state.step}: non-finite {bad}; update skipped ({state.skipped} so far, "
+               f"{state.skipped_in_row} in a row)")
+    if state.skipped_in_row >= cfg.stage.max_skipped_steps:
+        raise NonFiniteError(f"step {state.step}: {state.skipped_in_row} consecutive steps skipped for non-finite "
+                             f"values (stage.max_skipped_steps={cfg.stage.max_skipped_steps}); lower stage.lr or "
+                             "check the data, then relaunch")
+
+
+def export(engine, model, stage, tokenizer, out_dir: Path) -> None:
+    """The stage's Hugging Face export; under ZeRO-3 every rank takes part in gathering each layer."""
+    weights = eng.state_dict_groups(engine, layer_groups)
+    if eng.is_rank0():
+        export_hf(model, out_dir, dtype=model.weights_dtype, tokenizer=tokenizer, dense_only=stage.name == "base",
+                  groups=weights, log=eng.print0)
+    else:
+        for _ in weights:
+            pass
+
+
+def run_stage(cfg: TrainConfig, raw_cfg) -> None:
+    """Build, resume, train until the stage's limit, export."""
+    rank, world, local_rank = eng.init_distributed()
+    if cfg.run.dry_run:
+        return dry_run(cfg, world)
+    cfg.validate(world)
+    cfg.check_source()
+    stage = STAGES[cfg.stage.name]
+    run_dir = Path(cfg.run.root) / cfg.run.name / stage.name
+    ckpt_dir = run_dir / "ckpt"
+    torch.manual_seed(cfg.run.seed)
+    engine, model, tokenizer, data, groups = build(cfg, stage, rank, world, local_rank)
+    base_lrs = [g["lr"] for g in groups]
+
+    state = TrainState(stage=stage.name, world_size=world, data=data)
+    if cfg.run.resume and checkpoint.resume(engine, ckpt_dir, state):
+        eng.print0(f"[resume] {ckpt_dir} at step {state.step}, {state.tokens_total:,} tokens")
     logger = MetricsLogger(run_dir, cfg.logging, f"{cfg.run.name}-{stage.name}",
-                           OmegaConf.to_container(raw_cfg, resolve=True), enabled=eng.is_rank0())
-    logger.truncate_after(step)
+                           OmegaConf.to_container(raw_cfg, resolve=True), enabled=eng.is_rank0(),
+                           total_steps=cfg.stage.steps)
+    logger.truncate_after(state.step)
     if eng.is_rank0():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw_cfg, resolve=True))
-    print_plan(cfg, world)
+    print_plan(cfg, world, model)
     trainable = sum(p.numel() for g in groups for p in g["params"])
     eng.print0(f"[model] {sum(p.numel() for p in model.parameters()):,} parameters, {trainable:,} trained "
                f"({', '.join(g['name'] for g in groups)})")
 
     def limit_reached() -> bool:
-        return step >= cfg.stage.steps or (cfg.stage.max_tokens is not None and tokens_total >= cfg.stage.max_tokens)
+        s = cfg.stage
+        return state.step >= s.steps or (s.max_tokens is not None and state.tokens_total >= s.max_tokens)
 
-    t_last, tokens_last = time.perf_counter(), tokens_total
+    since = (time.perf_counter(), state.tokens_total)
     while not limit_reached():
         batch = data.next_batch(cfg.stage.global_batch)
-        if probe_ids is None:
-            probe_ids = batch["input_ids"][: cfg.stage.micro_batch].to(engine.device)
-        totals, was_skipped = train_step(engine, model, stage, cfg, batch, lr_at(step, cfg.stage), base_lrs,
-                                         step + 1)
-        step += 1
-        if was_skipped:
-            skipped, skipped_in_row = skipped + 1, skipped_in_row + 1
-            bad = ", ".join(k for k, v in totals.items() if not torch.isfinite(v).all()) or "gradient norm"
-            eng.print0(f"[skip] step {step}: non-finite {bad}; update skipped ({skipped} so far, "
-                       f"{skipped_in_row} in a row)")
-            if skipped_in_row >= cfg.stage.max_skipped_steps:
-                raise NonFiniteError(f"step {step}: {skipped_in_row} consecutive steps skipped for non-finite "
-                                     f"values (stage.max_skipped_steps={cfg.stage.max_skipped_steps}); lower "
-                                     "stage.lr or check the data, then relaunch")
-        else:
-            skipped_in_row = 0
-        tokens_total += batch["global_tokens"]  # every rank builds the same global batch: no collective needed
-        if step % cfg.stage.log_every == 0 or limit_reached():
+        if state.probe_ids is None:
+            state.probe_ids = batch["input_ids"][: cfg.stage.micro_batch].to(engine.device)
+        totals, was_skipped = train_step(engine, model, stage, cfg, batch, lr_at(state.step, cfg.stage), base_lrs,
+                                         state.step + 1)
+        state.step += 1
+        count_skip(state, was_skipped, totals, cfg)
+        state.tokens_total += batch["global_tokens"]  # every rank builds the same global batch: no collective
+        if state.step % cfg.stage.log_every == 0 or limit_reached():
             if stage.trains_indexer:
-                probe, probe_topk = alignment_probe(model, stage, probe_ids, probe_topk)
+                probe, state.probe_topk = alignment_probe(model, stage, state.probe_ids, state.probe_topk or None)
                 totals.update({k: v * cfg.grad_accum(world) for k, v in probe.items()})  # averaged below
-            keys = sorted(totals)
-            summed = eng.all_reduce_sum(torch.stack([totals[k] for k in keys]))
-            n_micro = cfg.grad_accum(world) * world
-            metrics = {k: v / n_micro for k, v in zip(keys, summed.tolist())}
-            now = time.perf_counter()
-            metrics.update({
-                "lr": base_lrs[-1] * lr_at(step - 1, cfg.stage),
-                "tokens/step": batch["global_tokens"],
-                "tokens/total": tokens_total,
-                "perf/tokens_per_sec": (tokens_total - tokens_last) / max(now - t_last, 1e-9),
-                "mem/peak_gib": peak_memory_gib(),
-                "data/epoch": max(data.epochs),
-                "train/skipped_steps": skipped,
-            })
-            t_last, tokens_last = now, tokens_total
-            logger.log(step, metrics)
-            logger.progress(step, cfg.stage.steps, metrics)
-        if step % cfg.stage.save_every == 0 or limit_reached():
-            checkpoint.save(engine, ckpt_dir, step, {"step": step, "tokens_total": tokens_total,
-                                                     "data": data.state_dict(), "world_size": world,
-                                                     "skipped": skipped, "skipped_in_row": skipped_in_row,
-                                                     "stage": stage.name, "probe_ids": probe_ids.cpu(),
-                                                     "probe_topk": [t.cpu() for t in probe_topk or []]},
-                            keep_last=cfg.stage.keep_last, world_size=world)
+            since = log_metrics(logger, state, totals, batch, cfg.grad_accum(world) * world,
+                                base_lrs[-1] * lr_at(state.step - 1, cfg.stage), since)
+        if state.step % cfg.stage.save_every == 0 or limit_reached():
+            checkpoint.save(engine, ckpt_dir, state, keep_last=cfg.stage.keep_last)
     logger.close()
-    weights = eng.state_dict_groups(engine)  # ZeRO-3 gathers one layer at a time: every rank takes part
-    if eng.is_rank0():
-        export_hf(model, run_dir / "export", tokenizer=tokenizer, dense_only=stage.name == "base", groups=weights,
-                  log=eng.print0)
-    else:
-        for _ in weights:
-            pass
-    eng.print0(f"[done] {stage.name}: {step} steps, {tokens_total:,} tokens; export in {run_dir / 'export'}")
+    export(engine, model, stage, tokenizer, run_dir / "export")
+    eng.print0(f"[done] {stage.name}: {state.step} steps, {state.tokens_total:,} tokens; export in "
+               f"{run_dir / 'export'}")
     eng.barrier()
-

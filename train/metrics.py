@@ -39,8 +39,9 @@ def peak_memory_gib() -> float:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, run_name: str, config: dict, enabled: bool):
-        self.enabled, self.cfg = enabled, cfg
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, run_name: str, config: dict, enabled: bool,
+                 total_steps: int = 0):
+        self.enabled, self.cfg, self.total_steps = enabled, cfg, total_steps
         self.path = run_dir / "metrics.jsonl"
         self._wandb = None
         if not enabled:
@@ -73,12 +74,12 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
-    def progress(self, step: int, total: int, metrics: dict[str, float]) -> None:
+    def progress(self, step: int, metrics: dict[str, float]) -> None:
         if not (self.enabled and self.cfg.progress):
             return
         keys = ("loss/lm", "loss/indexer_kl", "indexer/recall")
         shown = "  ".join(f"{k.split('/')[-1]} {metrics[k]:.4f}" for k in keys if k in metrics)
-        print(f"step {step}/{total}  {shown}  tokens {int(metrics['tokens/total']):,}  "
+        print(f"step {step}/{self.total_steps}  {shown}  tokens {int(metrics['tokens/total']):,}  "
               f"{metrics['perf/tokens_per_sec']:,.0f} tok/s", flush=True)
 
     def close(self) -> None:

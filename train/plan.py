@@ -19,21 +19,10 @@ from __future__ import annotations
 from train.engine import ZERO_STAGES, use_bf16
 
 
-def source_config(cfg) -> dict:
-    from transformers import DeepseekV3Config
-
-    from train.model.hf import read_config
-
-    path = cfg.model_path()
-    if path is not None and not cfg.model.arch:
-        return read_config(path)
-    return DeepseekV3Config(**cfg.model.arch).to_dict()
-
-
 def count_parameters(config: dict, index_n_heads: int, index_head_dim: int) -> dict:
-    from train.model.hf import _meta_model
+    from train.model.hf import meta_model
 
-    meta = _meta_model(config)
+    meta = meta_model(config)
     C, Q = config["hidden_size"], config["q_lora_rank"]
     G, D = index_n_heads, index_head_dim
     L = config["num_hidden_layers"]
@@ -86,9 +75,14 @@ def memory_per_gpu(total: int, trainable: int, world: int, zero: int, bf16: bool
 
 
 def make_plan(cfg, world: int) -> dict:
-    config = source_config(cfg)
-    G = cfg.model.index_n_heads or config.get("index_n_heads") or 64
-    D = cfg.model.index_head_dim or config.get("index_head_dim") or 128
+    from train.model.surgery import index_config
+
+    from train.model.hf import source_config
+
+    # a plan reads shapes only: the architecture when the config has one, else the checkpoint's config.json
+    config = source_config(None if cfg.model.arch else cfg.model_path(), cfg.model.arch)
+    index = index_config(config, cfg.model)
+    G, D = index["index_n_heads"], index["index_head_dim"]
     params = count_parameters(config, G, D)
     stage = cfg.stage
     trainable = {"base": params["backbone"], "warmup": params["indexer"], "sparse": params["total"]}[stage.name]
@@ -101,7 +95,7 @@ def make_plan(cfg, world: int) -> dict:
         "gradient_accumulation": stage.global_batch // (stage.micro_batch * world),
         "memory_per_gpu_bytes": {f"zero{z}": memory_per_gpu(params["total"], trainable, world, z, bf16)
                                  for z in ZERO_STAGES},
-        "flops_per_token": flops_per_token(config, params, cfg.data.seq_len, cfg.model.index_topk, G, D),
+        "flops_per_token": flops_per_token(config, params, cfg.data.seq_len, index["index_topk"], G, D),
     }
 
 

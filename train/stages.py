@@ -1,8 +1,8 @@
 """The three stages as data: which parameters train, which attention mode runs, which losses apply.
 
 base:   dense LM pre-training of the source model (the embedded default's `make base`); indexers unused.
-warmup: DSA.md §1 stage 1. Backbone frozen and forward-only, attention dense, indexer KL over the full span.
-sparse: DSA.md §1 stage 2. Top-k attention, LM loss for the model, KL over the selected set for the
+warmup: backbone frozen and forward-only, attention dense, indexer KL over the full span.
+sparse: top-k attention, LM loss for the model, KL over the selected set for the
         indexers (whose inputs are detached, so each loss reaches only its own parameters).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from omegaconf import MISSING
 
 from train.model import AttentionMode, DSAForCausalLM
 
@@ -35,12 +36,14 @@ STAGES = {
 
 @dataclass
 class StageConfig:
+    """How a stage trains. Its size (steps, global_batch, lr) has one home: the preset (conf/preset/)."""
+
     name: str = "warmup"
-    steps: int = 1000
+    steps: int = MISSING
     max_tokens: int | None = None      # stop once this many tokens (all ranks) were trained on
-    global_batch: int = 16             # sequences per optimizer step, over all ranks
+    global_batch: int = MISSING        # sequences per optimizer step, over all ranks
     micro_batch: int = 1               # sequences per rank per forward
-    lr: float = 1e-3
+    lr: float = MISSING
     indexer_lr: float | None = None    # sparse stage: the indexer's own lr (null: stage.lr)
     lr_warmup_steps: int = 0
     min_lr_ratio: float = 1.0          # cosine decay to lr * min_lr_ratio (1.0: constant)
@@ -59,8 +62,8 @@ class StageConfig:
     max_skipped_steps: int = 16        # on_nonfinite=skip: stop once this many consecutive steps were skipped
 
 
-def mode_of(stage: Stage, model: DSAForCausalLM) -> AttentionMode:
-    return AttentionMode(sparse=stage.sparse, indexer_loss=stage.indexer_loss, topk=model.index_topk)
+def mode_of(stage: Stage) -> AttentionMode:
+    return AttentionMode(sparse=stage.sparse, indexer_loss=stage.indexer_loss)
 
 
 def set_trainable(model: DSAForCausalLM, stage: Stage) -> None:
@@ -88,7 +91,7 @@ def compute_loss(model: DSAForCausalLM, stage: Stage, cfg: StageConfig, input_id
 
     `forward` runs `model`'s forward: the DeepSpeed engine in training (default: the model itself)."""
     forward = forward or model
-    mode = mode_of(stage, model)
+    mode = mode_of(stage)
     metrics: dict[str, torch.Tensor] = {}
     loss = torch.zeros((), device=input_ids.device)
     if stage.lm_loss:
@@ -122,7 +125,7 @@ def alignment_probe(model: DSAForCausalLM, stage: Stage, probe_ids: torch.Tensor
     with the previous probe's) and, in the sparse stage, the indexer's recall of the dense attention it
     replaces. Returns (metrics, the selected sets to pass as `previous_topk` next time)."""
     metrics: dict[str, torch.Tensor] = {}
-    model.hidden_states(probe_ids, AttentionMode(sparse=True, topk=model.index_topk, keep_topk=True))
+    model.hidden_states(probe_ids, AttentionMode(sparse=True, keep_topk=True))
     # Overlap is measured on 64 fixed query positions: small enough to keep in checkpoints at any length.
     L = probe_ids.shape[1]
     positions = torch.linspace(0, L - 1, min(64, L), device=probe_ids.device).round().long()
@@ -133,7 +136,7 @@ def alignment_probe(model: DSAForCausalLM, stage: Stage, probe_ids: torch.Tensor
         for i, v in enumerate(overlaps):
             metrics[f"indexer/selection_overlap_per_layer/{i}"] = v
     if stage.sparse:  # the warm-up measures recall on every training batch already
-        model.hidden_states(probe_ids, AttentionMode(sparse=False, indexer_loss=True, topk=model.index_topk))
+        model.hidden_states(probe_ids, AttentionMode(sparse=False, indexer_loss=True))
         recalls = [s.recall_BL.float().mean() for s in model.layer_stats()]
         metrics["indexer/recall"] = torch.stack(recalls).mean()
         for i, v in enumerate(recalls):

@@ -2,7 +2,8 @@
 
 import pytest
 
-from train.bench import sweep_summary, table, window_selection
+from bench.common import window_selection
+from bench.report import sweep_summary, table
 
 
 def test_sweep_summary_picks_the_fastest_and_counts_failures():
@@ -35,7 +36,7 @@ def test_window_selection_takes_the_last_k_positions():
 
 
 def test_sparse_bound_counts_causal_selections_and_keeps_the_rest_of_the_step():
-    from train.bench import sparse_bound
+    from bench.bound import sparse_bound
 
     # L = 4 with top-2: rows select 1, 2, 2, 2 keys; 1 layer of 1 head; the dense step is 10 ms, 6 of attention.
     row = sparse_bound(4, 10.0, 6.0, 1.0, layers=1, heads=1, k=2)

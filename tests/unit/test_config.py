@@ -34,9 +34,43 @@ def test_paper_preset_numbers():
     assert (warm.stage.steps, warm.stage.global_batch, warm.stage.lr, warm.data.seq_len) == (1000, 16, 1e-3, 131072)
     assert warm.tokens_per_step() * warm.stage.steps == 2_097_152_000
     assert (sparse.stage.steps, sparse.stage.global_batch, sparse.stage.lr) == (15000, 480, 7.3e-6)
-    assert sparse.model.index_topk == 2048
     assert sparse.tokens_per_step() * sparse.stage.steps == 943_718_400_000
     assert sparse.stage.init_from == "checkpoints/default/warmup/export"
+
+
+@pytest.mark.parametrize("stage", ["warmup", "sparse"])
+def test_a_real_model_starts_from_the_paper_recipe_and_the_default_from_its_own(stage):
+    real = _cfg("model=deepseek_v3", "model.path=/ckpt", f"stage={stage}")
+    paper = _cfg("preset=paper", f"stage={stage}")
+    assert real.preset["name"] == "paper"
+    assert (real.stage.steps, real.stage.global_batch, real.stage.lr, real.data.seq_len) == (
+        paper.stage.steps, paper.stage.global_batch, paper.stage.lr, paper.data.seq_len)
+    assert real.model.index_topk is None and real.model.dtype is None  # the checkpoint's own
+    default = _cfg(f"stage={stage}")
+    assert default.preset["name"] == "synthetic" and default.data.seq_len == 512
+
+
+def test_stage_files_hold_no_sizes():
+    """Steps, batch and lr have one home, the presets: no stage file repeats them."""
+    import yaml
+
+    for f in (Path(CONF) / "stage").glob("*.yaml"):
+        assert not {"steps", "global_batch", "lr"} & set(yaml.safe_load(f.read_text())), f
+
+
+def test_indexer_defaults_scale_with_the_model():
+    from train.model.surgery import ModelConfig, index_config
+
+    v3 = dict(num_attention_heads=128, qk_nope_head_dim=128, qk_rope_head_dim=64)
+    small = dict(num_attention_heads=4, qk_nope_head_dim=32, qk_rope_head_dim=16)
+    assert index_config(v3, ModelConfig()) == {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
+    assert index_config(small, ModelConfig()) == {"index_n_heads": 2, "index_head_dim": 32, "index_topk": 2048}
+    # an export's own indexer wins over the defaults, and top-k may be overridden
+    export = {**small, "index_n_heads": 3, "index_head_dim": 16, "index_topk": 64}
+    assert index_config(export, ModelConfig()) == {"index_n_heads": 3, "index_head_dim": 16, "index_topk": 64}
+    assert index_config(export, ModelConfig(index_topk=32))["index_topk"] == 32
+    with pytest.raises(ValueError, match="model.index_n_heads=4 but the checkpoint's indexer has index_n_heads=3"):
+        index_config(export, ModelConfig(index_n_heads=4))
 
 
 @pytest.mark.parametrize("overrides, needles", [
@@ -45,6 +79,7 @@ def test_paper_preset_numbers():
                                                         "multiple of 4"]),
     (["stage.name=dense"], ["stage.name='dense'", "base, warmup, sparse"]),
     (["model.index_topk=0"], ["model.index_topk=0", ">= 1"]),
+    (["model.dtype=fp8"], ["model.dtype='fp8'", "float32, bfloat16, float16"]),
     (["model.path=null"], ["model.path is null"]),
     (["deepspeed.zero_stage=4"], ["deepspeed.zero_stage=4", "0, 1, 2, 3"]),
     (["logging.wandb.mode=cloud"], ["logging.wandb.mode='cloud'", "offline"]),
@@ -55,6 +90,37 @@ def test_paper_preset_numbers():
 def test_invalid_values_name_key_value_and_allowed(overrides, needles):
     with pytest.raises(ValueError) as e:
         _cfg(*overrides).validate(world_size=1)
+    for n in needles:
+        assert n in str(e.value), str(e.value)
+
+
+def _v3_dir(tmp_path, **config):
+    import json
+
+    from tests.conftest import TINY_ARCH
+
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", **TINY_ARCH, **config}))
+    return str(d)
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["data.seq_len=2048"], ["data.seq_len=2048", "max_position_embeddings=1024", "config.json",
+                             "data.seq_len <= 1024"]),
+    (["stage=sparse", "data.seq_len=512", "stage.init_from=SRC"], [
+        "index_topk=2048 (index_topk of", "data.seq_len=512", "model.index_topk < 512"]),
+    (["stage=sparse", "data.seq_len=64", "model.index_topk=64", "stage.init_from=SRC"], [
+        "index_topk=64 (model.index_topk)", "model.index_topk < 64"]),
+    (["stage=sparse", "stage.init_from=/nowhere/warmup/export"], [
+        "stage.init_from='/nowhere/warmup/export'", "run the warm-up first"]),
+])
+def test_checks_against_the_source_checkpoint(tmp_path, overrides, needles):
+    src = _v3_dir(tmp_path, max_position_embeddings=1024)
+    cfg = _cfg("model=deepseek_v3", f"model.path={src}", *[o.replace("SRC", src) for o in overrides])
+    cfg.validate(world_size=1)
+    with pytest.raises(ValueError) as e:
+        cfg.check_source()
     for n in needles:
         assert n in str(e.value), str(e.value)
 

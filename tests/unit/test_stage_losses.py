@@ -23,7 +23,7 @@ def _grad_norms(params):
 def test_sparse_lm_loss_reaches_only_the_main_model(tiny_arch):
     model, groups, ids, labels = _setup(tiny_arch, "sparse")
     backbone, indexer = groups[0]["params"], groups[1]["params"]
-    mode = mode_of(STAGES["sparse"], model)
+    mode = mode_of(STAGES["sparse"])
     assert mode.sparse and mode.indexer_loss
     lm_sum, n = model.lm_loss(ids, labels, mode)
     (lm_sum / n).backward()
@@ -48,7 +48,7 @@ def test_warmup_trains_only_indexers_without_a_backbone_graph(tiny_arch):
     assert [g["name"] for g in groups] == ["indexer"]
     assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.indexer_parameters()}
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".indexer." not in n)
-    h = model.hidden_states(ids, mode_of(STAGES["warmup"], model))
+    h = model.hidden_states(ids, mode_of(STAGES["warmup"]))
     assert h.grad_fn is None, "the frozen backbone builds no autograd graph"
     loss, metrics = compute_loss(model, STAGES["warmup"], StageConfig(name="warmup"), ids, labels)
     loss.backward()

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from train.data.sources import DataError, SourceConfig, resolve_files
+from train.files import remove_stale_temporaries
 
 FORMAT = 1
 BATCH_DOCS = 256
@@ -76,16 +77,6 @@ class TokenCache:
         return int(self.offsets[-1])
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def build(folder: Path, documents, what: str) -> None:
     """Tokenises `documents` (an iterable of int token arrays) into the entry `folder`, atomically."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
@@ -121,9 +112,7 @@ def load_or_build(folder: Path, src: SourceConfig, documents, build_missing: boo
     if not is_complete(folder):
         if build_missing:
             folder.parent.mkdir(parents=True, exist_ok=True)
-            for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # left by a killed tokenisation
-                if not _pid_alive(int(stale.name.rsplit("-", 1)[1])):
-                    shutil.rmtree(stale, ignore_errors=True)
+            remove_stale_temporaries(folder)  # left by a killed tokenisation
             build(folder, documents(), f"data source path={src.path!r}")
         t0 = time.time()
         while not is_complete(folder):

@@ -25,7 +25,8 @@ class AttentionMode:
 
     sparse: bool = False          # top-k sparse attention instead of dense
     indexer_loss: bool = False    # compute the indexer KL (dense: full causal span; sparse: selected set)
-    topk: int = 2048              # tokens per query in sparse mode, and for the warm-up recall metric
+    topk: int | None = None       # tokens per query in sparse mode and for the recall metric; None: the
+                                  # indexer's own (`index_topk`); evaluation may ask for another
     keep_topk: bool = False       # keep the selection in `stats` (the probes read it; training does not, and
                                   # L x k indices per layer would otherwise stay alive until the next forward)
 
@@ -128,7 +129,8 @@ class DSAAttention(nn.Module):
         if indexer_out is not None:
             qi_BLGD, ki_BLD, wi_BLG = indexer_out
             kl_BL, recall_BL = ops.dense_indexer_kl(
-                qi_BLGD, ki_BLD, wi_BLG, q_BLHD.detach(), k_BLHD.detach(), self.softmax_scale, mode.topk
+                qi_BLGD, ki_BLD, wi_BLG, q_BLHD.detach(), k_BLHD.detach(), self.softmax_scale,
+                mode.topk or self.indexer.topk,
             )
             stats = AttentionStats(kl_BL=kl_BL, recall_BL=recall_BL)
         return out_BLHV, stats
@@ -148,7 +150,7 @@ class DSAAttention(nn.Module):
         return topk_BLK
 
     def _sparse(self, q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, qi_BLGD, ki_BLD, wi_BLG, mode):
-        topk_BLK = self._select(qi_BLGD, ki_BLD, wi_BLG, mode.topk)
+        topk_BLK = self._select(qi_BLGD, ki_BLD, wi_BLG, mode.topk or self.indexer.topk)
         w_uk_HNA, w_uv_HVA = self.absorbed_weights()
         q_latent_BLHA = torch.einsum("blhn,hna->blha", q_nope_BLHN, w_uk_HNA)
         q_BLHD = torch.cat((q_latent_BLHA, q_rope_BLHR), dim=-1)

@@ -12,14 +12,15 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
+from train.files import atomic_directory, write_shard_index
+
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v32")
 
-# The indexer's checkpoint keys under `model.layers.{i}.self_attn.indexer.` and their shapes (DSA.md §2).
+# The indexer's checkpoint keys under `model.layers.{i}.self_attn.indexer.` and their shapes .
 INDEXER_KEYS = {
     "wq_b.weight": lambda c: (c["index_n_heads"] * c["index_head_dim"], c["q_lora_rank"]),
     "wk.weight": lambda c: (c["index_head_dim"], c["hidden_size"]),
@@ -74,7 +75,17 @@ def read_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def _meta_model(config: dict):
+def source_config(path: str | None, arch: dict) -> dict:
+    """The config dict of the model a stage starts from: `path`'s config.json (checked), or the DeepseekV3Config
+    of `arch` (with transformers' defaults filled in)."""
+    if path is not None:
+        return read_config(path)
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(**arch).to_dict()
+
+
+def meta_model(config: dict):
     """A transformers model of this config on the meta device (shapes only, no memory)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -87,7 +98,7 @@ def disk_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor a checkpoint of this config holds on disk, with its shape."""
     shapes = {}
     expert = re.compile(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-    for name, tensor in _meta_model(config).state_dict().items():
+    for name, tensor in meta_model(config).state_dict().items():
         m = expert.match(name)
         if m is None:
             shapes[name] = tuple(tensor.shape)
@@ -210,8 +221,7 @@ class _ShardWriter:
             name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             os.replace(self.folder / f"part-{i}.safetensors", self.folder / name)
             weight_map.update({k: name for k in keys})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_shard_index(self.folder, weight_map, self.total_bytes)
 
 
 def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = None, tokenizer=None,
@@ -245,11 +255,7 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
     if groups is None:
         state = model.state_dict()
         groups = ({k: state[k] for k in keys} for keys in layer_groups(state))
-    out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out_dir) as tmp:
         writer, seen, first_dtype = _ShardWriter(tmp, max_shard_bytes, log), set(), None
         for group in groups:
             part = {}
@@ -275,10 +281,4 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
         hf_model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return Path(out_dir)

@@ -1,4 +1,4 @@
-"""The lightning indexer of one layer (DSA.md §2): projections that score which past tokens a query needs.
+"""The lightning indexer of one layer: projections that score which past tokens a query needs.
 
 Dimension legend: B batch, L sequence, C hidden size, Q q_lora_rank, G indexer heads, D indexer head dim,
 R rope dims (the first R of D).
@@ -37,11 +37,12 @@ class Indexer(nn.Module):
     """
 
     def __init__(self, hidden_size: int, q_lora_rank: int, num_heads: int, head_dim: int, rope_dim: int,
-                 init_std: float = 0.02):
+                 topk: int = 2048, init_std: float = 0.02):
         super().__init__()
         if rope_dim > head_dim:
             raise ValueError(f"index_head_dim={head_dim} must be >= qk_rope_head_dim={rope_dim}")
         self.num_heads, self.head_dim, self.rope_dim = num_heads, head_dim, rope_dim
+        self.topk = topk  # tokens each query keeps in sparse mode (`index_topk`)
         self.wq_b = nn.Linear(q_lora_rank, num_heads * head_dim, bias=False)
         self.wk = nn.Linear(hidden_size, head_dim, bias=False)
         self.k_norm = nn.LayerNorm(head_dim, eps=1e-6)

@@ -55,20 +55,31 @@ class DSABackbone(nn.Module):
 
 
 class DSAForCausalLM(nn.Module):
-    """`source_config` is the source checkpoint's config dict; `index_*` are the DSA fields of DeepseekV32Config."""
+    """`source_config` is the source checkpoint's config dict; the DSA fields of DeepseekV32Config (`index_*`)
+    are the indexers' own."""
 
-    def __init__(self, backbone: DSABackbone, lm_head: nn.Module, source_config: dict, index_n_heads: int,
-                 index_head_dim: int, index_topk: int):
+    def __init__(self, backbone: DSABackbone, lm_head: nn.Module, source_config: dict):
         super().__init__()
         self.model, self.lm_head = backbone, lm_head
         self.source_config = source_config
-        self.index_n_heads, self.index_head_dim, self.index_topk = index_n_heads, index_head_dim, index_topk
         self.activation_checkpointing = False
         self.keep_topk_for_recompute = True  # under checkpointing: keep each layer's top-k for its recomputation
 
     @property
     def layers(self) -> nn.ModuleList:
         return self.model.layers
+
+    @property
+    def index_n_heads(self) -> int:
+        return self.layers[0].self_attn.indexer.num_heads
+
+    @property
+    def index_head_dim(self) -> int:
+        return self.layers[0].self_attn.indexer.head_dim
+
+    @property
+    def index_topk(self) -> int:
+        return self.layers[0].self_attn.indexer.topk
 
     def indexer_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers for p in layer.self_attn.indexer.parameters()]

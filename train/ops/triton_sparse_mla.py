@@ -119,11 +119,7 @@ def _sparse_mla_probs_kernel(q_ptr, kv_ptr, idx_ptr, lse_ptr, p_ptr, o_ptr, scal
 @triton.jit
 def _sparse_mla_bwd_kernel(q_ptr, kv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dkv_ptr, scale, L, K, H,
                            sq_t, sq_h, skv_b, skv_s, si_t, sdo_t, sdo_h, sl_t, sdq_t, sdq_h, sdkv_b, sdkv_s,
-                           DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
-                           WRITES: tl.constexpr = 0):
-    """WRITES (a benchmark diagnostic, `python -m train.bench --sweep sparse_mla_writes`): 0 adds the latent-row
-    gradients with atomics (the only correct one), 1 stores them (races), 2 adds one number per row (their sum,
-    so that the compiler keeps the computation): what the atomics cost."""
+                           DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
     pid_t, b, offs_h, hmask = _program(L, H, BH)
     offs_v = tl.arange(0, DV)
     offs_r = tl.arange(0, DR)
@@ -145,17 +141,14 @@ def _sparse_mla_bwd_kernel(q_ptr, kv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, d
         dkvn = tl.dot(dsT, qn) + tl.dot(tl.trans(p.to(do.dtype)), do)
         dkvr = tl.dot(dsT, qr)
         drow = dkv_ptr + b * sdkv_b + safe * sdkv_s
-        if WRITES == 0:
-            tl.atomic_add(drow[:, None] + offs_v[None, :], dkvn, mask=valid[:, None], sem="relaxed")
-            tl.atomic_add(drow[:, None] + DV + offs_r[None, :], dkvr, mask=valid[:, None], sem="relaxed")
-        elif WRITES == 1:
-            tl.store(drow[:, None] + offs_v[None, :], dkvn, mask=valid[:, None])
-            tl.store(drow[:, None] + DV + offs_r[None, :], dkvr, mask=valid[:, None])
-        else:
-            tl.atomic_add(drow, tl.sum(dkvn, 1) + tl.sum(dkvr, 1), mask=valid, sem="relaxed")
+        tl.atomic_add(drow[:, None] + offs_v[None, :], dkvn, mask=valid[:, None], sem="relaxed")
+        tl.atomic_add(drow[:, None] + DV + offs_r[None, :], dkvr, mask=valid[:, None], sem="relaxed")
     dq_base = dq_ptr + pid_t * sdq_t + offs_h[:, None] * sdq_h
     tl.store(dq_base + offs_v[None, :], dqn.to(dq_ptr.dtype.element_ty), mask=hmask[:, None])
     tl.store(dq_base + DV + offs_r[None, :], dqr.to(dq_ptr.dtype.element_ty), mask=hmask[:, None])
+
+
+KERNELS = (_sparse_mla_fwd_kernel, _sparse_mla_probs_kernel, _sparse_mla_bwd_kernel)  # what a profile reads
 
 
 def _shapes(q, kv, idx, v_dim):
@@ -164,7 +157,7 @@ def _shapes(q, kv, idx, v_dim):
     return B, L, H, D, K, v_dim, D - v_dim
 
 
-# Launch configurations: the fastest of `python -m train.bench --sweep sparse_mla` on the H200 (d_qk 576,
+# Launch configurations: the fastest of `python -m bench --sweep sparse_mla` on the H200 (d_qk 576,
 # top-2048), for DeepSeek-V3's 128 heads (at L = 16K) and for one head block of 16 (--sweep-heads 16, L = 64K:
 # the 1B model; larger key blocks, fewer warps).
 CONFIGS = {
@@ -224,8 +217,8 @@ def sparse_mla_forward_given_lse(q, kv, idx, lse, scale: float, v_dim: int):
 
 
 def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int, BH: int | None = None,
-                        BK: int | None = None, warps: int | None = None, stages: int | None = None, writes: int = 0):
-    """(dq like q, dkv like kv). `writes` != 0: the benchmark's diagnostic, dkv is wrong (see the kernel)."""
+                        BK: int | None = None, warps: int | None = None, stages: int | None = None):
+    """(dq like q, dkv like kv)."""
     B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
     grid, BH, BK, warps, stages = _launch("bwd", B, L, H, BH, BK, warps, stages)
     grad_out = grad_out.contiguous()
@@ -237,7 +230,7 @@ def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int
     _sparse_mla_bwd_kernel[grid](q, kv, idx, grad_out, lse, delta, dq, dkv, scale, L, K, H, q.stride(1),
                                  q.stride(2), kv.stride(0), kv.stride(1), idx.stride(1), grad_out.stride(1),
                                  grad_out.stride(2), lse.stride(1), dq.stride(1), dq.stride(2), dkv.stride(0),
-                                 dkv.stride(1), DV=DV, DR=DR, BH=BH, BK=BK, WRITES=writes, num_warps=warps,
+                                 dkv.stride(1), DV=DV, DR=DR, BH=BH, BK=BK, num_warps=warps,
                                  num_stages=stages)
     return dq, dkv.to(kv.dtype)
 

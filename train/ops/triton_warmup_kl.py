@@ -206,16 +206,16 @@ def _indexer_block(qi, ki, wi, t0, t1, topk, need_kth=True):
     return logits, torch.logsumexp(logits, dim=-1).contiguous(), kth
 
 
-# Launch configuration of `_kl_kernel`: the fastest of `python -m train.bench --sweep warmup_kl` on the H200.
+# Launch configuration of `_kl_kernel`: the fastest of `python -m bench --sweep warmup_kl` on the H200.
 KL_CONFIG = dict(BT=128, BS=64, NS=4, num_warps=8, num_stages=3)
 
 
-def _kl_launch(qa, ka, lse_a, buf, lse_s, kth, g, scale, t0, grad):
+def _kl_launch(qa, ka, lse_a, buf, lse_s, kth, g, scale, t0, grad, config):
     """Forward (grad False): (kl, recall) sums of rows t0..t0+R-1 [B, R]; backward: buf <- dKL/dI, None."""
     B, L, H, D = qa.shape
     D1, D2 = _split(D)
     R, S = buf.shape[1], buf.shape[2]
-    cfg = dict(KL_CONFIG)
+    cfg = dict(config)
     BT, BS, NS = cfg.pop("BT"), cfg.pop("BS"), cfg.pop("NS")
     chunks = triton.cdiv(S, BS * NS)
     kl = rec = None
@@ -233,7 +233,7 @@ def _kl_launch(qa, ka, lse_a, buf, lse_s, kth, g, scale, t0, grad):
 
 class DenseIndexerKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qi, ki, wi, qa, ka, scale, topk, rows):
+    def forward(ctx, qi, ki, wi, qa, ka, scale, topk, rows, config):
         qi, ki, wi, qa, ka = (t.contiguous() for t in (qi, ki, wi, qa, ka))
         ctx.k_dtype = ki.dtype
         ki = ki.to(qi.dtype)
@@ -245,9 +245,10 @@ class DenseIndexerKL(torch.autograd.Function):
         for t0 in range(0, L, rows):
             t1 = min(L, t0 + rows)
             buf, lse_s, kth = _indexer_block(qi, ki, wi, t0, t1, topk)
-            kl[:, t0:t1], rec[:, t0:t1] = _kl_launch(qa, ka, lse_a, buf, lse_s, kth, kl, scale, t0, grad=False)
+            kl[:, t0:t1], rec[:, t0:t1] = _kl_launch(qa, ka, lse_a, buf, lse_s, kth, kl, scale, t0, grad=False,
+                                                    config=config)
         ctx.save_for_backward(qi, ki, wi, qa, ka, lse_a)
-        ctx.scale, ctx.topk, ctx.rows = scale, topk, rows
+        ctx.scale, ctx.topk, ctx.rows, ctx.config = scale, topk, rows, config
         ctx.mark_non_differentiable(rec)
         return kl, rec
 
@@ -264,7 +265,7 @@ class DenseIndexerKL(torch.autograd.Function):
             t1 = min(L, t0 + rows)
             R = t1 - t0
             buf, lse_s, _ = _indexer_block(qi, ki, wi, t0, t1, ctx.topk, need_kth=False)
-            _kl_launch(qa, ka, lse_a, buf, lse_s, lse_s, dkl, ctx.scale, t0, grad=True)
+            _kl_launch(qa, ka, lse_a, buf, lse_s, lse_s, dkl, ctx.scale, t0, grad=True, config=ctx.config)
             _dq_kernel[(triton.cdiv(R, BT), G, B)](qi, ki, wi, buf, dq, dw, t0, R, L, qi.stride(0), qi.stride(1),
                                                    qi.stride(2), ki.stride(0), ki.stride(1), wi.stride(0),
                                                    wi.stride(1), buf.stride(0), buf.stride(1), D=D, BT=BT, BS=BS,
@@ -273,11 +274,14 @@ class DenseIndexerKL(torch.autograd.Function):
                                                  qi.stride(2), ki.stride(0), ki.stride(1), wi.stride(0), wi.stride(1),
                                                  buf.stride(0), buf.stride(1), dk.stride(0), dk.stride(1), D=D,
                                                  BT=BT, BS=BS, num_warps=4, num_stages=2)
-        return dq, dk.to(ctx.k_dtype), dw, None, None, None, None, None
+        return dq, dk.to(ctx.k_dtype), dw, None, None, None, None, None, None
 
 
-def dense_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, qa_BLHD, ka_BLHD, scale: float, topk: int, rows: int | None = None):
+def dense_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, qa_BLHD, ka_BLHD, scale: float, topk: int, rows: int | None = None,
+                     config: dict | None = None):
     """Same contract as `reference.dense_indexer_kl`: (kl [B, L] fp32, recall [B, L] fp32, no gradient).
 
-    `rows`: query rows per indexer-logit block (default max(256, min(L, topk))); memory 8 bytes x rows x L."""
-    return DenseIndexerKL.apply(qi_BLGD, ki_BLD, wi_BLG, qa_BLHD.detach(), ka_BLHD.detach(), scale, topk, rows)
+    `rows`: query rows per indexer-logit block (default max(256, min(L, topk))); memory 8 bytes x rows x L.
+    `config`: the KL kernel's launch configuration (keys of KL_CONFIG; default KL_CONFIG)."""
+    return DenseIndexerKL.apply(qi_BLGD, ki_BLD, wi_BLG, qa_BLHD.detach(), ka_BLHD.detach(), scale, topk, rows,
+                                config or KL_CONFIG)

@@ -1,0 +1,103 @@
+"""`make bench` (`python -m bench [options]`): kernels, end-to-end steps and the bound on a CUDA GPU; JSON to --out
+and markdown tables on stdout. A failure (out of memory, a launch the GPU cannot run) is recorded, not fatal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from bench.bound import bench_bound, bound_table
+from bench.common import DI, OPTIONS, G
+from bench.e2e import bench_e2e
+from bench.kernels import bench_sdpa, bench_sparse_mla, bench_topk, bench_warmup_kl
+from bench.report import sweep_summary, table
+from bench.sweep import compiled_stats, sweep
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="*", default=[8192, 32768, 65536, 131072])
+    ap.add_argument("--topk-lengths", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
+    ap.add_argument("--e2e-lengths", type=int, nargs="*", default=[32768, 65536, 131072])
+    ap.add_argument("--warmup-max", type=int, default=131072, help="longest warm-up step timed end to end")
+    ap.add_argument("--twin-max", type=int, default=32768, help="longest length the PyTorch twins are timed at")
+    ap.add_argument("--plain-max", type=int, default=16384, help="longest length plain PyTorch top-k is tried at")
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--sections", nargs="*", default=["topk", "sparse_mla", "sdpa", "warmup_kl", "e2e", "bound"],
+                    help="bound: the fastest a sparse step of the 1B model could be against its dense step "
+                         "(at the e2e lengths; runs the dense step if e2e did not)")
+    ap.add_argument("--e2e-stages", nargs="*", default=["base", "warmup", "sparse"])
+    ap.add_argument("--e2e-cold-from", type=int, default=131072,
+                    help="end-to-end steps this long are timed once, without a warm-up run")
+    ap.add_argument("--e2e-index-heads", type=int, default=G,
+                    help="end to end: indexer heads (DeepSeek's 64 by default)")
+    ap.add_argument("--e2e-index-dim", type=int, default=DI, help="end to end: indexer head dim")
+    ap.add_argument("--recompute-topk", action="store_true",
+                    help="end to end: recompute each layer's top-k in backward (stage.recompute_topk=true)")
+    ap.add_argument("--sweep", nargs="*", choices=["warmup_kl", "sparse_mla"],
+                    help="only sweep these kernels' launch configurations, at the first of --lengths")
+    ap.add_argument("--sweep-heads", type=int, default=128, help="the sparse MLA sweep's head count")
+    ap.add_argument("--memory-marks", action="store_true",
+                    help="end to end: print allocated memory after each step's forward and backward")
+    ap.add_argument("--profile", action="store_true", help="print each op's top GPU kernels (torch.profiler)")
+    ap.add_argument("--out", default="bench.json")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    OPTIONS.update(profile=args.profile, memory_marks=args.memory_marks)
+    if not torch.cuda.is_available():
+        raise SystemExit("error: make bench needs a CUDA GPU")
+    from train import ops
+
+    torch.manual_seed(0)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels_backend": ops.backend(),
+               "kernels": [], "e2e": []}
+
+    def save():  # after every section, so that a cut run keeps what it measured
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.sweep:
+        results["sweep"] = sweep(args.lengths[0], args.iters, args.sweep, args.sweep_heads)
+        results["compiled"] = compiled_stats()
+        save()
+        print(sweep_summary(results["sweep"]))
+        for row in results["compiled"]:
+            print(f"  [compiled] {row}")
+        print(f"[bench] wrote {args.out}")
+        return
+    for L in args.topk_lengths if "topk" in args.sections else []:
+        print(f"[topk] L={L}", flush=True)
+        results["kernels"] += [{"L": L, **r} for r in bench_topk(L, args.iters, args.twin_max, args.plain_max)]
+        save()
+    sections = {"sparse_mla": lambda L: bench_sparse_mla(L, args.iters, args.twin_max),
+                "sdpa": lambda L: bench_sdpa(L, args.iters),
+                "warmup_kl": lambda L: bench_warmup_kl(L, args.iters, args.twin_max)}
+    for L in args.lengths:
+        for name, fn in sections.items():
+            if name in args.sections:
+                print(f"[{name}] L={L}", flush=True)
+                results["kernels"] += [{"L": L, **r} for r in fn(L)]
+                save()
+    e2e_iters = max(1, args.iters // 2)
+    if args.e2e_lengths and "e2e" in args.sections:
+        results["e2e"] = bench_e2e(args.e2e_lengths, e2e_iters, args.warmup_max, args.e2e_stages, args.e2e_cold_from,
+                                   args.recompute_topk, args.e2e_index_heads, args.e2e_index_dim)
+        save()
+    if args.e2e_lengths and "bound" in args.sections:
+        print("[bound] the fastest possible sparse step of the 1B model against its dense step", flush=True)
+        if not any(r.get("name", "").startswith("e2e dense step") for r in results["e2e"]):
+            results["e2e"] += bench_e2e(args.e2e_lengths, e2e_iters, args.warmup_max, ["base"], args.e2e_cold_from)
+        results["bound"] = bench_bound(results["e2e"], args.iters)
+        save()
+    print(table(results))
+    if results.get("bound"):
+        print(bound_table(results["bound"]))
+    print(f"[bench] wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Whole training steps of a DeepSeek-V3-architecture model (bf16 weights, AdamW, activation checkpointing):
+time, tokens/s and peak memory of a dense step (all parameters), a warm-up step (indexer only, KL over the full
+span) and a sparse step (top-k attention, LM loss + the sparse indexer KL), through the training code's own
+`compute_loss`."""
+
+from __future__ import annotations
+
+import torch
+
+from bench.common import DI, TOPK, G, guarded, mark
+
+ONE_B = dict(vocab_size=32768, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+             num_hidden_layers=18, first_k_dense_replace=18, n_routed_experts=8, n_shared_experts=1,
+             num_experts_per_tok=2, n_group=1, topk_group=1, num_attention_heads=16, num_key_value_heads=16,
+             q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+             max_position_embeddings=163840, tie_word_embeddings=False)
+
+STEPS = (("dense step", "base"), ("warm-up step", "warmup"), ("sparse step", "sparse"))
+
+
+def bench_e2e(lengths: list[int], iters: int, warmup_max: int, stages: list[str], cold_from: int,
+              recompute_topk: bool = False, index_heads: int = G, index_dim: int = DI, arch: dict = ONE_B) -> list[dict]:
+    from train.model import ModelConfig, build_model
+    from train.stages import STAGES, StageConfig, compute_loss, param_groups
+
+    model = build_model(ModelConfig(arch=arch, index_n_heads=index_heads, index_head_dim=index_dim, index_topk=TOPK,
+                                    dtype="bfloat16")).cuda()
+    model.activation_checkpointing = True
+    model.keep_topk_for_recompute = not recompute_topk
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[e2e] {n_params / 1e9:.3f}B parameters ({sum(p.numel() for p in model.indexer_parameters()) / 1e6:.0f}M"
+          " indexer)", flush=True)
+    rows = []
+    for L in lengths:
+        ids = torch.randint(0, arch["vocab_size"], (1, L), device="cuda")
+        for name, stage_name in STEPS:
+            if stage_name not in stages or (stage_name == "warmup" and L > warmup_max):
+                continue
+            stage = STAGES[stage_name]
+            stage_cfg = StageConfig(name=stage_name, lr=1e-5)
+            groups = param_groups(model, stage, stage_cfg)
+            opt = torch.optim.AdamW([{"params": g["params"], "lr": g["lr"]} for g in groups])
+
+            def step():
+                loss, _ = compute_loss(model, stage, stage_cfg, ids, ids)
+                mark(f"{name} L={L} after forward")
+                loss.backward()
+                mark(f"{name} L={L} after backward")
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            cold = L >= cold_from  # long steps: one timed run, no warm-up run
+            r = guarded(f"e2e {name} L={L}", step, 1 if cold else iters, warm=not cold)
+            if "ms" in r:
+                r["tokens_per_sec"] = L / (r["ms"] * 1e-3)
+            rows.append({"L": L, **r})
+            opt.state.clear()
+            torch.cuda.empty_cache()
+    rows.append({"name": "parameters", "total": n_params})
+    return rows

@@ -1,0 +1,115 @@
+"""Each DSA kernel at DeepSeek-V3's attention shape (batch 1, bf16), next to its PyTorch twin and SDPA.
+
+  sparse_mla fwd / probs / bwd   the fast kernels (FLOPs: `sparse_mla_flops`, backward 2.5x), and the one-pass
+                                 forward + probabilities of the checkpoint recomputation
+  sparse_mla twin fwd+bwd        the chunked PyTorch reference (lengths <= --twin-max)
+  sdpa fwd / fwd+bwd             torch SDPA, causal, MLA's dense shape (d_qk 192, d_v 128)
+  warmup_kl fwd+bwd              the warm-up loss (KL to the head-averaged attention of 128 heads of d_qk 192,
+                                 recall, the indexer's gradient), and its twin (lengths <= 8K)
+  indexer_topk                   indexer logits + top-k, the chunked twin, and plain PyTorch (all-head einsum
+                                 + topk; it runs out of memory past 16K)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import DI, DR, DV, TOPK, G, H, causal_selection, guarded, sparse_mla_flops
+from train.ops import reference
+
+
+def sparse_mla_inputs(L: int, heads: int = H, selection=causal_selection):
+    q = torch.randn(1, L, heads, DV + DR, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(1, L, DV + DR, device="cuda", dtype=torch.bfloat16)
+    idx = selection(L, TOPK, "cuda")
+    return q, kv, idx, int((idx >= 0).sum())  # selected: valid (query, key) pairs
+
+
+def bench_sparse_mla(L: int, iters: int, twin_max: int) -> list[dict]:
+    from train.ops import triton_sparse_mla as k
+
+    q, kv, idx, selected = sparse_mla_inputs(L)
+    fwd_flops = sparse_mla_flops(H, selected)
+    scale = (128 + 64) ** -0.5
+    out, lse = k.sparse_mla_forward(q, kv, idx, scale, DV)
+    g = torch.randn_like(out)
+    rows = [guarded("sparse_mla fwd", lambda: k.sparse_mla_forward(q, kv, idx, scale, DV), iters, fwd_flops),
+            guarded("sparse_mla probs", lambda: k.sparse_mla_probs(q, kv, idx, lse, scale, DV), iters,
+                    2 * H * selected * (DV + DR)),
+            guarded("sparse_mla bwd", lambda: k.sparse_mla_backward(q, kv, idx, out, lse, g, scale, DV), iters,
+                    2.5 * fwd_flops),
+            guarded("sparse_mla fwd+probs given lse",
+                    lambda: k.sparse_mla_forward_given_lse(q, kv, idx, lse, scale, DV), iters, fwd_flops)]
+    if L <= twin_max:
+        qg, kvg = q.clone().requires_grad_(), kv.clone().requires_grad_()
+
+        def twin():
+            o = reference.sparse_mla(qg, kvg, idx, scale, DV)[0]
+            torch.autograd.grad(o, (qg, kvg), g)
+        rows.append(guarded("sparse_mla twin fwd+bwd", twin, max(1, iters // 3), 3.5 * fwd_flops))
+    return rows
+
+
+def bench_warmup_kl(L: int, iters: int, twin_max: int, config: dict | None = None,
+                    label: str = "warmup_kl fwd+bwd") -> list[dict]:
+    """The warm-up loss (forward + the indexer's backward); `config`: the KL kernel's launch configuration."""
+    dev = "cuda"
+    qi = torch.randn(1, L, G, DI, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    ki = torch.randn(1, L, DI, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    wi = (torch.randn(1, L, G, device=dev) * (G * DI) ** -0.5).requires_grad_()
+    qa = torch.randn(1, L, H, 192, device=dev, dtype=torch.bfloat16)
+    ka = torch.randn(1, L, H, 192, device=dev, dtype=torch.bfloat16)
+    from train.ops import triton_warmup_kl
+
+    def run(fn, **kw):
+        kl, _ = fn(qi, ki, wi, qa, ka, 192 ** -0.5, TOPK, **kw)
+        torch.autograd.grad(kl.mean(), (qi, ki, wi))
+    rows = [guarded(label, lambda: run(triton_warmup_kl.dense_indexer_kl, config=config), iters)]
+    if L <= min(twin_max, 8192):  # the twin loops over 16-row blocks in Python: minutes past 8K
+        rows.append(guarded("warmup_kl twin fwd+bwd", lambda: run(reference.dense_indexer_kl), max(1, iters // 3)))
+    return rows
+
+
+def bench_sdpa(L: int, iters: int, heads: int = H, label: str = "") -> list[dict]:
+    """SDPA on MLA's dense (non-absorbed) shape: what the dense model runs."""
+    dev = "cuda"
+    qa = torch.randn(1, heads, L, 192, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    ka = torch.randn(1, heads, L, 192, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    va = torch.randn(1, heads, L, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    sdpa_flops = 2 * heads * (L * (L + 1) / 2) * (192 + 128)
+
+    def sdpa_fwd():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(qa, ka, va, is_causal=True)
+
+    def sdpa_fwd_bwd():
+        o = F.scaled_dot_product_attention(qa, ka, va, is_causal=True)
+        o.backward(torch.ones_like(o))
+    return [guarded(f"sdpa fwd{label}", sdpa_fwd, iters, sdpa_flops),
+            guarded(f"sdpa fwd+bwd{label}", sdpa_fwd_bwd, iters, 3.5 * sdpa_flops)]
+
+
+def bench_topk(L: int, iters: int, twin_max: int, plain_max: int) -> list[dict]:
+    dev = "cuda"
+    q = torch.randn(1, L, G, DI, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, L, DI, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(1, L, G, device=dev) * (G * DI) ** -0.5
+    flops = 2 * G * DI * L * (L + 1) / 2
+    from train.ops import triton_topk
+
+    rows = [guarded("indexer_topk triton", lambda: triton_topk.indexer_topk(q, k, w, TOPK), iters, flops)]
+    if L <= twin_max:
+        rows.append(guarded("indexer_topk twin", lambda: reference.indexer_topk(q, k, w, TOPK), iters, flops))
+    if L <= plain_max:
+        # The plain version: the reference formula over the whole sequence at once (fp32), then topk.
+        rows.append(guarded("indexer_topk plain pytorch fp32", lambda: reference.indexer_logits(q, k, w, 0).topk(
+            TOPK, dim=-1).indices, iters, flops))
+
+        def plain_bf16():  # the same in bf16 einsums: half the memory, faster
+            scores = torch.einsum("btgd,bsd->btgs", q, k).relu()
+            logits = torch.einsum("btgs,btg->bts", scores, w.to(scores.dtype))
+            logits = logits.masked_fill(torch.ones(L, L, device=dev, dtype=torch.bool).triu(1), float("-inf"))
+            return logits.topk(TOPK, dim=-1).indices
+        rows.append(guarded("indexer_topk plain pytorch bf16", plain_bf16, iters, flops))
+    return rows
