@@ -58,6 +58,12 @@ class TrainConfig:
         if s.log_every <= 0 or s.save_every <= 0 or s.keep_last <= 0:
             raise ValueError(f"stage.log_every={s.log_every}, stage.save_every={s.save_every}, "
                              f"stage.keep_last={s.keep_last}; must be > 0")
+        if s.eval_every < 0 or s.eval_sequences <= 0:
+            raise ValueError(f"stage.eval_every={s.eval_every}, stage.eval_sequences={s.eval_sequences}; allowed: "
+                             "eval_every >= 0 (0: off), eval_sequences > 0")
+        if s.eval_every and not self.data.held_out:
+            raise ValueError(f"stage.eval_every={s.eval_every} needs held-out text: set data.held_out (a file, "
+                             "folder or glob), or stage.eval_every=0")
         if s.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"stage.on_nonfinite={s.on_nonfinite!r}; allowed: stop, skip")
         if s.on_nonfinite == "skip" and self.deepspeed.zero_stage == 0:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from train.files import atomic_directory, write_shard_index
+from train.files import atomic_directory, safetensors_weight_map, write_shard_index
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
 SCALE_SUFFIX = "_scale_inv"
@@ -54,22 +54,6 @@ def _fp8_block(config: dict, cfg_file: Path) -> tuple[int, int]:
         raise DequantizeError(f"{cfg_file}: quantization_config.weight_block_size={block!r}; expected two "
                               "positive integers, e.g. [128, 128]")
     return block[0], block[1]
-
-
-def _weight_map(src: Path) -> dict[str, str]:
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        return json.loads(index.read_text())["weight_map"]
-    from safetensors import safe_open
-
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise DequantizeError(f"{src}: no *.safetensors weight files")
-    out = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            out.update({k: file.name for k in f.keys()})
-    return out
 
 
 def _write_shards(src: Path, tmp: Path, weight_map: dict[str, str], block: tuple[int, int],
@@ -122,7 +106,9 @@ def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype:
     block = _fp8_block(config, cfg_file)
     if dst.exists():
         raise DequantizeError(f"{dst}: exists; give a new directory")
-    weight_map = _weight_map(src)
+    weight_map = safetensors_weight_map(src)
+    if not weight_map:
+        raise DequantizeError(f"{src}: no *.safetensors weight files")
     with atomic_directory(dst, replace=False) as tmp:
         done = _write_shards(src, tmp, weight_map, block, dtype)
         config.pop("quantization_config")

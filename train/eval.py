@@ -6,8 +6,8 @@ definition) and recall against dense attention, and, on the synthetic corpus, th
 modes. A `deepseek_v3` model (no indexer) reports the dense figures only.
 
 What to read and how comes from the run that made the export (`DIR/../config.yaml`, or `--config`): its
-sequence length, and its held-out file (the synthetic corpus's `valid.jsonl`); `--data` and `--seq-len`
-override them, and are needed for an export made elsewhere.
+sequence length and its `data.held_out` (the synthetic corpus's `valid.jsonl` by default); `--data` and
+`--seq-len` override them, and are needed for an export made elsewhere.
 """
 
 from __future__ import annotations
@@ -16,27 +16,43 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from pathlib import Path
-
 from omegaconf import OmegaConf
 
-from train.data import DataConfig, DataError, SourceConfig, TokenPipeline, load_tokenizer
+from train.data import (
+    DataConfig,
+    DataError,
+    SourceConfig,
+    TokenPipeline,
+    load_tokenizer,
+)
 from train.data.synthetic import retrieval_targets
 from train.model import AttentionMode, ModelConfig, build_model
 from train.model.hf import CheckpointError, read_config
 
 
+def _head_nll(model, h_NC: torch.Tensor, labels_N: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
+    """Summed next-token cross-entropy from final hidden states, the LM head in chunks (no [tokens, vocab])."""
+    total = h_NC.new_zeros((), dtype=torch.float32)
+    for n0 in range(0, h_NC.shape[0], chunk_tokens):
+        logits = model.lm_head(h_NC[n0 : n0 + chunk_tokens]).float()
+        total += F.cross_entropy(logits, labels_N[n0 : n0 + chunk_tokens], reduction="sum")
+    return total
+
+
 @torch.no_grad()
-def evaluate(model, batches: list[dict], topk: int | None, with_sparse: bool, recall_distance: int | None) -> dict:
-    """`topk`: the sparse mode's (None: the model's `index_topk`); `recall_distance`: the synthetic corpus's
-    replay distance (None: other text, no retrieval accuracy)."""
-    sums = {"dense_nll": 0.0, "sparse_nll": 0.0, "kl": 0.0, "recall": 0.0}
-    hits = {"dense": 0, "sparse": 0}
-    tokens, targets, kl_rows = 0, 0, 0
+def eval_sums(model, batches: list[dict], topk: int | None, with_sparse: bool,
+              recall_distance: int | None) -> dict[str, torch.Tensor]:
+    """Sums over `batches` (a rank's share: training adds them up over ranks before `summarize`): tokens, LM
+    negative log-likelihood in dense and sparse mode, the indexer's KL and recall (warm-up definition) and, with
+    `recall_distance` (the synthetic corpus's replay distance), retrieval hits and targets.
+    `topk`: the sparse mode's (None: the model's `index_topk`)."""
+    device = batches[0]["input_ids"].device
+    sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in (
+        "tokens", "dense_nll", "sparse_nll", "kl", "recall", "dense_hits", "sparse_hits", "targets")}
     for batch in batches:
         ids, labels = batch["input_ids"], batch["labels"]
         spots = [(b, t) for b in range(ids.shape[0]) for t in retrieval_targets(ids[b], recall_distance)
@@ -45,27 +61,43 @@ def evaluate(model, batches: list[dict], topk: int | None, with_sparse: bool, re
         if with_sparse:
             modes["sparse"] = AttentionMode(sparse=True, topk=topk)
         for name, mode in modes.items():
-            logits = model(ids, mode).float()
-            sums[f"{name}_nll"] += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
-            for b, t in spots:
-                hits[name] += int(logits[b, t].argmax().item() == labels[b, t].item())
+            h_BLC = model.hidden_states(ids, mode)
+            sums[f"{name}_nll"] += _head_nll(model, h_BLC.flatten(0, 1), labels.flatten()).double()
+            if spots:
+                b, t = torch.tensor(spots, device=device).T
+                guess = model.lm_head(h_BLC[b, t]).argmax(-1)
+                sums[f"{name}_hits"] += (guess == labels[b, t]).sum()
             if name == "dense" and with_sparse:
                 stats = model.layer_stats()
-                sums["kl"] += sum(s.kl_BL.sum().item() for s in stats) / len(stats)
-                sums["recall"] += sum(s.recall_BL.sum().item() for s in stats) / len(stats)
-                kl_rows += ids.numel()
-        tokens += ids.numel()
-        targets += len(spots)
-    out = {"tokens": tokens, "topk": topk or model.index_topk, "seq_len": batches[0]["input_ids"].shape[1]}
+                sums["kl"] += sum(s.kl_BL.double().sum() for s in stats) / len(stats)
+                sums["recall"] += sum(s.recall_BL.double().sum() for s in stats) / len(stats)
+        sums["tokens"] += ids.numel()
+        sums["targets"] += len(spots)
+    return sums
+
+
+def summarize(sums: dict, with_sparse: bool) -> dict:
+    """Losses, perplexities, KL, recall and retrieval accuracy from `eval_sums`' sums."""
+    sums = {k: float(v) for k, v in sums.items()}
+    tokens, targets = sums["tokens"], sums["targets"]
+    out = {}
     for name in ("dense", "sparse") if with_sparse else ("dense",):
         loss = sums[f"{name}_nll"] / tokens
         out[f"{name}_lm_loss"], out[f"{name}_perplexity"] = loss, math.exp(loss)
         if targets:
-            out[f"{name}_retrieval_accuracy"] = hits[name] / targets
+            out[f"{name}_retrieval_accuracy"] = sums[f"{name}_hits"] / targets
     if with_sparse:
-        out["indexer_kl"], out["indexer_recall"] = sums["kl"] / kl_rows, sums["recall"] / kl_rows
-    if targets:
-        out["retrieval_targets"] = targets
+        out["indexer_kl"], out["indexer_recall"] = sums["kl"] / tokens, sums["recall"] / tokens
+    return out
+
+
+def evaluate(model, batches: list[dict], topk: int | None, with_sparse: bool, recall_distance: int | None) -> dict:
+    """The figures of `model` on `batches` (see `eval_sums`)."""
+    sums = eval_sums(model, batches, topk, with_sparse, recall_distance)
+    out = {"tokens": int(sums["tokens"]), "topk": topk or model.index_topk,
+           "seq_len": batches[0]["input_ids"].shape[1], **summarize(sums, with_sparse)}
+    if sums["targets"]:
+        out["retrieval_targets"] = int(sums["targets"])
     return out
 
 
@@ -79,8 +111,9 @@ def run_settings(model_dir: str, config_file: str | None) -> dict:
         return {}
     data = OmegaConf.load(path).data
     out = {"seq_len": data.seq_len}
+    if data.get("held_out"):
+        out["data"] = data.held_out
     if data.get("synthetic"):
-        out["data"] = str(Path(data.generated_dir) / "valid.jsonl")
         out["recall_distance"] = data.synthetic.recall_distance
     return out
 

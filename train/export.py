@@ -17,7 +17,15 @@ from train.model.surgery import DTYPES
 
 
 def convert_checkpoint(cfg: ModelConfig, out_dir: str | Path) -> Path:
-    return export_hf(build_model(cfg), out_dir)
+    """Surgery and export; the source's tokenizer (where it has one) goes along."""
+    from transformers import AutoTokenizer
+
+    model = build_model(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
+    except (OSError, ValueError):  # a checkpoint without a tokenizer: the export has none either
+        tokenizer = None
+    return export_hf(model, out_dir, tokenizer=tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,3 +54,18 @@ def write_shard_index(folder: Path, weight_map: dict[str, str], total_bytes: int
     """`model.safetensors.index.json`, as `save_pretrained` writes it: which shard holds each tensor."""
     index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def safetensors_weight_map(folder: str | os.PathLike) -> dict[str, str]:
+    """Which file of a checkpoint directory holds each tensor: its index, or every *.safetensors file's header."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return json.loads(index.read_text())["weight_map"]
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            out.update({k: file.name for k in f.keys()})
+    return out

@@ -9,12 +9,19 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from train import checkpoint, engine as eng
+from train import checkpoint
+from train import engine as eng
+from train.checkpoint import TrainState
 from train.config import TrainConfig
-from train.data import TokenPipeline, check_tokenizer_fits, ensure_generated, load_tokenizer
+from train.data import (
+    TokenPipeline,
+    check_tokenizer_fits,
+    ensure_generated,
+    load_tokenizer,
+)
+from train.eval import eval_sums, summarize
 from train.metrics import MetricsLogger, peak_memory_gib
 from train.model import ModelConfig, build_model
-from train.checkpoint import TrainState
 from train.model.hf import export_hf, layer_groups
 from train.stages import STAGES, alignment_probe, compute_loss, param_groups
 
@@ -143,13 +150,36 @@ def build(cfg: TrainConfig, stage, rank: int, world: int, local_rank: int):
     return engine, engine.module, tokenizer, data, groups
 
 
+def held_out_batches(cfg: TrainConfig, tokenizer, rank: int, world: int, local_rank: int, device) -> list[dict]:
+    """This rank's share of `stage.eval_sequences` held-out sequences (`data.held_out`), the same at every
+    evaluation; [] when `stage.eval_every` is 0."""
+    if not cfg.stage.eval_every:
+        return []
+    pipe = TokenPipeline(cfg.data.held_out_config(), tokenizer, rank=rank, world_size=world)
+    pipe.prepare(build_missing=local_rank == 0)
+    per_batch = world * cfg.stage.micro_batch
+    batches = [pipe.next_batch(per_batch) for _ in range(max(1, cfg.stage.eval_sequences // per_batch))]
+    return [{k: b[k].to(device) for k in ("input_ids", "labels")} for b in batches]
+
+
+def held_out_metrics(model, stage, cfg: TrainConfig, batches: list[dict]) -> dict[str, float]:
+    """`eval/*`: dense (and, with an indexer, sparse) LM loss, indexer KL and recall on the held-out batches of
+    all ranks (one all-reduce of the sums)."""
+    with_indexer = stage.name != "base"
+    distance = cfg.data.synthetic.recall_distance if cfg.data.synthetic else None
+    sums = eval_sums(model, batches, None, with_indexer, distance)
+    keys = sorted(sums)
+    total = eng.all_reduce_sum(torch.stack([sums[k] for k in keys]))
+    return {f"eval/{k}": v for k, v in summarize(dict(zip(keys, total)), with_indexer).items()}
+
+
 def log_metrics(logger: MetricsLogger, state: TrainState, totals: dict, batch: dict, n_micro: int, lr: float,
-                since: tuple[float, int]) -> tuple[float, int]:
-    """Averages the step's summed metrics over all micro-batches of all ranks (one all-reduce), adds the counters,
-    logs them; returns the (time, tokens) the next interval's throughput counts from."""
+                since: tuple[float, int], extra: dict[str, float]) -> tuple[float, int]:
+    """Averages the step's summed metrics over all micro-batches of all ranks (one all-reduce), adds the counters
+    and `extra`, logs them; returns the (time, tokens) the next interval's throughput counts from."""
     keys = sorted(totals)
     summed = eng.all_reduce_sum(torch.stack([totals[k] for k in keys]))
-    metrics = {k: v / n_micro for k, v in zip(keys, summed.tolist())}
+    metrics = {k: v / n_micro for k, v in zip(keys, summed.tolist())} | extra
     now = time.perf_counter()
     metrics.update({
         "lr": lr,
@@ -179,12 +209,14 @@ def count_skip(state: TrainState, was_skipped: bool, totals: dict, cfg: TrainCon
                              "check the data, then relaunch")
 
 
-def export(engine, model, stage, tokenizer, out_dir: Path) -> None:
-    """The stage's Hugging Face export; under ZeRO-3 every rank takes part in gathering each layer."""
+def export(engine, model, stage, tokenizer, out_dir: Path, source: str | None) -> None:
+    """The stage's Hugging Face export, in the checkpoint's own dtype; under ZeRO-3 every rank takes part in
+    gathering each layer. The warm-up never changes the backbone, so its export writes the source's backbone
+    tensors as they are (bit-identical even where training computed in another dtype)."""
     weights = eng.state_dict_groups(engine, layer_groups)
     if eng.is_rank0():
         export_hf(model, out_dir, dtype=model.weights_dtype, tokenizer=tokenizer, dense_only=stage.name == "base",
-                  groups=weights, log=eng.print0)
+                  groups=weights, log=eng.print0, backbone_from=source if not stage.trains_backbone else None)
     else:
         for _ in weights:
             pass
@@ -202,6 +234,7 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
     ckpt_dir = run_dir / "ckpt"
     torch.manual_seed(cfg.run.seed)
     engine, model, tokenizer, data, groups = build(cfg, stage, rank, world, local_rank)
+    held_out = held_out_batches(cfg, tokenizer, rank, world, local_rank, engine.device)
     base_lrs = [g["lr"] for g in groups]
 
     state = TrainState(stage=stage.name, world_size=world, data=data)
@@ -223,7 +256,7 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
         s = cfg.stage
         return state.step >= s.steps or (s.max_tokens is not None and state.tokens_total >= s.max_tokens)
 
-    since = (time.perf_counter(), state.tokens_total)
+    since = started = (time.perf_counter(), state.tokens_total)
     while not limit_reached():
         batch = data.next_batch(cfg.stage.global_batch)
         if state.probe_ids is None:
@@ -237,12 +270,15 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
             if stage.trains_indexer:
                 probe, state.probe_topk = alignment_probe(model, stage, state.probe_ids, state.probe_topk or None)
                 totals.update({k: v * cfg.grad_accum(world) for k, v in probe.items()})  # averaged below
+            evaluate_now = held_out and (state.step % cfg.stage.eval_every == 0 or limit_reached())
+            extra = held_out_metrics(model, stage, cfg, held_out) if evaluate_now else {}
             since = log_metrics(logger, state, totals, batch, cfg.grad_accum(world) * world,
-                                base_lrs[-1] * lr_at(state.step - 1, cfg.stage), since)
+                                base_lrs[-1] * lr_at(state.step - 1, cfg.stage), since, extra)
         if state.step % cfg.stage.save_every == 0 or limit_reached():
             checkpoint.save(engine, ckpt_dir, state, keep_last=cfg.stage.keep_last)
     logger.close()
-    export(engine, model, stage, tokenizer, run_dir / "export")
+    eng.print0(logger.summary(stage.name, state.tokens_total - started[1], time.perf_counter() - started[0]))
+    export(engine, model, stage, tokenizer, run_dir / "export", cfg.model_path())
     eng.print0(f"[done] {stage.name}: {state.step} steps, {state.tokens_total:,} tokens; export in "
                f"{run_dir / 'export'}")
     eng.barrier()

@@ -82,6 +82,19 @@ class MetricsLogger:
         print(f"step {step}/{self.total_steps}  {shown}  tokens {int(metrics['tokens/total']):,}  "
               f"{metrics['perf/tokens_per_sec']:,.0f} tok/s", flush=True)
 
+    def summary(self, stage: str, tokens: int, seconds: float) -> str:
+        """One line for the end of a stage: each headline metric's first and last logged value (this run
+        directory's whole history, resumes included), and the tokens and time of this launch."""
+        rows = [json.loads(r) for r in self.path.read_text().splitlines()] if self.enabled and self.path.exists() else []
+        parts = [f"[summary] {stage}: {rows[-1]['step'] if rows else 0} steps, {tokens:,} tokens in "
+                 f"{seconds / 60:.1f} min"]
+        for key in ("loss/lm", "loss/indexer_kl", "indexer/recall", "eval/dense_lm_loss", "eval/sparse_lm_loss",
+                    "eval/indexer_kl", "eval/indexer_recall"):
+            values = [r[key] for r in rows if key in r]
+            if values:
+                parts.append(f"{key} {values[0]:.4f} -> {values[-1]:.4f}")
+        return "; ".join(parts)
+
     def close(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()

@@ -89,7 +89,8 @@ def make_plan(cfg, world: int) -> dict:
     tokens_step = cfg.tokens_per_step()
     bf16 = use_bf16(cfg.deepspeed, accelerator_present=True)  # plans are for GPUs
     return {
-        "stage": stage.name, "world_size": world,
+        "stage": stage.name, "world_size": world, "preset": cfg.preset.get("name"), "lr": stage.lr,
+        "seq_len": cfg.data.seq_len, "index": index,
         "parameters": params, "trainable_parameters": trainable,
         "tokens_per_step": tokens_step, "steps": stage.steps, "tokens_in_stage": tokens_step * stage.steps,
         "gradient_accumulation": stage.global_batch // (stage.micro_batch * world),
@@ -103,7 +104,9 @@ def format_plan(plan: dict) -> str:
     gib = 2**30
     p = plan["parameters"]
     lines = [
-        f"[plan] stage {plan['stage']} on {plan['world_size']} GPU(s)",
+        f"[plan] stage {plan['stage']} on {plan['world_size']} GPU(s); preset {plan['preset']}, lr {plan['lr']:g}, "
+        f"{plan['seq_len']:,}-token sequences, indexer {plan['index']['index_n_heads']} x "
+        f"{plan['index']['index_head_dim']}, top-{plan['index']['index_topk']}",
         f"[plan] parameters: {p['total']:,} ({p['backbone']:,} backbone + {p['indexer']:,} indexer); "
         f"trained: {plan['trainable_parameters']:,}; active per token (matmuls): {p['active_matmul']:,}",
         f"[plan] tokens per step: {plan['tokens_per_step']:,}",

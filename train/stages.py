@@ -53,6 +53,8 @@ class StageConfig:
                                        # reaches the indexer, so with Adam the coefficient barely matters)
     init_from: str | None = None       # checkpoint directory this stage starts from (overrides model.path)
     log_every: int = 1
+    eval_every: int = 0                # held-out figures (eval/*) every this many steps and at the end; 0: off
+    eval_sequences: int = 8            # held-out sequences per evaluation (data.held_out), over all ranks
     save_every: int = 100
     keep_last: int = 2                 # checkpoints kept on disk (older ones are deleted after a good save)
     activation_checkpointing: bool = False

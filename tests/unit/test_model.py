@@ -162,3 +162,21 @@ def test_parity_with_transformers_when_top_k_ties(tiny_arch, tmp_path):
     labels = ids[:, 1:].flatten()
     ce = [F.cross_entropy(x[:, :-1].flatten(0, 1), labels).item() for x in (ours, theirs)]
     assert abs(ce[0] - ce[1]) <= 0.01, ce
+
+
+def test_warmup_export_writes_the_source_backbone_whatever_the_compute_dtype(tiny_arch, tmp_path):
+    """A float32 source trained in bf16: the model's backbone is rounded, but the export's backbone is the
+    source's, bit for bit, in float32; the indexers are the model's."""
+    from safetensors.torch import load_file
+
+    source = _source(tiny_arch)
+    source.save_pretrained(tmp_path / "src")
+    model = build_model(ModelConfig(path=str(tmp_path / "src"), **TINY_INDEX)).to(torch.bfloat16)
+    want = load_file(tmp_path / "src" / "model.safetensors")
+    rounded = load_file(export_hf(model, tmp_path / "rounded", dtype=torch.float32) / "model.safetensors")
+    assert any(not torch.equal(rounded[k], v) for k, v in want.items())
+    got = load_file(export_hf(model, tmp_path / "e", dtype=torch.float32, backbone_from=tmp_path / "src")
+                    / "model.safetensors")
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    indexer = {k: v for k, v in model.state_dict().items() if ".indexer." in k}
+    assert indexer and all(torch.equal(got[k], v.float()) for k, v in indexer.items())

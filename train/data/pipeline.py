@@ -35,6 +35,8 @@ class DataConfig:
     synthetic: SyntheticConfig | None = None  # set: generate the embedded corpus into `generated_dir` if missing
     generated_dir: str = "data/generated/synthetic"
     cache_dir: str = "data/cache"    # tokenised sources (map-style), shared by ranks and runs (token_cache.py)
+    held_out: str | None = None      # held-out text (file, folder or glob; the first source's text_column) for
+                                     # stage.eval_every and `make eval`
 
     def validate(self) -> None:
         if not self.sources:
@@ -43,6 +45,12 @@ class DataConfig:
             raise ValueError(f"data.seq_len={self.seq_len}; must be >= 2")
         for i, src in enumerate(self.sources):
             src.validate(f"data.sources[{i}]")
+
+    def held_out_config(self) -> "DataConfig":
+        """This config reading `held_out` instead of the training sources (same tokenizer, length, cache)."""
+        src = SourceConfig(path=self.held_out, text_column=self.sources[0].text_column)
+        return DataConfig(sources=[src], seq_len=self.seq_len, tokenizer=self.tokenizer, seed=self.seed,
+                          cache_dir=self.cache_dir)
 
 
 def tokenize_batch(tokenizer, texts: list[str]) -> list[np.ndarray]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from train.files import atomic_directory, write_shard_index
+from train.files import atomic_directory, safetensors_weight_map, write_shard_index
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v32")
 
@@ -224,8 +224,27 @@ class _ShardWriter:
         write_shard_index(self.folder, weight_map, self.total_bytes)
 
 
+def _from_source(part: dict[str, torch.Tensor], source: Path, weight_map: dict[str, str]) -> dict:
+    """`part` (on-disk names) with every tensor outside the indexers read from the checkpoint `source`."""
+    from safetensors import safe_open
+
+    out = dict(part)
+    for key, tensor in part.items():
+        if ".indexer." in key:
+            continue
+        if key not in weight_map:
+            raise RuntimeError(f"export: {key!r} is in no *.safetensors file of {source}")
+        with safe_open(str(source / weight_map[key]), framework="pt") as f:
+            out[key] = f.get_tensor(key)
+        if out[key].shape != tensor.shape:
+            raise RuntimeError(f"export: {key!r} of {source} has shape {list(out[key].shape)}, the model's "
+                               f"{list(tensor.shape)}")
+    return out
+
+
 def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = None, tokenizer=None,
-              dense_only: bool = False, groups=None, max_shard_bytes: int = 5 * 2**30, log=None) -> Path:
+              dense_only: bool = False, groups=None, max_shard_bytes: int = 5 * 2**30, log=None,
+              backbone_from: str | os.PathLike | None = None) -> Path:
     """Writes `model` (a DSAForCausalLM) as a `deepseek_v32` Hugging Face directory, atomically.
 
     `dense_only` writes the backbone alone as `deepseek_v3` (a dense source, e.g. `make base`'s model).
@@ -234,7 +253,9 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
     written as they come, in shards of at most `max_shard_bytes`, in the on-disk layout transformers'
     `save_pretrained` writes (its own reverse weight conversion: experts un-fused), so no more than one shard
     is ever held. `log` (e.g. print) gets a line per shard written. The files (and the tokenizer, if given)
-    appear under `out_dir` only once complete.
+    appear under `out_dir` only once complete. `backbone_from`: a checkpoint whose tensors are written instead of
+    the model's for every key outside the indexers (the warm-up's frozen backbone, byte for byte, whatever
+    dtype training computed in); shapes are checked.
     """
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
@@ -255,6 +276,7 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
     if groups is None:
         state = model.state_dict()
         groups = ({k: state[k] for k in keys} for keys in layer_groups(state))
+    source_map = safetensors_weight_map(backbone_from) if backbone_from is not None else {}
     with atomic_directory(out_dir) as tmp:
         writer, seen, first_dtype = _ShardWriter(tmp, max_shard_bytes, log), set(), None
         for group in groups:
@@ -271,7 +293,10 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
                 first_dtype = first_dtype or tensor.dtype
                 part[key] = tensor.cpu()
             seen.update(part)
-            writer.add(revert_weight_conversion(hf_model, part))
+            part = revert_weight_conversion(hf_model, part)
+            if backbone_from is not None:
+                part = _from_source(part, Path(backbone_from), source_map)
+            writer.add(part)
         missing = sorted(set(expected) - seen)
         if missing:
             raise RuntimeError(f"export: {len(missing)} weights never came, e.g. {missing[0]!r}")
