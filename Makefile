@@ -4,10 +4,14 @@ VENV    ?= .venv
 PYTHON  ?= $(VENV)/bin/python
 NPROC   ?=
 ARGS    ?=
-MAKE_VARS := VENV PYTHON NPROC ARGS PYTEST_ARGS EVAL_MODEL EVAL_BASELINE TORCH_SPEC SRC DST
+MAKE_VARS := VENV PYTHON NPROC ARGS PYTEST_ARGS EVAL_MODEL EVAL_BASELINE TORCH_SPEC EXTRAS SRC DST
 HYDRA_ARGS := $(strip $(foreach a,$(MAKEOVERRIDES),$(if $(filter $(MAKE_VARS),$(firstword $(subst =, ,$(a)))),,$(a))) $(ARGS))
-# CPU-only machines get the CPU build of torch (the CUDA wheels are several GB); GPU machines the default.
-TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+# CPU-only machines get the CPU build of torch (the CUDA wheels are several GB); GPU machines the default, and
+# TileLang for the sparse MLA kernels.
+HAS_GPU := $(shell command -v nvidia-smi 2>/dev/null)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
+EXTRAS ?= $(if $(HAS_GPU),test$(comma)gpu,test)
+comma := ,
 
 BASE_EXPORT := checkpoints/base/base/export/config.json
 # The default model is the one `make base` trains; a command line that names another model skips it.
@@ -23,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install -q -e ".[test]"
+	$(PYTHON) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 # The suite CI runs (fast: minutes on 2 CPU cores).

@@ -10,7 +10,7 @@ import torch
 
 from bench.bound import bench_bound, bound_table
 from bench.common import DI, OPTIONS, G
-from bench.e2e import bench_e2e
+from bench.e2e import MODELS, bench_e2e
 from bench.kernels import bench_sdpa, bench_sparse_mla, bench_topk, bench_warmup_kl
 from bench.report import sweep_summary, table
 from bench.sweep import compiled_stats, sweep
@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--e2e-index-heads", type=int, default=G,
                     help="end to end: indexer heads (DeepSeek's 64 by default)")
     ap.add_argument("--e2e-index-dim", type=int, default=DI, help="end to end: indexer head dim")
+    ap.add_argument("--e2e-models", nargs="*", default=["v3-attention", "1b"], choices=sorted(MODELS),
+                    help="end to end: DeepSeek-V3's attention shape in 2 layers, and/or the ~1B model")
     ap.add_argument("--recompute-topk", action="store_true",
                     help="end to end: recompute each layer's top-k in backward (stage.recompute_topk=true)")
     ap.add_argument("--sweep", nargs="*", choices=["warmup_kl", "sparse_mla"],
@@ -84,13 +86,16 @@ def main(argv=None) -> None:
                 save()
     e2e_iters = max(1, args.iters // 2)
     if args.e2e_lengths and "e2e" in args.sections:
-        results["e2e"] = bench_e2e(args.e2e_lengths, e2e_iters, args.warmup_max, args.e2e_stages, args.e2e_cold_from,
-                                   args.recompute_topk, args.e2e_index_heads, args.e2e_index_dim)
+        for model in args.e2e_models:
+            results["e2e"] += [{**r, "model": model} for r in bench_e2e(
+                args.e2e_lengths, e2e_iters, args.warmup_max, args.e2e_stages, args.e2e_cold_from, args.recompute_topk,
+                args.e2e_index_heads, args.e2e_index_dim, MODELS[model])]
         save()
     if args.e2e_lengths and "bound" in args.sections:
         print("[bound] the fastest possible sparse step of the 1B model against its dense step", flush=True)
-        if not any(r.get("name", "").startswith("e2e dense step") for r in results["e2e"]):
-            results["e2e"] += bench_e2e(args.e2e_lengths, e2e_iters, args.warmup_max, ["base"], args.e2e_cold_from)
+        if not any(r.get("name", "").startswith("e2e dense step") and r.get("model") == "1b" for r in results["e2e"]):
+            results["e2e"] += [{**r, "model": "1b"} for r in bench_e2e(args.e2e_lengths, e2e_iters, args.warmup_max,
+                                                                        ["base"], args.e2e_cold_from)]
         results["bound"] = bench_bound(results["e2e"], args.iters)
         save()
     print(table(results))

@@ -47,7 +47,8 @@ def bench_bound(e2e: list[dict], iters: int) -> list[dict]:
     peak = matmul_tflops(iters)
     print(f"  bf16 matmul 8192^3: {peak:.0f} TFLOP/s", flush=True)
     rows = []
-    for dense in (r for r in e2e if r.get("name", "").startswith("e2e dense step") and "ms" in r):
+    for dense in (r for r in e2e if r.get("name", "").startswith("e2e dense step") and "ms" in r
+                  and r.get("model", "1b") == "1b"):
         L = dense["L"]
         sdpa = [r.get("ms") for r in bench_sdpa(L, iters, heads, label=f" ({heads} heads)")]  # fwd, fwd+bwd
         if None in sdpa:

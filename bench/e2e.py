@@ -15,6 +15,15 @@ ONE_B = dict(vocab_size=32768, hidden_size=2048, intermediate_size=5632, moe_int
              q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
              max_position_embeddings=163840, tie_word_embeddings=False)
 
+# DeepSeek-V3's attention shape (hidden 7168, 128 heads, q_lora 1536, kv_lora 512, rope 64, nope 128, v 128) in
+# two layers with dense MLPs (18432), vocab 32,768: the per-layer cost users convert, at a size one GPU holds.
+V3_ATTENTION = dict(vocab_size=32768, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                    num_hidden_layers=2, first_k_dense_replace=2, n_routed_experts=8, n_shared_experts=1,
+                    num_experts_per_tok=2, n_group=1, topk_group=1, num_attention_heads=128,
+                    num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                    qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=163840, tie_word_embeddings=False)
+MODELS = {"1b": ONE_B, "v3-attention": V3_ATTENTION}
+
 STEPS = (("dense step", "base"), ("warm-up step", "warmup"), ("sparse step", "sparse"))
 
 

@@ -26,23 +26,39 @@ def sparse_mla_inputs(L: int, heads: int = H, selection=causal_selection):
     return q, kv, idx, int((idx >= 0).sum())  # selected: valid (query, key) pairs
 
 
-def bench_sparse_mla(L: int, iters: int, twin_max: int) -> list[dict]:
-    from train.ops import triton_sparse_mla as k
+def sparse_mla_backends() -> dict:
+    """The sparse MLA kernel modules this machine runs: Triton's, and TileLang's on a Hopper GPU."""
+    from train.ops import triton_sparse_mla
 
-    q, kv, idx, selected = sparse_mla_inputs(L)
-    fwd_flops = sparse_mla_flops(H, selected)
+    backends = {"triton": triton_sparse_mla}
+    try:
+        from train.ops import tilelang_sparse_mla
+    except ImportError:
+        return backends
+    if torch.cuda.get_device_capability()[0] == 9:
+        backends["tilelang"] = tilelang_sparse_mla
+    return backends
+
+
+def bench_sparse_mla(L: int, iters: int, twin_max: int, heads: int = H) -> list[dict]:
+    q, kv, idx, selected = sparse_mla_inputs(L, heads)
+    fwd_flops = sparse_mla_flops(heads, selected)
     scale = (128 + 64) ** -0.5
-    out, lse = k.sparse_mla_forward(q, kv, idx, scale, DV)
-    g = torch.randn_like(out)
-    rows = [guarded("sparse_mla fwd", lambda: k.sparse_mla_forward(q, kv, idx, scale, DV), iters, fwd_flops),
-            guarded("sparse_mla probs", lambda: k.sparse_mla_probs(q, kv, idx, lse, scale, DV), iters,
-                    2 * H * selected * (DV + DR)),
-            guarded("sparse_mla bwd", lambda: k.sparse_mla_backward(q, kv, idx, out, lse, g, scale, DV), iters,
-                    2.5 * fwd_flops),
-            guarded("sparse_mla fwd+probs given lse",
+    rows = []
+    for name, k in sparse_mla_backends().items():
+        out, lse = k.sparse_mla_forward(q, kv, idx, scale, DV)
+        g = torch.randn_like(out)
+        rows += [
+            guarded(f"sparse_mla {name} fwd", lambda: k.sparse_mla_forward(q, kv, idx, scale, DV), iters, fwd_flops),
+            guarded(f"sparse_mla {name} probs", lambda: k.sparse_mla_probs(q, kv, idx, lse, scale, DV), iters,
+                    2 * heads * selected * (DV + DR)),
+            guarded(f"sparse_mla {name} bwd", lambda: k.sparse_mla_backward(q, kv, idx, out, lse, g, scale, DV),
+                    iters, 2.5 * fwd_flops),
+            guarded(f"sparse_mla {name} fwd+probs given lse",
                     lambda: k.sparse_mla_forward_given_lse(q, kv, idx, lse, scale, DV), iters, fwd_flops)]
     if L <= twin_max:
         qg, kvg = q.clone().requires_grad_(), kv.clone().requires_grad_()
+        g = torch.randn(*q.shape[:3], DV, device="cuda", dtype=torch.bfloat16)
 
         def twin():
             o = reference.sparse_mla(qg, kvg, idx, scale, DV)[0]

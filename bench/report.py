@@ -11,16 +11,17 @@ def table(results: dict) -> str:
         else:
             tf = f"{row['tflops']:.0f}" if "tflops" in row else ""
             lines.append(f"| {row['L']:,} | {row['name']} | {row['ms']:.2f} | {tf} | {row['peak_gib']:.2f} |")
-    lines += ["", "| L | step | ms | tokens/s | total peak GiB (model, optimizer state, step) |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| model | L | step | ms | tokens/s | total peak GiB (model, optimizer state, step) | peak above "
+              "the model |", "|---|---|---|---|---|---|---|"]
     for row in results["e2e"]:
         if "L" not in row:
             continue
+        model = row.get("model", "1b")
         if "error" in row:
-            lines.append(f"| {row['L']:,} | {row['name']} | {row['error']} | | |")
+            lines.append(f"| {model} | {row['L']:,} | {row['name']} | {row['error']} | | | |")
         else:
-            lines.append(f"| {row['L']:,} | {row['name']} | {row['ms']:.0f} | {row['tokens_per_sec']:,.0f} | "
-                         f"{row['total_peak_gib']:.1f} |")
+            lines.append(f"| {model} | {row['L']:,} | {row['name']} | {row['ms']:.0f} | {row['tokens_per_sec']:,.0f} | "
+                         f"{row['total_peak_gib']:.1f} | {row['peak_gib']:.1f} |")
     return "\n".join(lines)
 
 

@@ -23,12 +23,12 @@ def test_table_reports_errors_and_end_to_end_rows():
         "kernels": [{"L": 8192, "name": "sparse_mla fwd", "ms": 19.1, "tflops": 215.4, "peak_gib": 0.5},
                     {"L": 131072, "name": "indexer_topk plain pytorch", "error": "out of memory"}],
         "e2e": [{"L": 65536, "name": "e2e dense step L=65536", "ms": 4762.0, "tokens_per_sec": 13762.0,
-                 "total_peak_gib": 18.85}, {"name": "parameters", "total": 1083000000}],
+                 "total_peak_gib": 18.85, "peak_gib": 6.2}, {"name": "parameters", "total": 1083000000}],
     }
     text = table(results)
     assert "| 8,192 | sparse_mla fwd | 19.10 | 215 | 0.50 |" in text
     assert "| 131,072 | indexer_topk plain pytorch | out of memory | | |" in text
-    assert "| 65,536 | e2e dense step L=65536 | 4762 | 13,762 | 18.9 |" in text
+    assert "| 1b | 65,536 | e2e dense step L=65536 | 4762 | 13,762 | 18.9 | 6.2 |" in text
 
 
 def test_window_selection_takes_the_last_k_positions():

@@ -1,4 +1,4 @@
-"""Triton kernels against their PyTorch twins (train/ops/reference.py).
+"""Triton and TileLang kernels against their PyTorch twins (train/ops/reference.py).
 
 On CPU the kernels run in Triton's interpreter on small shapes (tests/conftest.py sets TRITON_INTERPRET=1);
 on a GPU the same tests also run DeepSeek-V3's shapes in bf16. Tolerances are max |kernel - twin| over
@@ -17,6 +17,20 @@ from train.ops import reference, triton_sparse_mla, triton_topk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GPU = pytest.mark.skipif(DEVICE != "cuda", reason="real shapes need a GPU")
+
+
+def _tilelang_kernels():
+    if DEVICE != "cuda" or torch.cuda.get_device_capability()[0] != 9:
+        return None
+    try:
+        from train.ops import tilelang_sparse_mla
+    except ImportError:
+        return None
+    return tilelang_sparse_mla
+
+
+tilelang_sparse_mla = _tilelang_kernels()
+TILELANG = pytest.mark.skipif(tilelang_sparse_mla is None, reason="TileLang kernels need a Hopper GPU and tilelang")
 TOL = 1e-5 if DEVICE == "cpu" else 5e-2      # gradients
 TOL_FWD = 1e-5 if DEVICE == "cpu" else 1e-2  # forward outputs (loss, attention output, probabilities, recall)
 
@@ -80,7 +94,7 @@ def _sparse_inputs(B, L, H, DV, DR, K, dtype, seed=0):
     return (q.to(DEVICE, dtype).requires_grad_(), kv.to(DEVICE, dtype).requires_grad_(), idx.to(DEVICE))
 
 
-def _check_sparse_mla(B, L, H, DV, DR, K, dtype, tol):
+def _check_sparse_mla(B, L, H, DV, DR, K, dtype, tol, kernel=None):
     q, kv, idx = _sparse_inputs(B, L, H, DV, DR, K, dtype)
     scale = (DV + DR) ** -0.5
     g = torch.randn(B, L, H, DV, device=DEVICE, dtype=dtype)
@@ -91,8 +105,9 @@ def _check_sparse_mla(B, L, H, DV, DR, K, dtype, tol):
         return out, p, lse_out, dq, dkv
 
     twin = run(reference.sparse_mla)
+    kernel = kernel or triton_sparse_mla.sparse_mla
     # the kernel alone, and given the twin's log-sum-exp (one pass: the checkpoint recomputation's path)
-    for got in (run(triton_sparse_mla.sparse_mla), run(triton_sparse_mla.sparse_mla, twin[2])):
+    for got in (run(kernel), run(kernel, twin[2])):
         none = torch.isinf(twin[2])  # +inf: the query with no selection
         assert none.any() and torch.equal(torch.isinf(got[2]), none)
         got, want = [list(x) for x in (got, twin)]
@@ -201,13 +216,17 @@ KERNEL_ARCH = dict(
 )
 
 
-def _stage_run(stage_name):
+# The same with head dims TileLang's tiles take (latent 64, rope 32).
+TILELANG_ARCH = dict(KERNEL_ARCH, kv_lora_rank=64, qk_rope_head_dim=32)
+
+
+def _stage_run(stage_name, arch=KERNEL_ARCH, index_head_dim=16):
     """A tiny model and one batch: run() -> (metrics, gradients) of the stage loss under the current settings."""
     from tests.conftest import perturb_
     from train.model import ModelConfig, build_model
     from train.stages import STAGES, StageConfig, compute_loss, param_groups
 
-    model = build_model(ModelConfig(arch=KERNEL_ARCH, index_n_heads=16, index_head_dim=16, index_topk=8))
+    model = build_model(ModelConfig(arch=arch, index_n_heads=16, index_head_dim=index_head_dim, index_topk=8))
     perturb_(model, seed=2)
     model.to(DEVICE)
     stage = STAGES[stage_name]
@@ -255,11 +274,48 @@ def test_checkpoint_recomputation_reuses_the_attention_lse(monkeypatch):
     assert len(calls) == KERNEL_ARCH["num_hidden_layers"]
 
 
+@TILELANG
+@pytest.mark.parametrize("H", [128, 16, 40])  # DeepSeek-V3; the 1B model; a head count not a multiple of 64
+def test_tilelang_sparse_mla_matches_twin_deepseek_shape(H):
+    _check_sparse_mla(B=1, L=4096, H=H, DV=512, DR=64, K=2048, dtype=torch.bfloat16, tol=TOL,
+                      kernel=tilelang_sparse_mla.sparse_mla)
+
+
+@TILELANG
+def test_tilelang_sparse_mla_matches_twin_small():
+    # K not a multiple of the key block, two batches, early rows with fewer than K keys, a row with none
+    _check_sparse_mla(B=2, L=200, H=20, DV=64, DR=32, K=40, dtype=torch.bfloat16, tol=TOL,
+                      kernel=tilelang_sparse_mla.sparse_mla)
+
+
+@TILELANG
+def test_model_sparse_stage_with_tilelang_equals_triton(monkeypatch):
+    """Through the dispatch point, in bf16: the sparse stage's loss and gradients with TileLang's sparse MLA
+    against the Triton kernels, under activation checkpointing too (the one-pass recomputation)."""
+    model, run = _stage_run("sparse", TILELANG_ARCH, index_head_dim=32)
+    model.to(torch.bfloat16)
+    res = {}
+    for backend in ("triton", "tilelang"):
+        monkeypatch.setenv("DSA_KERNELS", backend)
+        res[backend] = run()
+        model.activation_checkpointing = True
+        res[backend + " checkpointed"] = run()
+        model.activation_checkpointing = False
+    for name in ("tilelang", "tilelang checkpointed", "triton checkpointed"):
+        (m_got, g_got), (m_want, g_want) = res[name], res["triton"]
+        for key in m_want:
+            assert abs(m_got[key].float().item() - m_want[key].float().item()) <= 2e-2 * max(
+                1.0, abs(m_want[key].float().item())), (name, key)
+        worst = max((a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-12)
+                    for a, b in zip(g_got, g_want))
+        assert worst <= 5e-2, (name, worst)
+
+
 def test_backend_choice(monkeypatch):
     from train import ops
 
     monkeypatch.delenv("DSA_KERNELS", raising=False)
     assert ops.backend() == "auto"
     monkeypatch.setenv("DSA_KERNELS", "fast")
-    with pytest.raises(ValueError, match="DSA_KERNELS='fast'; allowed: auto, reference, triton"):
+    with pytest.raises(ValueError, match="DSA_KERNELS='fast'; allowed: auto, reference, triton, tilelang"):
         ops.backend()

@@ -1,13 +1,16 @@
 """The one dispatch point for DSA's hot paths: model code calls these names, never a backend directly.
 
 Each op has a chunked PyTorch reference (`reference.py`, any device: the oracle) and, where written, a
-Triton kernel with the same contract (`triton_*.py`). `DSA_KERNELS` picks the backend:
-  auto (default)  Triton for CUDA tensors whose shapes the kernel supports, else the reference
+Triton kernel with the same contract (`triton_*.py`); sparse MLA also has a TileLang kernel for Hopper GPUs
+(`tilelang_sparse_mla.py`, used where `tilelang` is installed: `pip install .[gpu]`). `DSA_KERNELS` picks:
+  auto (default)  for CUDA tensors whose shapes a kernel supports: TileLang's sparse MLA on a Hopper GPU with
+                  bf16 inputs, Triton for the rest; else the reference
   reference       always the reference
   triton          Triton wherever the shapes allow, CPU tensors included (tests: TRITON_INTERPRET=1)
+  tilelang        TileLang's sparse MLA (CUDA, bf16), Triton for the other ops
 Shapes the kernels take: power-of-two head dims >= 16 (the main attention's d_qk may be two such parts,
-192 = 128 + 64), since tl.dot needs them; anything else runs the reference. Head counts are free (tiles
-pad them to a power of two >= 16 and mask the rest).
+192 = 128 + 64), since their tiles need them; anything else runs the reference. Head counts are free (tiles
+pad them and mask or drop the rest).
 """
 
 from __future__ import annotations
@@ -24,16 +27,41 @@ try:
 except ImportError:  # no triton: the reference serves every op
     triton_indexer_kl = triton_sparse_mla = triton_topk = triton_warmup_kl = None
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "tilelang")
+_TILELANG: list = []  # the TileLang module once imported (None: not installed), imported on first use
 
 
 def backend() -> str:
     name = os.environ.get("DSA_KERNELS", "auto")
     if name not in BACKENDS:
         raise ValueError(f"DSA_KERNELS={name!r}; allowed: {', '.join(BACKENDS)}")
-    if name == "triton" and triton_topk is None:
-        raise ValueError("DSA_KERNELS=triton, but triton is not installed; pip install triton")
+    if name in ("triton", "tilelang") and triton_topk is None:
+        raise ValueError(f"DSA_KERNELS={name}, but triton is not installed; pip install triton")
+    if name == "tilelang" and _tilelang() is None:
+        raise ValueError("DSA_KERNELS=tilelang, but tilelang is not installed; pip install .[gpu] (Hopper GPUs)")
     return name
+
+
+def _tilelang():
+    if not _TILELANG:
+        try:
+            from train.ops import tilelang_sparse_mla
+        except ImportError:
+            tilelang_sparse_mla = None
+        _TILELANG.append(tilelang_sparse_mla)
+    return _TILELANG[0]
+
+
+def _use_tilelang(q: torch.Tensor, kv: torch.Tensor, supported: bool) -> bool:
+    """TileLang's sparse MLA: bf16 CUDA tensors on a Hopper GPU (DSA_KERNELS auto or tilelang)."""
+    name = backend()
+    if name not in ("auto", "tilelang") or not supported or not q.is_cuda:
+        return False
+    fits = q.dtype == kv.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device)[0] == 9
+    if name == "tilelang" and not fits:
+        raise ValueError(f"DSA_KERNELS=tilelang with {q.dtype} tensors on {torch.cuda.get_device_name(q.device)}: "
+                         "the TileLang kernels take bf16 on Hopper GPUs; allowed: DSA_KERNELS=auto or triton")
+    return fits and _tilelang() is not None
 
 
 def _pow2(*dims: int) -> bool:
@@ -67,6 +95,8 @@ def sparse_mla(q_BLHD: torch.Tensor, kv_BLD: torch.Tensor, idx_BLK: torch.Tensor
                lse_BLH: torch.Tensor | None = None):
     """Sparse MLA in absorbed form (see `reference.sparse_mla`): (out, p, lse)."""
     D = q_BLHD.shape[-1]
+    if _use_tilelang(q_BLHD, kv_BLD, v_dim >= 32 and D - v_dim >= 32 and _pow2(v_dim, D - v_dim)):
+        return _tilelang().sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH)
     if _use_triton(q_BLHD, _pow2(v_dim, D - v_dim) and q_BLHD.dtype == kv_BLD.dtype):
         return triton_sparse_mla.sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH)
     return reference.sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH)

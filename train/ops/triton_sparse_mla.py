@@ -11,9 +11,13 @@ Invalid selections (-1) are masked; a query with none gets a zero output.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
+
+from train.ops.autograd import sparse_mla_function
 
 def _block_h(H: int, limit: int) -> int:
     """Heads per program: at most `limit`, at least 16 (tl.dot's smallest M; extra heads are masked)."""
@@ -235,26 +239,7 @@ def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int
     return dq, dkv.to(kv.dtype)
 
 
-class SparseMLA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, kv, idx, scale, v_dim, lse):
-        q, kv, idx = q.contiguous(), kv.contiguous(), idx.contiguous()
-        if lse is None:
-            out, lse = sparse_mla_forward(q, kv, idx, scale, v_dim)
-            p = sparse_mla_probs(q, kv, idx, lse, scale, v_dim)
-        else:
-            lse = lse.clone()  # an output of its own (the caller's tensor is an input)
-            out, p = sparse_mla_forward_given_lse(q, kv, idx, lse, scale, v_dim)
-        ctx.save_for_backward(q, kv, idx, out, lse)
-        ctx.scale, ctx.v_dim = scale, v_dim
-        ctx.mark_non_differentiable(p, lse)
-        return out, p, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_p, _grad_lse):
-        q, kv, idx, out, lse = ctx.saved_tensors
-        dq, dkv = sparse_mla_backward(q, kv, idx, out, lse, grad_out, ctx.scale, ctx.v_dim)
-        return dq, dkv, None, None, None, None
+SparseMLA = sparse_mla_function(sys.modules[__name__])
 
 
 def sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale: float, v_dim: int, lse_BLH=None):
