@@ -319,3 +319,43 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("DSA_KERNELS", "fast")
     with pytest.raises(ValueError, match="DSA_KERNELS='fast'; allowed: auto, reference, triton, tilelang"):
         ops.backend()
+
+
+def _check_absorbed(kernels, dtype, tol, B=2, L=40, H=4, N=16, R=16, A=32, V=16, K=24, chunk=16):
+    """ops.absorbed_sparse_mla in query chunks (the kernels' path) against the plain composition on the twin:
+    outputs, probabilities, log-sum-exp, and the gradients of the query parts, the latent rows and both weights;
+    also given the log-sum-exp (the checkpoint recomputation)."""
+    from train import ops
+    from train.ops.autograd import AbsorbedSparseMLA
+
+    g = torch.Generator().manual_seed(4)
+    leaves = [torch.randn(*shape, generator=g).to(DEVICE, dtype).requires_grad_() for shape in (
+        (B, L, H, N), (B, L, H, R), (B, L, A + R), (H, N, A), (H, V, A))]
+    _, _, idx = _sparse_inputs(B, L, 1, 16, 16, K, torch.float32)
+    up = torch.randn(B, L, H, V, generator=g).to(DEVICE, dtype)
+    q_nope, q_rope, kv, w_uk, w_uv = leaves
+
+    def run(fn, lse=None):
+        out, p, lse_out = fn(q_nope, q_rope, kv, idx, w_uk, w_uv, 0.2, lse)
+        return (out, p, lse_out.masked_fill(torch.isinf(lse_out), 0), *torch.autograd.grad(out, leaves, up))
+
+    def twin(*args):
+        q = ops.absorbed_query(args[0], args[1], args[4])
+        out, p, lse = reference.sparse_mla(q, args[2], args[3], args[6], A, args[7])
+        return torch.einsum("blha,hva->blhv", out, args[5]), p, lse
+
+    def chunked(*args):
+        return AbsorbedSparseMLA.apply(kernels, *args, chunk)
+    want = run(twin)
+    names = ("out", "p", "lse", "dq_nope", "dq_rope", "dkv", "dw_uk", "dw_uv")
+    _assert_close(run(chunked), want, names, 3, tol)
+    _assert_close(run(chunked, want[2]), want, names, 3, tol)
+
+
+def test_absorbed_sparse_mla_in_query_chunks_matches_twin():
+    _check_absorbed(triton_sparse_mla, torch.float32, TOL)
+
+
+@TILELANG
+def test_absorbed_sparse_mla_tilelang_matches_twin():
+    _check_absorbed(tilelang_sparse_mla, torch.bfloat16, TOL, L=300, H=20, N=32, R=32, A=64, V=32, K=100, chunk=128)

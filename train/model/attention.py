@@ -152,15 +152,13 @@ class DSAAttention(nn.Module):
     def _sparse(self, q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, qi_BLGD, ki_BLD, wi_BLG, mode):
         topk_BLK = self._select(qi_BLGD, ki_BLD, wi_BLG, mode.topk or self.indexer.topk)
         w_uk_HNA, w_uv_HVA = self.absorbed_weights()
-        q_latent_BLHA = torch.einsum("blhn,hna->blha", q_nope_BLHN, w_uk_HNA)
-        q_BLHD = torch.cat((q_latent_BLHA, q_rope_BLHR), dim=-1)
         kv_BLD = torch.cat((latent_BLA, k_rope_BLR), dim=-1)
         slot = self.slot
         replay = slot is not None and slot.replay
-        out_BLHA, p_BLK, lse_BLH = ops.sparse_mla(q_BLHD, kv_BLD, topk_BLK, self.softmax_scale, self.latent_dim,
-                                                  slot.take_lse() if replay else None)
+        out_BLHV, p_BLK, lse_BLH = ops.absorbed_sparse_mla(q_nope_BLHN, q_rope_BLHR, kv_BLD, topk_BLK, w_uk_HNA,
+                                                           w_uv_HVA, self.softmax_scale,
+                                                           slot.take_lse() if replay else None)
         if slot is not None and not replay:
             slot.lse_BLH = lse_BLH
-        out_BLHV = torch.einsum("blha,hva->blhv", out_BLHA, w_uv_HVA)
         kl_BL = ops.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, topk_BLK, p_BLK) if mode.indexer_loss else None
         return out_BLHV, AttentionStats(kl_BL=kl_BL, topk_BLK=topk_BLK if mode.keep_topk else None)

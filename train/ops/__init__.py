@@ -4,7 +4,7 @@ Each op has a chunked PyTorch reference (`reference.py`, any device: the oracle)
 Triton kernel with the same contract (`triton_*.py`); sparse MLA also has a TileLang kernel for Hopper GPUs
 (`tilelang_sparse_mla.py`, used where `tilelang` is installed: `pip install .[gpu]`). `DSA_KERNELS` picks:
   auto (default)  for CUDA tensors whose shapes a kernel supports: TileLang's sparse MLA on a Hopper GPU with
-                  bf16 inputs, Triton for the rest; else the reference
+                  bf16 inputs and at least 64 heads, Triton for the rest; else the reference
   reference       always the reference
   triton          Triton wherever the shapes allow, CPU tensors included (tests: TRITON_INTERPRET=1)
   tilelang        TileLang's sparse MLA (CUDA, bf16), Triton for the other ops
@@ -20,6 +20,7 @@ import os
 import torch
 
 from train.ops import reference
+from train.ops.autograd import AbsorbedSparseMLA, absorbed_query
 from train.ops.reference import dense_attention, indexer_logits
 
 try:
@@ -58,6 +59,8 @@ def _use_tilelang(q: torch.Tensor, kv: torch.Tensor, supported: bool) -> bool:
     if name not in ("auto", "tilelang") or not supported or not q.is_cuda:
         return False
     fits = q.dtype == kv.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device)[0] == 9
+    if name == "auto" and q.shape[2] < 64:
+        return False  # below 64 heads a program cannot fill a warpgroup's wgmma rows: Triton was faster there
     if name == "tilelang" and not fits:
         raise ValueError(f"DSA_KERNELS=tilelang with {q.dtype} tensors on {torch.cuda.get_device_name(q.device)}: "
                          "the TileLang kernels take bf16 on Hopper GPUs; allowed: DSA_KERNELS=auto or triton")
@@ -102,6 +105,34 @@ def sparse_mla(q_BLHD: torch.Tensor, kv_BLD: torch.Tensor, idx_BLK: torch.Tensor
     return reference.sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH)
 
 
+# Absorbed queries a chunk of `absorbed_sparse_mla` may hold (elements; 2**29: 1 GiB in bf16).
+ABSORBED_CHUNK_ELEMS = 1 << 29
+
+
+def absorbed_sparse_mla(q_nope_BLHN: torch.Tensor, q_rope_BLHR: torch.Tensor, kv_BLD: torch.Tensor,
+                        idx_BLK: torch.Tensor, w_uk_HNA: torch.Tensor, w_uv_HVA: torch.Tensor, scale: float,
+                        lse_BLH: torch.Tensor | None = None, chunk: int | None = None):
+    """MLA's sparse attention in absorbed form from its own parts: (out [B, L, H, V], p, lse), where the
+    attention is `sparse_mla` of [q_nope · W_UK | q_rope] over the latent rows kv = [latent | rope key], and
+    out = its latent output · W_UV per head. With a kernel, queries run in chunks of `chunk` tokens (default:
+    ABSORBED_CHUNK_ELEMS absorbed elements), which bounds the layer's working set; the twin is the plain
+    composition."""
+    A, H, D = kv_BLD.shape[-1] - q_rope_BLHR.shape[-1], q_nope_BLHN.shape[2], kv_BLD.shape[-1]
+    q_lat = q_nope_BLHN  # the kernels' support depends on the absorbed query's dims, not on these values
+    kernels = None
+    if _use_tilelang(q_lat, kv_BLD, A >= 32 and D - A >= 32 and _pow2(A, D - A)):
+        kernels = _tilelang()
+    elif _use_triton(q_lat, _pow2(A, D - A) and q_lat.dtype == kv_BLD.dtype):
+        kernels = triton_sparse_mla
+    if kernels is None:
+        q_BLHD = absorbed_query(q_nope_BLHN, q_rope_BLHR, w_uk_HNA)
+        out_BLHA, p_BLK, lse = reference.sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, A, lse_BLH)
+        return torch.einsum("blha,hva->blhv", out_BLHA, w_uv_HVA), p_BLK, lse
+    chunk = chunk or max(1, ABSORBED_CHUNK_ELEMS // (H * D))
+    return AbsorbedSparseMLA.apply(kernels, q_nope_BLHN, q_rope_BLHR, kv_BLD, idx_BLK, w_uk_HNA, w_uv_HVA, scale,
+                                   lse_BLH, chunk)
+
+
 def dense_indexer_kl(qi_BLGD: torch.Tensor, ki_BLD: torch.Tensor, wi_BLG: torch.Tensor, qa_BLHD: torch.Tensor,
                      ka_BLHD: torch.Tensor, scale: float, topk: int):
     """Warm-up indexer KL over the full causal span, and recall (see `reference.dense_indexer_kl`)."""
@@ -119,6 +150,7 @@ def sparse_indexer_kl(qi_BLGD: torch.Tensor, ki_BLD: torch.Tensor, wi_BLG: torch
 
 
 __all__ = [
+    "absorbed_sparse_mla",
     "backend",
     "dense_attention",
     "dense_indexer_kl",

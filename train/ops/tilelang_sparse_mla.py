@@ -51,11 +51,11 @@ def supported(v_dim: int, rope_dim: int) -> bool:
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def _fwd_kernel(Q, KV, Idx, heads, dv, dr, topk, scale, block_k, num_stages, threads):
-    B, L = T.dynamic("B"), T.dynamic("L")
+    B, L, S = T.dynamic("B"), T.dynamic("L"), T.dynamic("S")  # S: latent rows (all L, or more)
     BH = head_block(heads)
     NH, NK, c = heads // BH, topk // block_k, scale * LOG2E
     Q: T.Tensor([B, L, heads, dv + dr], T.bfloat16)  # noqa: F811 -- TileLang's annotation of the argument
-    KV: T.Tensor([B, L, dv + dr], T.bfloat16)  # noqa: F811
+    KV: T.Tensor([B, S, dv + dr], T.bfloat16)  # noqa: F811
     Idx: T.Tensor([B, L, topk], T.int32)  # noqa: F811
     Out = T.empty([B, L, heads, dv], T.bfloat16)
     Lse = T.empty([B, L, heads], T.float32)
@@ -119,11 +119,11 @@ def _probs_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, wi
                   threads):
     """P [B, L, topk] (zeros in, fp32): += the program's heads' probabilities / true_heads (atomically where
     several head blocks share a token); with `with_out`, also the attention output, from the same P."""
-    B, L = T.dynamic("B"), T.dynamic("L")
+    B, L, S = T.dynamic("B"), T.dynamic("L"), T.dynamic("S")  # S: latent rows (all L, or more)
     BH = head_block(heads)
     NH, NK, c, inv_h = heads // BH, topk // block_k, scale * LOG2E, 1.0 / true_heads
     Q: T.Tensor([B, L, heads, dv + dr], T.bfloat16)  # noqa: F811
-    KV: T.Tensor([B, L, dv + dr], T.bfloat16)  # noqa: F811
+    KV: T.Tensor([B, S, dv + dr], T.bfloat16)  # noqa: F811
     Idx: T.Tensor([B, L, topk], T.int32)  # noqa: F811
     Lse: T.Tensor([B, L, heads], T.float32)  # noqa: F811
     P: T.Tensor([B, L, topk], T.float32)  # noqa: F811
@@ -178,16 +178,16 @@ def _probs_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, wi
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def _bwd_kernel(Q, KV, Idx, dO, Lse, Delta, dKV, heads, dv, dr, topk, scale, block_k, num_stages, threads):
     """dQ (returned, bf16); dKV [B, L, DV + DR] fp32 (zeros in): += each selected row's gradient (atomics)."""
-    B, L = T.dynamic("B"), T.dynamic("L")
+    B, L, S = T.dynamic("B"), T.dynamic("L"), T.dynamic("S")  # S: latent rows (all L, or more)
     BH = head_block(heads)
     NH, NK, c = heads // BH, topk // block_k, scale * LOG2E
     Q: T.Tensor([B, L, heads, dv + dr], T.bfloat16)  # noqa: F811
-    KV: T.Tensor([B, L, dv + dr], T.bfloat16)  # noqa: F811
+    KV: T.Tensor([B, S, dv + dr], T.bfloat16)  # noqa: F811
     Idx: T.Tensor([B, L, topk], T.int32)  # noqa: F811
     dO: T.Tensor([B, L, heads, dv], T.bfloat16)  # noqa: F811
     Lse: T.Tensor([B, L, heads], T.float32)  # noqa: F811
     Delta: T.Tensor([B, L, heads], T.float32)  # noqa: F811
-    dKV: T.Tensor([B, L, dv + dr], T.float32)  # noqa: F811
+    dKV: T.Tensor([B, S, dv + dr], T.float32)  # noqa: F811
     dQ = T.empty([B, L, heads, dv + dr], T.bfloat16)
 
     with T.Kernel(L * NH, B, threads=threads) as (bx, b):
@@ -304,8 +304,9 @@ def sparse_mla_forward_given_lse(q, kv, idx, lse, scale: float, v_dim: int):
 
 
 def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int, block_k: int | None = None,
-                        num_stages: int | None = None, threads: int | None = None):
-    """(dq like q, dkv like kv)."""
+                        num_stages: int | None = None, threads: int | None = None, dkv_acc=None):
+    """(dq like q, dkv like kv); given `dkv_acc` (fp32, like kv), the latent-row gradients are added into it and it
+    is returned instead (a caller that runs the backward in query chunks sums them in fp32)."""
     cfg = _config("bwd", q.shape[2], block_k=block_k, num_stages=num_stages, threads=threads)
     qp, idxp, lsep, H, _ = _padded(q, idx, cfg["block_k"], lse.float())
     B, L, Hp, D = qp.shape
@@ -313,10 +314,10 @@ def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int
     for t0 in range(0, L, 4096):
         delta[:, t0 : t0 + 4096, :H] = (grad_out[:, t0 : t0 + 4096].float() * out[:, t0 : t0 + 4096].float()).sum(-1)
     do = torch.nn.functional.pad(grad_out, (0, 0, 0, Hp - H)) if Hp != H else grad_out
-    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device) if dkv_acc is None else dkv_acc
     dq = _bwd_kernel(qp, kv.contiguous(), idxp, do.contiguous(), lsep, delta, dkv, Hp, v_dim, D - v_dim,
                      idxp.shape[-1], scale, cfg["block_k"], cfg["num_stages"], cfg["threads"])
-    return dq[:, :, :H], dkv.to(kv.dtype)
+    return dq[:, :, :H], (dkv.to(kv.dtype) if dkv_acc is None else dkv)
 
 
 SparseMLA = sparse_mla_function(sys.modules[__name__])

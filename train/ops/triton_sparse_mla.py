@@ -221,8 +221,9 @@ def sparse_mla_forward_given_lse(q, kv, idx, lse, scale: float, v_dim: int):
 
 
 def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int, BH: int | None = None,
-                        BK: int | None = None, warps: int | None = None, stages: int | None = None):
-    """(dq like q, dkv like kv)."""
+                        BK: int | None = None, warps: int | None = None, stages: int | None = None, dkv_acc=None):
+    """(dq like q, dkv like kv); given `dkv_acc` (fp32, like kv), the latent-row gradients are added into it and it
+    is returned instead (a caller that runs the backward in query chunks sums them in fp32)."""
     B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
     grid, BH, BK, warps, stages = _launch("bwd", B, L, H, BH, BK, warps, stages)
     grad_out = grad_out.contiguous()
@@ -230,13 +231,13 @@ def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int
     for t0 in range(0, L, 4096):
         delta[:, t0 : t0 + 4096] = (grad_out[:, t0 : t0 + 4096].float() * out[:, t0 : t0 + 4096].float()).sum(-1)
     dq = torch.empty_like(q)
-    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device) if dkv_acc is None else dkv_acc
     _sparse_mla_bwd_kernel[grid](q, kv, idx, grad_out, lse, delta, dq, dkv, scale, L, K, H, q.stride(1),
                                  q.stride(2), kv.stride(0), kv.stride(1), idx.stride(1), grad_out.stride(1),
                                  grad_out.stride(2), lse.stride(1), dq.stride(1), dq.stride(2), dkv.stride(0),
                                  dkv.stride(1), DV=DV, DR=DR, BH=BH, BK=BK, num_warps=warps,
                                  num_stages=stages)
-    return dq, dkv.to(kv.dtype)
+    return dq, (dkv.to(kv.dtype) if dkv_acc is None else dkv)
 
 
 SparseMLA = sparse_mla_function(sys.modules[__name__])
