@@ -12,6 +12,21 @@ from train.config import TrainConfig, from_hydra
 # The typed schema under conf/config.yaml: every key exists, so any key can be overridden, and types are checked.
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
+def _die_with_launcher() -> None:
+    """A rank started by a launcher (torchrun, the DeepSpeed launcher: LOCAL_RANK is set) ends when the launcher
+    does, instead of training on as an orphan that writes into a run directory a relaunch then uses."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher died before the line above
+        os._exit(1)
+
+
+_die_with_launcher()
+
 # The DeepSpeed launcher appends --local_rank=N, which Hydra rejects; the rank is in the environment too.
 sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
 
@@ -33,7 +48,8 @@ def main(raw: DictConfig) -> None:
         os._exit(3)
     sys.stdout.flush()
     sys.stderr.flush()
-    # DeepSpeed's process group can abort at interpreter shutdown after ZeRO-3 (see NOTES.md); all work is done.
+    # DeepSpeed's process group can abort at interpreter shutdown after ZeRO-3 (in a quarter to half of CPU runs);
+    # all work is done and flushed, so leave without running it.
     os._exit(0)
 
 

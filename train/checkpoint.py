@@ -1,9 +1,10 @@
 """Save and resume a stage exactly: DeepSpeed engine state plus the `TrainState` (step, tokens, data, RNG).
 
 Protocol (a kill at any moment leaves a loadable checkpoint): every rank writes tag `step<N>` with
-`save_latest=False`; after a barrier rank 0 checks that each rank's files are there and non-empty, then
-replaces `latest` atomically (write a temporary file, rename). A half-written tag is never named by `latest`,
-so resume takes the previous one; tags beyond `keep_last` are deleted only after `latest` moved.
+`save_latest=False`; after a barrier rank 0 checks that each rank's files are there and non-empty, writes their
+sizes and CRC-32s (`checksums.json`), then replaces `latest` atomically (write a temporary file, rename). A
+half-written tag is never named by `latest`; resume takes the newest checkpoint whose files match their
+checksums, saying which it skipped; tags beyond `keep_last` are deleted only after `latest` moved.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import os
 import random
 import re
+import json
 import shutil
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +92,49 @@ def _verify(tag_dir: Path, world_size: int) -> None:
         raise RuntimeError(f"checkpoint {tag_dir} has optimizer shards of {len(optim)} ranks, expected {world_size}")
 
 
+CHECKSUMS = "checksums.json"
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def write_checksums(tag_dir: Path) -> None:
+    """Size and CRC-32 of every file of a checkpoint, beside it (read back once when saved)."""
+    files = sorted(f for f in tag_dir.rglob("*") if f.is_file() and f.name != CHECKSUMS)
+    sums = {str(f.relative_to(tag_dir)): {"bytes": f.stat().st_size, "crc32": _crc32(f)} for f in files}
+    tmp = tag_dir / f".{CHECKSUMS}.tmp"
+    tmp.write_text(json.dumps(sums, indent=1))
+    os.replace(tmp, tag_dir / CHECKSUMS)
+
+
+def verify_checksums(tag_dir: Path) -> str | None:
+    """Why the checkpoint `tag_dir` cannot be trusted (a missing, truncated or altered file, no checksums), or
+    None when every file matches what was written."""
+    if not tag_dir.is_dir():
+        return "no such directory"
+    listing = tag_dir / CHECKSUMS
+    if not listing.is_file():
+        return f"no {CHECKSUMS} (an interrupted save)"
+    try:
+        sums = json.loads(listing.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{CHECKSUMS} is unreadable"
+    for name, want in sums.items():
+        f = tag_dir / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} has {f.stat().st_size:,} bytes, {want['bytes']:,} when written"
+        if _crc32(f) != want["crc32"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
 def save(engine, ckpt_dir: Path, state: TrainState, keep_last: int) -> None:
     tag, world_size = f"step{state.step}", state.world_size
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"train_state": state.state_dict(),
@@ -96,23 +142,61 @@ def save(engine, ckpt_dir: Path, state: TrainState, keep_last: int) -> None:
     eng.barrier()
     if eng.is_rank0():
         _verify(ckpt_dir / tag, world_size)
+        write_checksums(ckpt_dir / tag)
         tmp = ckpt_dir / f".{LATEST}.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / LATEST)
         for _, old in _tags(ckpt_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name != tag:  # never the checkpoint `latest` now names
+                shutil.rmtree(old, ignore_errors=True)
     eng.barrier()
 
 
+def choose(ckpt_dir: Path) -> tuple[str | None, list[str]]:
+    """The checkpoint to resume from: the one `latest` names if it verifies, else the newest that does (a
+    deleted or bogus `latest`, a truncated or altered file). Returns (tag or None, a line per one skipped).
+    Raises ValueError when checkpoints exist but none verifies: a run never silently restarts from zero."""
+    latest = ckpt_dir / LATEST
+    named = latest.read_text().strip() if latest.is_file() else None
+    tags = [p.name for _, p in reversed(_tags(ckpt_dir))]
+    candidates = ([named] if named else []) + [t for t in tags if t != named]
+    skipped = []
+    if named is None and tags:
+        skipped.append(f"{latest} is missing")
+    for tag in candidates:
+        why = verify_checksums(ckpt_dir / tag)
+        if why is None or (tag == named and not (ckpt_dir / tag / CHECKSUMS).exists() and (ckpt_dir / tag).is_dir()):
+            return tag, skipped  # `latest` moves only after a complete save: one written before checksums is good
+        skipped.append(f"{ckpt_dir / tag}: {why}")
+    if tags:
+        raise ValueError(f"no checkpoint in {ckpt_dir} can be resumed from ({'; '.join(skipped)}); move the "
+                         "directory away, or start over with run.resume=false (the old run is set aside)")
+    return None, skipped
+
+
 def resume(engine, ckpt_dir: Path, state: TrainState) -> bool:
-    """Loads the checkpoint named by `latest` into the engine and `state`; False: none there (a fresh start).
+    """Loads the newest checkpoint that verifies (`choose`, on rank 0; every rank loads the same) into the engine
+    and `state`, and says which were skipped and why; False: none there (a fresh start).
 
     A checkpoint saved by another number of ranks stops with a ValueError, before DeepSpeed reads it where
     the optimizer is partitioned (ZeRO: one shard per rank), else from the saved train state."""
     latest, world_size = ckpt_dir / LATEST, state.world_size
-    if not latest.is_file():
+    step, error = -1, ""
+    if eng.is_rank0():
+        try:
+            tag, skipped = choose(ckpt_dir)
+            step = -1 if tag is None else int(tag.removeprefix("step"))
+            for line in skipped:
+                eng.print0(f"[resume] skipped: {line}")
+        except ValueError as e:
+            error, step = str(e), -2
+    mine = float(step + 2) if eng.is_rank0() else 0.0  # rank 0's choice, shared with every rank
+    shared = int(eng.all_reduce_sum(torch.tensor([mine], device=eng.device())).item()) - 2
+    if shared == -2:
+        raise ValueError(error or f"no checkpoint in {ckpt_dir} can be resumed from (see rank 0)")
+    if shared == -1:
         return False
-    tag = latest.read_text().strip()
+    tag = f"step{shared}"
     _check_world_size(ckpt_dir, len(list((ckpt_dir / tag).glob("*optim_states.pt"))) or world_size, world_size)
     load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if load_path is None:
@@ -127,3 +211,55 @@ def _check_world_size(ckpt_dir: Path, saved: int, world_size: int) -> None:
     if saved != world_size:
         raise ValueError(f"{ckpt_dir}: saved with {saved} ranks, resumed with {world_size}; relaunch with the "
                          "same number of ranks (or run.resume=false to start over)")
+
+
+def claim_run_dir(run_dir: Path):
+    """Rank 0's exclusive lock on a stage's run directory, taken before anything is written there: a file
+    `.<stage>.lock` beside it under an flock, which the OS releases when the process ends, however it ends (a
+    lock left by a dead job is free). Returns the open file (hold it until exit); raises ValueError naming the
+    holder when another live job has it."""
+    import fcntl
+    import socket
+    import time
+
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir.parent / f".{run_dir.name}.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{run_dir} is in use by {holder}; wait for that job to end (or stop it), or choose "
+                         "another run.name") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """`run.resume=false` over an existing run: the old stage directory is renamed `<stage>.old-<time>` (nothing
+    is deleted, and its checkpoints can no longer mix with the new run's). Returns the new name, or None."""
+    import time
+
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    old = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(run_dir, old)
+    return old
+
+
+# Settings that change what a step means: a resumed run must keep them (`run.allow_config_change=true` overrides).
+RUN_DEFINING = ("stage.name", "model", "data.sources", "data.seq_len", "data.tokenizer", "stage.global_batch",
+                "stage.init_from")
+
+
+def config_changes(saved: dict, now: dict) -> list[str]:
+    """`key: saved -> now` for each RUN_DEFINING setting that differs between two resolved configs."""
+    def get(cfg, dotted):
+        for part in dotted.split("."):
+            cfg = cfg.get(part) if isinstance(cfg, dict) else None
+        return cfg
+    return [f"{k}: {get(saved, k)!r} -> {get(now, k)!r}" for k in RUN_DEFINING if get(saved, k) != get(now, k)]

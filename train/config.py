@@ -24,6 +24,7 @@ class RunConfig:
     seed: int = 0
     dry_run: bool = False          # print the plan (tokens, steps, batch split) and stop; no model is built
     resume: bool = True            # continue from the stage's latest checkpoint when there is one
+    allow_config_change: bool = False  # resume although model, data, seq_len or global batch changed
     plan_gpus: int | None = None   # dry run: plan for this many GPUs (null: the ranks of this launch)
 
 

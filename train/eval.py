@@ -94,8 +94,10 @@ def summarize(sums: dict, with_sparse: bool) -> dict:
 def evaluate(model, batches: list[dict], topk: int | None, with_sparse: bool, recall_distance: int | None) -> dict:
     """The figures of `model` on `batches` (see `eval_sums`)."""
     sums = eval_sums(model, batches, topk, with_sparse, recall_distance)
-    out = {"tokens": int(sums["tokens"]), "topk": topk or model.index_topk,
-           "seq_len": batches[0]["input_ids"].shape[1], **summarize(sums, with_sparse)}
+    out = {"tokens": int(sums["tokens"]), "seq_len": batches[0]["input_ids"].shape[1]}
+    if with_sparse:
+        out["topk"] = topk or model.index_topk
+    out.update(summarize(sums, with_sparse))
     if sums["targets"]:
         out["retrieval_targets"] = int(sums["targets"])
     return out

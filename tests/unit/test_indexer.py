@@ -1,4 +1,4 @@
-"""The indexer's logits against the formula of DSA.md §2, written out independently here."""
+"""The indexer's logits against the formula of docs/design.md (The indexer), written out independently here."""
 
 import torch
 
