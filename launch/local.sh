@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 NPROC=${NPROC:-}
+if [ -n "$NPROC" ] && ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: NPROC=$NPROC; allowed: a positive whole number of processes (or empty: one per GPU, else 1)" >&2
+  exit 2
+fi
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   exec "$PY" -m deepspeed.launcher.runner --no_local_rank --num_gpus "${NPROC:-$(nvidia-smi -L | wc -l)}" \
     --module train "$@"

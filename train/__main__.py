@@ -35,9 +35,16 @@ sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
 def main(raw: DictConfig) -> None:
     from train.loop import NonFiniteError, run_stage
 
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         cfg = from_hydra(raw)
         run_stage(cfg, raw)
+    except OmegaConfBaseException as e:  # an unknown key (`+stage.foo=1`) or a wrong type: name it, one line
+        print(f"error: {str(e).splitlines()[0]} (full_key: {getattr(e, 'full_key', None)}); the typed config "
+              "(train/config.py) lists every key", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
     except ValueError as e:  # config and input errors: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,8 +56,9 @@ class TrainConfig:
                 f"stage.global_batch={s.global_batch} does not divide into stage.micro_batch={s.micro_batch} x "
                 f"{world_size} ranks x gradient accumulation; allowed: a positive multiple of "
                 f"{s.micro_batch * world_size}")
-        if s.lr <= 0 or (s.indexer_lr is not None and s.indexer_lr <= 0):
-            raise ValueError(f"stage.lr={s.lr}, stage.indexer_lr={s.indexer_lr}; learning rates must be > 0")
+        if not (0 < s.lr < math.inf) or (s.indexer_lr is not None and not (0 < s.indexer_lr < math.inf)):
+            raise ValueError(f"stage.lr={s.lr}, stage.indexer_lr={s.indexer_lr}; learning rates must be finite "
+                             "and > 0")
         if s.log_every <= 0 or s.save_every <= 0 or s.keep_last <= 0:
             raise ValueError(f"stage.log_every={s.log_every}, stage.save_every={s.save_every}, "
                              f"stage.keep_last={s.keep_last}; must be > 0")
@@ -124,5 +127,25 @@ def from_hydra(cfg: DictConfig) -> TrainConfig:
     name = cfg.stage.name  # checked first: presets look their sizes up by stage name
     if name not in STAGES:
         raise ValueError(f"stage.name={name!r}; allowed: {', '.join(STAGES)}")
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    schema = OmegaConf.structured(TrainConfig)
+    unknown = _unknown_keys(cfg, schema)
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: no such key in the typed config (train/config.py); check the "
+                         "spelling (`+key=` cannot add keys)")
+    merged = OmegaConf.merge(schema, cfg)
     return OmegaConf.to_object(merged)
+
+
+def _unknown_keys(node: DictConfig, schema: DictConfig, prefix: str = "") -> list[str]:
+    """Keys of `node` that the typed schema lacks (`+key=` additions), in its dataclass-typed parts."""
+    out = []
+    for key in node:
+        if key == "hydra":
+            continue
+        if key not in schema.keys():  # (`in` alone is False for a key whose value is still missing)
+            out.append(prefix + str(key))
+            continue
+        child = schema._get_node(key)  # the node itself: reading a missing value (???) would raise
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+            out += _unknown_keys(node._get_node(key), child, f"{prefix}{key}.")
+    return out

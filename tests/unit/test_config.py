@@ -150,3 +150,22 @@ def test_ds_config_builder():
     assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
     assert ds["bf16"] == {"enabled": True}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["stage.lr=nan"], "stage.lr=nan"),
+    (["+stage.foo=1"], "stage.foo: no such key"),
+    (["+data.foo=2"], "data.foo: no such key"),
+])
+def test_cli_bad_values_and_unknown_keys_are_one_line(args, needle):
+    out = subprocess.run([sys.executable, "-m", "train", *args], capture_output=True, text=True,
+                         cwd=Path(CONF).parent, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error:") and needle in lines[-1] and "Traceback" not in out.stderr, lines
+
+
+def test_launcher_rejects_a_bad_nproc():
+    out = subprocess.run(["bash", "launch/local.sh", "stage=base"], capture_output=True, text=True,
+                         cwd=Path(CONF).parent, timeout=60, env={**__import__("os").environ, "NPROC": "two"})
+    assert out.returncode == 2 and "error: NPROC=two" in out.stderr
