@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import json
+import re
 import shutil
 import zlib
 from dataclasses import dataclass, field
@@ -93,6 +93,7 @@ def _verify(tag_dir: Path, world_size: int) -> None:
 
 
 CHECKSUMS = "checksums.json"
+NO_CHECKSUMS = f"no {CHECKSUMS} (an interrupted save)"
 
 
 def _crc32(path: Path) -> str:
@@ -119,7 +120,7 @@ def verify_checksums(tag_dir: Path) -> str | None:
         return "no such directory"
     listing = tag_dir / CHECKSUMS
     if not listing.is_file():
-        return f"no {CHECKSUMS} (an interrupted save)"
+        return NO_CHECKSUMS
     try:
         sums = json.loads(listing.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -165,7 +166,7 @@ def choose(ckpt_dir: Path) -> tuple[str | None, list[str]]:
         skipped.append(f"{latest} is missing")
     for tag in candidates:
         why = verify_checksums(ckpt_dir / tag)
-        if why is None or (tag == named and not (ckpt_dir / tag / CHECKSUMS).exists() and (ckpt_dir / tag).is_dir()):
+        if why is None or (why == NO_CHECKSUMS and tag == named):
             return tag, skipped  # `latest` moves only after a complete save: one written before checksums is good
         skipped.append(f"{ckpt_dir / tag}: {why}")
     if tags:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,9 @@ def run_train(root: Path, *overrides: str, nproc: int = 1, check: bool = True, t
 def metrics(root: Path, run: str, stage: str) -> list[dict]:
     path = root / "ckpt" / run / stage / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def readme_block(heading: str, lang: str) -> str:
+    """The first ```lang block after `heading` in the README: what tests run as a user would."""
+    text = (ROOT / "README.md").read_text()
+    return re.search(rf"```{lang}\n(.*?)```", text[text.index(heading):], re.S).group(1)

@@ -5,7 +5,6 @@ export."""
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -13,14 +12,8 @@ from pathlib import Path
 
 import torch
 
-from tests.integration.helpers import ROOT
+from tests.integration.helpers import ROOT, readme_block
 from tests.integration.user_source import build_user_source
-
-
-def _readme_block(heading: str, lang: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index(heading):]
-    return re.search(rf"```{lang}\n(.*?)```", section, re.S).group(1)
 
 
 def _scratch_copy(dst: Path) -> Path:
@@ -36,7 +29,7 @@ def _scratch_copy(dst: Path) -> Path:
 def test_readme_conversion_of_a_users_bf16_moe_checkpoint(tmp_path):
     user = build_user_source(tmp_path / "user")
     repo = _scratch_copy(tmp_path / "repo")
-    script = _readme_block("## Your own checkpoint", "bash")
+    script = readme_block("## Your own checkpoint", "bash")
     for placeholder, value in (("/ckpt/my-v3", user["src"]), ("/data/corpus", user["corpus"]),
                                ("/data/held-out.jsonl", user["held_out"])):
         assert placeholder in script
@@ -70,7 +63,7 @@ def test_readme_conversion_of_a_users_bf16_moe_checkpoint(tmp_path):
     assert "retrieval_accuracy" not in json.dumps(result)  # a synthetic-corpus metric only
 
     # The README's transformers snippet, on this export: sparse-mode logits and greedy generation.
-    snippet = _readme_block("Using the export with transformers", "python")
+    snippet = readme_block("Using the export with transformers", "python")
     snippet = snippet.replace("checkpoints/default/sparse/export", str(run / "sparse" / "export"))
     gen = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})

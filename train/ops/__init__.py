@@ -97,12 +97,19 @@ def indexer_topk(q_BLGD: torch.Tensor, k_BLD: torch.Tensor, w_BLG: torch.Tensor,
 def sparse_mla(q_BLHD: torch.Tensor, kv_BLD: torch.Tensor, idx_BLK: torch.Tensor, scale: float, v_dim: int,
                lse_BLH: torch.Tensor | None = None):
     """Sparse MLA in absorbed form (see `reference.sparse_mla`): (out, p, lse)."""
-    D = q_BLHD.shape[-1]
-    if _use_tilelang(q_BLHD, kv_BLD, v_dim >= 32 and D - v_dim >= 32 and _pow2(v_dim, D - v_dim)):
-        return _tilelang().sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH)
-    if _use_triton(q_BLHD, _pow2(v_dim, D - v_dim) and q_BLHD.dtype == kv_BLD.dtype):
-        return triton_sparse_mla.sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH)
-    return reference.sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH)
+    kernels = _sparse_mla_kernels(q_BLHD, kv_BLD, v_dim)
+    return (kernels or reference).sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH)
+
+
+def _sparse_mla_kernels(q: torch.Tensor, kv_BLD: torch.Tensor, v_dim: int):
+    """The sparse MLA kernel module for these tensors (TileLang, Triton), or None for the twin; the latent rows
+    [v_dim | rope] set the dims the kernels must take."""
+    rope = kv_BLD.shape[-1] - v_dim
+    if _use_tilelang(q, kv_BLD, v_dim >= 32 and rope >= 32 and _pow2(v_dim, rope)):
+        return _tilelang()
+    if _use_triton(q, _pow2(v_dim, rope) and q.dtype == kv_BLD.dtype):
+        return triton_sparse_mla
+    return None
 
 
 # Absorbed queries a chunk of `absorbed_sparse_mla` may hold (elements; 2**29: 1 GiB in bf16).
@@ -118,12 +125,7 @@ def absorbed_sparse_mla(q_nope_BLHN: torch.Tensor, q_rope_BLHR: torch.Tensor, kv
     ABSORBED_CHUNK_ELEMS absorbed elements), which bounds the layer's working set; the twin is the plain
     composition."""
     A, H, D = kv_BLD.shape[-1] - q_rope_BLHR.shape[-1], q_nope_BLHN.shape[2], kv_BLD.shape[-1]
-    q_lat = q_nope_BLHN  # the kernels' support depends on the absorbed query's dims, not on these values
-    kernels = None
-    if _use_tilelang(q_lat, kv_BLD, A >= 32 and D - A >= 32 and _pow2(A, D - A)):
-        kernels = _tilelang()
-    elif _use_triton(q_lat, _pow2(A, D - A) and q_lat.dtype == kv_BLD.dtype):
-        kernels = triton_sparse_mla
+    kernels = _sparse_mla_kernels(q_nope_BLHN, kv_BLD, A)
     if kernels is None:
         q_BLHD = absorbed_query(q_nope_BLHN, q_rope_BLHR, w_uk_HNA)
         out_BLHA, p_BLK, lse = reference.sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, A, lse_BLH)
