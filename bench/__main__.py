@@ -38,12 +38,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="end to end: DeepSeek-V3's attention shape in 2 layers, and/or the ~1B model")
     ap.add_argument("--recompute-topk", action="store_true",
                     help="end to end: recompute each layer's top-k in backward (stage.recompute_topk=true)")
-    ap.add_argument("--sweep", nargs="*", choices=["warmup_kl", "sparse_mla"],
+    ap.add_argument("--sweep", nargs="*", choices=["warmup_kl", "sparse_mla", "tilelang_sparse_mla"],
                     help="only sweep these kernels' launch configurations, at the first of --lengths")
     ap.add_argument("--sweep-heads", type=int, default=128, help="the sparse MLA sweep's head count")
     ap.add_argument("--memory-marks", action="store_true",
                     help="end to end: print allocated memory after each step's forward and backward")
     ap.add_argument("--profile", action="store_true", help="print each op's top GPU kernels (torch.profiler)")
+    ap.add_argument("--public-tilelang", metavar="DIR",
+                    help="time the public TileLang sparse MLA kernels (a tilelang checkout's examples/deepseek_v32) "
+                         "beside ours, on the same inputs")
     ap.add_argument("--out", default="bench.json")
     return ap.parse_args(argv)
 
@@ -75,7 +78,7 @@ def main(argv=None) -> None:
         print(f"[topk] L={L}", flush=True)
         results["kernels"] += [{"L": L, **r} for r in bench_topk(L, args.iters, args.twin_max, args.plain_max)]
         save()
-    sections = {"sparse_mla": lambda L: bench_sparse_mla(L, args.iters, args.twin_max),
+    sections = {"sparse_mla": lambda L: bench_sparse_mla(L, args.iters, args.twin_max, public=args.public_tilelang),
                 "sdpa": lambda L: bench_sdpa(L, args.iters),
                 "warmup_kl": lambda L: bench_warmup_kl(L, args.iters, args.twin_max)}
     for L in args.lengths:

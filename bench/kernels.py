@@ -40,13 +40,18 @@ def sparse_mla_backends() -> dict:
     return backends
 
 
-def bench_sparse_mla(L: int, iters: int, twin_max: int, heads: int = H) -> list[dict]:
+def bench_sparse_mla(L: int, iters: int, twin_max: int, heads: int = H, public: str | None = None) -> list[dict]:
+    """`public`: the directory of the public TileLang kernels to time beside ours (`bench/public.py`)."""
     q, kv, idx, selected = sparse_mla_inputs(L, heads)
     fwd_flops = sparse_mla_flops(heads, selected)
     scale = (128 + 64) ** -0.5
     rows = []
     for name, k in sparse_mla_backends().items():
         out, lse = k.sparse_mla_forward(q, kv, idx, scale, DV)
+        if public and name == "tilelang":
+            from bench.public import bench_public
+
+            rows += bench_public(public, q, kv, idx, scale, fwd_flops, iters, out)
         g = torch.randn_like(out)
         rows += [
             guarded(f"sparse_mla {name} fwd", lambda: k.sparse_mla_forward(q, kv, idx, scale, DV), iters, fwd_flops),

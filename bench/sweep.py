@@ -30,7 +30,36 @@ def sweep(L: int, iters: int, kernels: list[str], heads: int = H) -> list[dict]:
             rows += [{"L": L, "config": cfg, **r} for r in bench_warmup_kl(L, iters, 0, cfg, f"warmup_kl {cfg}")]
     if "sparse_mla" in kernels:
         rows += sweep_sparse_mla(L, iters, heads)
+    if "tilelang_sparse_mla" in kernels:
+        rows += sweep_tilelang_sparse_mla(L, iters, heads)
     return rows
+
+
+def sweep_tilelang_sparse_mla(L: int, iters: int, heads: int) -> list[dict]:
+    """TileLang's sparse MLA: the warp-specialised forward's key block and ring depth against the kernel whose
+    warpgroups share every role, in the forward and the one-pass recomputation; the warp-specialised backward
+    (dS, then dQ) against the one-kernel backward at two key blocks."""
+    from train.ops import tilelang_sparse_mla as tk
+
+    q, kv, idx, selected = sparse_mla_inputs(L, heads)
+    fwd_flops, scale = sparse_mla_flops(heads, selected), 192 ** -0.5
+    out, lse = tk.sparse_mla_forward(q, kv, idx, scale, DV)
+    g = torch.randn_like(out)
+    runs = {}
+    for BK, NS in ((64, 2), (32, 4), (32, 2)):
+        runs[f"fwd ws block_k={BK} stages={NS}"] = (lambda BK=BK, NS=NS: tk._ws(q, kv, idx, scale, DV, None, BK, NS),
+                                                    fwd_flops)
+        runs[f"fwd+probs given lse ws block_k={BK} stages={NS}"] = (
+            lambda BK=BK, NS=NS: tk._ws(q, kv, idx, scale, DV, lse, BK, NS), fwd_flops)
+    runs["fwd plain"] = (lambda: tk._plain_forward(q, kv, idx, scale, DV), fwd_flops)
+    runs["fwd+probs given lse plain"] = (lambda: tk._probs(q, kv, idx, lse, scale, DV, True,
+                                                           tk._config("probs", heads)), fwd_flops)
+    runs["bwd ws"] = (lambda: tk.sparse_mla_backward(q, kv, idx, out, lse, g, scale, DV), 2.5 * fwd_flops)
+    for BK in (32, 16):
+        runs[f"bwd plain block_k={BK}"] = (lambda BK=BK: tk.sparse_mla_backward(
+            q, kv, idx, out, lse, g, scale, DV, block_k=BK, threads=256), 2.5 * fwd_flops)
+    return [{"L": L, "config": name, **guarded(f"tilelang sparse_mla {name}", fn, iters, flops)}
+            for name, (fn, flops) in runs.items()]
 
 
 def sweep_sparse_mla(L: int, iters: int, heads: int) -> list[dict]:

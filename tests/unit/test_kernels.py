@@ -289,6 +289,14 @@ def test_tilelang_sparse_mla_matches_twin_small():
 
 
 @TILELANG
+def test_tilelang_warp_specialised_sparse_mla_matches_twin_small():
+    # the warp-specialised kernels: two head blocks adding into one p, padding heads, K padded to the ring
+    assert tilelang_sparse_mla.warp_specialised(72, 128, 64) and not tilelang_sparse_mla.warp_specialised(40, 64, 32)
+    _check_sparse_mla(B=2, L=200, H=72, DV=128, DR=64, K=40, dtype=torch.bfloat16, tol=TOL,
+                      kernel=tilelang_sparse_mla.sparse_mla)
+
+
+@TILELANG
 def test_model_sparse_stage_with_tilelang_equals_triton(monkeypatch):
     """Through the dispatch point, in bf16: the sparse stage's loss and gradients with TileLang's sparse MLA
     against the Triton kernels, under activation checkpointing too (the one-pass recomputation)."""
