@@ -108,3 +108,38 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
     out = run_train(tmp_path, "stage=base", "run.name=cut", "stage.steps=7", "stage.save_every=2",
                     "stage.keep_last=3")
     assert "latest is missing" in out.stdout and "at step 6" in out.stdout
+
+
+def test_make_warmup_twice_at_once(tmp_path):
+    """Two `make warmup` on one run name at the same time: the second exits 2 with one line naming the holder;
+    the first finishes normally, with exactly one metrics row per logged step."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.integration.helpers import ROOT, tiny_overrides
+
+    run_train(tmp_path, "stage=base", "run.name=src", "stage.steps=2")
+    venv = Path(sys.executable).parents[1]
+    cmd = ["make", "-s", "-o", f"{venv}/.installed", "warmup", f"VENV={venv}", *tiny_overrides(tmp_path),
+           f"model.path={tmp_path}/ckpt/src/base/export", "run.name=twice", "stage.steps=300"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        rows = tmp_path / "ckpt" / "twice" / "warmup" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while not (rows.exists() and rows.read_text()) and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert first.poll() is None, "the first job was still running when the second ended"
+        out, err = first.communicate(timeout=600)
+    finally:
+        first.kill()
+    assert first.returncode == 0, f"{out[-2000:]}\n{err[-3000:]}"
+    assert "[done]" in out
+    assert second.returncode == 2
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "in use by pid" in errors[0], second.stderr[-2000:]
+    assert [m["step"] for m in metrics(tmp_path, "twice", "warmup")] == list(range(1, 301))

@@ -137,6 +137,13 @@ def test_bad_inputs_name_the_file_and_problem(tok, tmp_path):
     fails(_cfg(tmp_path / "bad.txt"), "bad.txt", "UTF-8", "byte offset 12")
     (tmp_path / "short.jsonl").write_text(json.dumps({"text": "SET k1 = v2"}) + "\n")
     fails(_cfg(tmp_path / "short.jsonl"), "short.jsonl", "fewer than one sequence")
+    good = json.dumps({"text": "SET k1 = v2 " * 40}) + "\n"
+    (tmp_path / "broken.jsonl").write_text(good + '{"text": "GET k1\n' + good)
+    fails(_cfg(tmp_path / "broken.jsonl"), "broken.jsonl: line 2: not valid JSON")
+    for name, value, what in (("null", None, "holds null"), ("number", 42, "holds int (42)")):
+        (tmp_path / f"{name}.jsonl").write_text(good + json.dumps({"text": value}) + "\n")
+        fails(_cfg(tmp_path / f"{name}.jsonl"), f"{name}.jsonl", "document 2: column 'text'", what)
+    assert not list((tmp_path / "token_cache").glob(".*.tmp-*")), "a failed tokenisation leaves nothing behind"
     with pytest.raises(DataError, match="vocab_size is 10"):
         check_tokenizer_fits(tok, 10, "synthetic")
 

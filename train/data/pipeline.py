@@ -95,8 +95,16 @@ class SourceStream:
     def _documents(self, skip: int = 0):
         self._load_dataset()
         dataset = self.dataset.skip(skip) if skip else self.dataset
+        row = skip
         for batch in dataset.iter(batch_size=256):
-            yield from tokenize_batch(self.tokenizer, batch[self.column])
+            texts = batch[self.column]
+            for i, text in enumerate(texts):
+                if not isinstance(text, str):
+                    raise DataError(f"data source path={self.src.path!r}: document {row + i + 1}: column "
+                                    f"{self.column!r} holds {'null' if text is None else type(text).__name__} "
+                                    f"({str(text)[:40]}), not text; every document must be a string")
+            row += len(texts)
+            yield from tokenize_batch(self.tokenizer, texts)
 
     def load_cache(self, build_missing: bool = True) -> token_cache.TokenCache:
         """The tokenised documents; a missing cache entry is built now, or waited for (build_missing=False)."""

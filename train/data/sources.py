@@ -76,6 +76,31 @@ def check_utf8(file: Path, chunk_bytes: int = 1 << 20) -> None:
         raise DataError(f"{file}: not valid UTF-8 text (truncated character at the end)") from None
 
 
+def bad_json_line(files: list[Path]) -> None:
+    """Raises a DataError naming the first file and line that is not JSON (JSON Lines: one object a line; .json:
+    the whole file); returns if every file parses."""
+    import json
+
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            if f.suffix == ".json":
+                try:
+                    json.load(fh)
+                except json.JSONDecodeError as e:
+                    if e.pos > 0:  # a .json file may also hold JSON Lines: check those below
+                        fh.seek(0)
+                    else:
+                        raise DataError(f"{f}: line {e.lineno}: not valid JSON ({e.msg})") from None
+                else:
+                    continue
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{f}: line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
+
+
 def load_documents(src: SourceConfig, streaming: bool):
     """A `datasets` Dataset (or IterableDataset when streaming) whose `text_column` holds one document per row."""
     import datasets
@@ -99,6 +124,8 @@ def load_documents(src: SourceConfig, streaming: bool):
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                        streaming=streaming, **kwargs)
         except Exception as e:
+            if builder == "json":
+                bad_json_line(files)
             raise DataError(f"{files[0] if len(files) == 1 else src.path}: cannot be read as {builder} "
                             f"({type(e).__name__}: {e})") from None
         where = str(files[0]) if len(files) == 1 else f"data source {src.path!r}"

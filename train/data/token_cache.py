@@ -83,15 +83,19 @@ def build(folder: Path, documents, what: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     offsets, n, t0, t_print = [0], 0, time.time(), time.time()
-    with open(tmp / "tokens.bin", "wb") as f:
-        for doc in documents:
-            f.write(np.asarray(doc, dtype=np.int32).tobytes())
-            n += len(doc)
-            offsets.append(n)
-            if time.time() - t_print > 30:
-                print(f"[data] tokenising {what}: {len(offsets) - 1:,} documents, {n:,} tokens "
-                      f"({time.time() - t0:.0f} s)", flush=True)
-                t_print = time.time()
+    try:
+        with open(tmp / "tokens.bin", "wb") as f:
+            for doc in documents:
+                f.write(np.asarray(doc, dtype=np.int32).tobytes())
+                n += len(doc)
+                offsets.append(n)
+                if time.time() - t_print > 30:
+                    print(f"[data] tokenising {what}: {len(offsets) - 1:,} documents, {n:,} tokens "
+                          f"({time.time() - t0:.0f} s)", flush=True)
+                    t_print = time.time()
+    except BaseException:  # a bad document, a full disk: nothing half-built stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
     (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "source": what, "documents": len(offsets) - 1,
                                                "tokens": n}, indent=1))
