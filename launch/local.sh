@@ -10,8 +10,15 @@ if [ -n "$NPROC" ] && ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  exec "$PY" -m deepspeed.launcher.runner --no_local_rank --num_gpus "${NPROC:-$(nvidia-smi -L | wc -l)}" \
-    --module train "$@"
+  GPUS=$(nvidia-smi -L | wc -l)
+  if [ "${NPROC:-$GPUS}" -gt "$GPUS" ]; then
+    echo "error: NPROC=$NPROC; this node has $GPUS GPU(s): allowed 1..$GPUS (more nodes: launch/deepspeed_multinode.sh)" >&2
+    exit 2
+  fi
+  exec "$PY" -m deepspeed.launcher.runner --no_local_rank --num_gpus "${NPROC:-$GPUS}" --module train "$@"
+elif [ "${NPROC:-1}" -gt "$(nproc)" ]; then
+  echo "error: NPROC=$NPROC; this node has no GPU and $(nproc) CPU(s): allowed 1..$(nproc) CPU processes" >&2
+  exit 2
 elif [ "${NPROC:-1}" -gt 1 ]; then
   exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m train "$@"
 else

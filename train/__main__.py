@@ -31,6 +31,19 @@ _die_with_launcher()
 sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
 
 
+def _os_error(e: OSError) -> str:
+    """A file-system failure in one line: the path, what happened, what to do."""
+    import errno
+
+    hint = {errno.ENOSPC: "the disk is full: free space, or point run.root / data.cache_dir at another disk",
+            errno.EDQUOT: "the disk quota is used up: free space, or point run.root at another disk",
+            errno.EROFS: "the file system is read-only: point run.root / data.cache_dir at a writable directory",
+            errno.EACCES: "no permission: point run.root / data.cache_dir at a directory you may write",
+            errno.EPERM: "not permitted: point run.root / data.cache_dir at a directory you may write",
+            errno.ENOTDIR: "a file stands where a directory is needed"}.get(e.errno)
+    return f"{e.filename}: {e.strerror}" + (f"; {hint}" if hint else "")
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(raw: DictConfig) -> None:
     from train.loop import NonFiniteError, run_stage
@@ -53,6 +66,12 @@ def main(raw: DictConfig) -> None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(3)
+    except OSError as e:
+        if not e.filename:
+            raise
+        print(f"error: {_os_error(e)}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
     sys.stdout.flush()
     sys.stderr.flush()
     # DeepSpeed's process group can abort at interpreter shutdown after ZeRO-3 (in a quarter to half of CPU runs);

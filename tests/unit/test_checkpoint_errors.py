@@ -74,3 +74,15 @@ def test_cli_writes_nothing_on_error(v3_dir, tmp_path, capsys):
     assert export_main(["--source", str(v3_dir), "--out", str(out)]) == 2
     assert "'q_lora_rank'" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_truncated_file_and_missing_shard_are_named(tiny_arch, tmp_path):
+    torch.manual_seed(0)
+    DeepseekV3ForCausalLM(DeepseekV3Config(**tiny_arch)).save_pretrained(tmp_path / "v3", max_shard_size="100KB")
+    shard = sorted((tmp_path / "v3").glob("*.safetensors"))[1]
+    data = shard.read_bytes()
+    for cut in (1000, int(len(data) * 0.9)):  # inside the header, inside the tensors
+        shard.write_bytes(data[:cut])
+        _fails(tmp_path / "v3", str(shard), "not a readable safetensors file", "truncated")
+    shard.unlink()
+    _fails(tmp_path / "v3", "model.safetensors.index.json", f"names shard {shard.name}", "1 of ")

@@ -169,3 +169,24 @@ def test_launcher_rejects_a_bad_nproc():
     out = subprocess.run(["bash", "launch/local.sh", "stage=base"], capture_output=True, text=True,
                          cwd=Path(CONF).parent, timeout=60, env={**__import__("os").environ, "NPROC": "two"})
     assert out.returncode == 2 and "error: NPROC=two" in out.stderr
+    out = subprocess.run(["bash", "launch/local.sh", "stage=base"], capture_output=True, text=True,
+                         cwd=Path(CONF).parent, timeout=60, env={**__import__("os").environ, "NPROC": "100000"})
+    assert out.returncode == 2 and "error: NPROC=100000" in out.stderr and "allowed 1.." in out.stderr
+
+
+def test_an_unwritable_or_full_output_directory_is_one_line(tmp_path):
+    import errno
+
+    from train.__main__ import _os_error
+
+    (tmp_path / "afile").write_text("")
+    for root, needle in ((tmp_path / "afile" / "ckpt", "a file stands where a directory is needed"),
+                         ("/sys/ckpt", "point run.root")):  # /sys: not writable, even for root
+        out = subprocess.run([sys.executable, "-m", "train", "stage=base", f"run.root={root}", "stage.steps=1",
+                              "logging.wandb.mode=disabled"], capture_output=True, text=True, cwd=Path(CONF).parent,
+                             timeout=120)
+        lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+        assert out.returncode == 2 and len(lines) == 1 and str(root) in lines[0] and needle in lines[0], out.stderr
+        assert "Traceback" not in out.stderr
+    full = _os_error(OSError(errno.ENOSPC, "No space left on device", "/ckpt/run/base/ckpt/step9"))
+    assert full.startswith("/ckpt/run/base/ckpt/step9: No space left on device; the disk is full")

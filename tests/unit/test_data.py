@@ -144,6 +144,11 @@ def test_bad_inputs_name_the_file_and_problem(tok, tmp_path):
         (tmp_path / f"{name}.jsonl").write_text(good + json.dumps({"text": value}) + "\n")
         fails(_cfg(tmp_path / f"{name}.jsonl"), f"{name}.jsonl", "document 2: column 'text'", what)
     assert not list((tmp_path / "token_cache").glob(".*.tmp-*")), "a failed tokenisation leaves nothing behind"
+    import time
+
+    t0 = time.time()  # a dataset not in the local cache fails at once: no hub requests, no retries
+    fails(_cfg("hf:someone/not-cached-here"), "hf:someone/not-cached-here", "local Hugging Face cache")
+    assert time.time() - t0 < 10
     with pytest.raises(DataError, match="vocab_size is 10"):
         check_tokenizer_fits(tok, 10, "synthetic")
 

@@ -106,12 +106,19 @@ def load_documents(src: SourceConfig, streaming: bool):
     import datasets
 
     if src.path.startswith("hf:"):
+        import huggingface_hub.constants as hub
+
         name = src.path[3:]
+        offline = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+        datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True  # the local cache only: no hub requests
         try:
             ds = datasets.load_dataset(name, split=src.split, streaming=streaming)
         except Exception as e:  # datasets raises many types here; all mean "not usable offline"
             raise DataError(f"data source path={src.path!r}: cannot load dataset {name!r} split {src.split!r} "
-                            f"from the local Hugging Face cache ({type(e).__name__}: {e})") from None
+                            f"from the local Hugging Face cache, and runs never download "
+                            f"({type(e).__name__}: {e})") from None
+        finally:
+            datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = offline
         where, column = f"data source {src.path!r}", src.text_column
     else:
         files = resolve_files(src)

@@ -121,23 +121,43 @@ def _is_extra_layer(key: str, num_layers: int) -> bool:
     return m is not None and int(m.group(1)) >= num_layers
 
 
+def _open_safetensors(file: Path):
+    """safe_open, with a damaged file (truncated, not safetensors) named in a CheckpointError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); a truncated or damaged copy? "
+                              "copy it again from the original checkpoint") from None
+
+
 def validate_checkpoint(path: str | os.PathLike) -> dict:
     """Checks config.json and every safetensors header against the architecture; returns the config.
 
     Raises CheckpointError naming the file and the key for a missing, unexpected or mis-shaped tensor.
     Reads headers only, so it is cheap even for a 671B checkpoint.
     """
-    from safetensors import safe_open
 
     config = read_config(path)
     directory = Path(path)
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: no *.safetensors weight files")
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            named = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        absent = [name for name in named if not (directory / name).is_file()]
+        if absent:
+            raise CheckpointError(f"{index}: names shard {absent[0]}, which is not in {directory} "
+                                  f"({len(absent)} of {len(named)} shards missing); copy the whole checkpoint")
     expected = disk_shapes(config)
     seen = set()
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
+        with _open_safetensors(file) as f:
             for key in f.keys():
                 if _is_extra_layer(key, config["num_hidden_layers"]):
                     continue
