@@ -4,7 +4,7 @@ VENV    ?= .venv
 PYTHON  ?= $(VENV)/bin/python
 NPROC   ?=
 ARGS    ?=
-MAKE_VARS := VENV PYTHON NPROC ARGS PYTEST_ARGS EVAL_MODEL EVAL_BASELINE TORCH_SPEC EXTRAS SRC DST
+MAKE_VARS := VENV PYTHON NPROC ARGS PYTEST_ARGS EVAL_MODEL EVAL_BASELINE TORCH_SPEC EXTRAS SRC DST RUN
 HYDRA_ARGS := $(strip $(foreach a,$(MAKEOVERRIDES),$(if $(filter $(MAKE_VARS),$(firstword $(subst =, ,$(a)))),,$(a))) $(ARGS))
 # CPU-only machines get the CPU build of torch (the CUDA wheels are several GB); GPU machines the default, and
 # TileLang for the sparse MLA kernels.
@@ -19,7 +19,7 @@ NEEDS_BASE := $(if $(filter model=% model.path=% stage.init_from=%,$(HYDRA_ARGS)
 EVAL_MODEL ?= checkpoints/default/sparse/export
 EVAL_BASELINE ?= checkpoints/base/base/export
 
-.PHONY: setup test test-all base warmup sparse eval plan bench dequantize
+.PHONY: setup test test-all base warmup sparse eval plan bench dequantize report
 
 setup: $(VENV)/.installed
 
@@ -55,6 +55,12 @@ sparse: setup $(NEEDS_BASE)
 # Held-out figures of a converted model next to its dense source (EVAL_MODEL=..., EVAL_BASELINE=... for others).
 eval: setup
 	$(PYTHON) -m train.eval --model "$(EVAL_MODEL)" --baseline "$(EVAL_BASELINE)" $(ARGS)
+
+# A run's curves as a picture (loss, KL, recall, per-layer heat maps, lr, tokens/s, memory), from metrics.jsonl:
+# `make report RUN=checkpoints/mine`; several runs on shared axes: RUN="checkpoints/a checkpoints/b".
+RUN ?= checkpoints/default
+report: setup
+	$(PYTHON) -m train.report $(RUN) $(ARGS)
 
 # What a stage costs, from shapes only: `make plan preset=paper model=deepseek_v3_671b run.plan_gpus=16`.
 plan: setup

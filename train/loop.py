@@ -195,6 +195,17 @@ def log_metrics(logger: MetricsLogger, state: TrainState, totals: dict, batch: d
     return now, state.tokens_total
 
 
+def write_report(run_dir: Path) -> None:
+    """The stage's curves in run_dir/report.png (train/report.py); a plotting failure is a warning, never the
+    run's failure."""
+    try:
+        from train.report import draw
+
+        print(f"[report] wrote {draw([run_dir], run_dir / 'report.png')}", flush=True)
+    except Exception as e:  # noqa: BLE001 -- curves are a convenience: the trained model is already exported
+        print(f"[report] warning: no report.png ({type(e).__name__}: {e})", flush=True)
+
+
 def count_skip(state: TrainState, was_skipped: bool, totals: dict, cfg: TrainConfig) -> None:
     if not was_skipped:
         state.skipped_in_row = 0
@@ -310,4 +321,6 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
     export(engine, model, stage, tokenizer, run_dir / "export", cfg.model_path())
     eng.print0(f"[done] {stage.name}: {state.step} steps, {state.tokens_total:,} tokens; export in "
                f"{run_dir / 'export'}")
+    if eng.is_rank0():
+        write_report(run_dir)
     eng.barrier()

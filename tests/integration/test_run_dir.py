@@ -143,3 +143,48 @@ def test_make_warmup_twice_at_once(tmp_path):
     errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "in use by pid" in errors[0], second.stderr[-2000:]
     assert [m["step"] for m in metrics(tmp_path, "twice", "warmup")] == list(range(1, 301))
+
+
+def test_a_run_removes_temporaries_that_killed_runs_left(tmp_path):
+    """A kill during an export leaves `.export.tmp-PID`, one during tokenisation `.<entry>.tmp-PID`: the next run
+    of the same kind removes those of dead processes, and keeps a live writer's."""
+    import os
+    import shutil
+    import subprocess
+
+    run_train(tmp_path, "stage=base", "run.name=t", "stage.steps=2")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stage = tmp_path / "ckpt" / "t" / "base"
+    entry = next(p for p in (tmp_path / "token_cache").iterdir() if not p.name.startswith("."))
+    shutil.rmtree(entry)  # as if its tokenisation had been killed
+    stale = [stage / f".export.tmp-{dead.pid}", entry.with_name(f".{entry.name}.tmp-{dead.pid}")]
+    live = stage / f".export.tmp-{os.getpid()}"
+    for d in (*stale, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    run_train(tmp_path, "stage=base", "run.name=t", "stage.steps=3")
+    assert not any(d.exists() for d in stale) and live.exists()
+    assert (stage / "export" / "model.safetensors").stat().st_size > 100 and entry.is_dir()
+
+
+def test_each_stage_draws_its_curves_and_make_report_draws_runs_together(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.integration.helpers import ROOT
+
+    out = run_train(tmp_path, "stage=base", "run.name=a", "stage.steps=3")
+    png = tmp_path / "ckpt" / "a" / "base" / "report.png"
+    assert f"[report] wrote {png}" in out.stdout and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run_train(tmp_path, "stage=warmup", "run.name=b", f"model.path={tmp_path}/ckpt/a/base/export", "stage.steps=3")
+    venv = Path(sys.executable).parents[1]
+    both = subprocess.run(["make", "-s", "-o", f"{venv}/.installed", "report", f"VENV={venv}",
+                           f"RUN={tmp_path}/ckpt/a {tmp_path}/ckpt/b", f"ARGS=--out {tmp_path}/both.png"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert both.returncode == 0, both.stderr[-2000:]
+    assert f"[report] wrote {tmp_path}/both.png" in both.stdout and (tmp_path / "both.png").stat().st_size > 10_000
+    bad = subprocess.run([sys.executable, "-m", "train.report", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith(f"error: {tmp_path}: no metrics.jsonl")
