@@ -672,7 +672,9 @@ def sparse_mla_forward_given_lse(q, kv, idx, lse, scale: float, v_dim: int):
 def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int, block_k: int | None = None,
                         num_stages: int | None = None, threads: int | None = None, dkv_acc=None):
     """(dq like q, dkv like kv); given `dkv_acc` (fp32, like kv), the latent-row gradients are added into it and it
-    is returned instead (a caller that runs the backward in query chunks sums them in fp32)."""
+    is returned instead (a caller that runs the backward in query chunks sums them in fp32). Shapes the
+    warp-specialised kernels take run them (launch configurations: CONFIGS' "bwd_ws" and "dq"); the others, or a
+    caller that gives `threads`, run the one-kernel backward with `block_k`, `num_stages` and `threads`."""
     ws = warp_specialised(q.shape[2], v_dim, q.shape[-1] - v_dim) and threads is None
     cfg = _config("bwd", q.shape[2], block_k=block_k, num_stages=num_stages, threads=threads)
     ring = CONFIGS["bwd_ws"]["block_k"] * CONFIGS["bwd_ws"]["num_stages"]
