@@ -617,7 +617,7 @@ def _config(kind: str, H: int, **chosen) -> dict:
 
 def _ws(q, kv, idx, scale: float, v_dim: int, lse, block_k: int | None, num_stages: int | None):
     """The warp-specialised kernel: (out, lse) of the forward, or with `lse` given, (out, p)."""
-    cfg = {**CONFIGS["ws"], **{k: v for k, v in dict(block_k=block_k, num_stages=num_stages).items() if v}}
+    cfg = _config("ws", q.shape[2], block_k=block_k, num_stages=num_stages)
     qp, idxp, lsep, H, K = _padded(q, idx, cfg["block_k"] * cfg["num_stages"], None if lse is None else lse.float())
     D = q.shape[-1]
     given = lsep is not None
