@@ -85,7 +85,7 @@ def draw(paths: list[Path], out: Path) -> Path:
             continue
         label, (steps, layers, values) = grid
         im = ax.imshow(values, aspect="auto", origin="lower", interpolation="nearest",
-                       extent=(steps[0], steps[-1], layers[0] - 0.5, layers[-1] + 0.5))
+                       extent=(steps[0] - 0.5, steps[-1] + 0.5, layers[0] - 0.5, layers[-1] + 0.5))
         ax.set_title(f"{title} ({label})")
         ax.set_xlabel("step")
         ax.set_ylabel("layer")

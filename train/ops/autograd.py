@@ -45,16 +45,17 @@ class AbsorbedSparseMLA(torch.autograd.Function):
     [L, H, A + R], the latent outputs' gradient and the queries' gradient exist one chunk at a time.
 
     out_V = (sparse attention of [q_nope · W_UK | q_rope] over the selected latent rows) · W_UV, per head.
-    Kept for backward: the query parts, the latent rows, the selection, the latent outputs [L, H, A] and the
-    log-sum-exp; the backward rebuilds each chunk's absorbed queries (two small matmuls) and calls the backend's
-    backward kernel on it, adding the latent rows' gradients of all chunks in fp32."""
+    Kept for backward: the query parts, the latent rows, the selection and the log-sum-exp. Not the latent
+    outputs [L, H, A]: at 128 heads they are 4x the size of the per-head outputs (16 GiB a layer at 128K
+    tokens), more than the whole working set of dense attention. The backward rebuilds each chunk's absorbed
+    queries (two small matmuls) and its latent outputs (one forward kernel: ~15% of the backward's work), then
+    calls the backend's backward kernel on them, adding the latent rows' gradients of all chunks in fp32."""
 
     @staticmethod
     def forward(ctx, kernels, q_nope, q_rope, kv, idx, w_uk, w_uv, scale, lse, chunk):
         B, L, H, _ = q_nope.shape
         A = kv.shape[-1] - q_rope.shape[-1]
         kv, idx = kv.contiguous(), idx.contiguous()
-        out_A = q_nope.new_empty(B, L, H, A)
         out_V = q_nope.new_empty(B, L, H, w_uv.shape[1])
         p = torch.empty(B, L, idx.shape[-1], dtype=torch.float32, device=q_nope.device)
         lse_out = torch.empty(B, L, H, dtype=torch.float32, device=q_nope.device) if lse is None else lse.clone()
@@ -69,17 +70,16 @@ class AbsorbedSparseMLA(torch.autograd.Function):
             else:
                 o, p[:, rows] = kernels.sparse_mla_forward_given_lse(q, kv, idx_c, lse_out[:, rows].contiguous(),
                                                                      scale, A)
-            out_A[:, rows] = o
             out_V[:, rows] = torch.einsum("blha,hva->blhv", o, w_uv)
-        ctx.save_for_backward(q_nope, q_rope, kv, idx, w_uk, w_uv, out_A, lse_out)
+        ctx.save_for_backward(q_nope, q_rope, kv, idx, w_uk, w_uv, lse_out)
         ctx.kernels, ctx.scale, ctx.chunk = kernels, scale, chunk
         ctx.mark_non_differentiable(p, lse_out)
         return out_V, p, lse_out
 
     @staticmethod
     def backward(ctx, d_out_V, _grad_p, _grad_lse):
-        q_nope, q_rope, kv, idx, w_uk, w_uv, out_A, lse = ctx.saved_tensors
-        L, A = q_nope.shape[1], out_A.shape[-1]
+        q_nope, q_rope, kv, idx, w_uk, w_uv, lse = ctx.saved_tensors
+        L, A = q_nope.shape[1], kv.shape[-1] - q_rope.shape[-1]
         dq_nope, dq_rope = torch.empty_like(q_nope), torch.empty_like(q_rope)
         dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
         dw_uk = torch.zeros(w_uk.shape, dtype=torch.float32, device=w_uk.device)
@@ -87,13 +87,14 @@ class AbsorbedSparseMLA(torch.autograd.Function):
         for c0 in range(0, L, ctx.chunk):
             rows = slice(c0, c0 + ctx.chunk)
             q = absorbed_query(q_nope[:, rows], q_rope[:, rows], w_uk).contiguous()
+            idx_c, lse_c = idx[:, rows].contiguous(), lse[:, rows].contiguous()
+            out_A, _ = ctx.kernels.sparse_mla_forward(q, kv, idx_c, ctx.scale, A)
             d_out = d_out_V[:, rows]
             d_out_A = torch.einsum("blhv,hva->blha", d_out, w_uv)
-            dq, _ = ctx.kernels.sparse_mla_backward(q, kv, idx[:, rows].contiguous(), out_A[:, rows].contiguous(),
-                                                    lse[:, rows].contiguous(), d_out_A, ctx.scale, A, dkv_acc=dkv)
+            dq, _ = ctx.kernels.sparse_mla_backward(q, kv, idx_c, out_A, lse_c, d_out_A, ctx.scale, A, dkv_acc=dkv)
             dq_nope[:, rows] = torch.einsum("blha,hna->blhn", dq[..., :A], w_uk)
             dq_rope[:, rows] = dq[..., A:]
             dw_uk += torch.einsum("blhn,blha->hna", q_nope[:, rows].float(), dq[..., :A].float())
-            dw_uv += torch.einsum("blhv,blha->hva", d_out.float(), out_A[:, rows].float())
+            dw_uv += torch.einsum("blhv,blha->hva", d_out.float(), out_A.float())
         return (None, dq_nope, dq_rope, dkv.to(kv.dtype), None, dw_uk.to(w_uk.dtype), dw_uv.to(w_uv.dtype), None,
                 None, None)
