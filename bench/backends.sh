@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The training path under each kernel backend, through the launcher users run: a tiny model with 64 heads and
-# 32 rope dims (the smallest shape TileLang's sparse MLA takes) is trained from scratch (stage=base), its
-# indexers warmed up, and then its sparse stage runs once per backend from the same warm-up export. Prints the
-# per-step LM loss and indexer KL of each backend and their largest difference from the PyTorch twins'.
+# The training path under each kernel backend, through the launcher users run. A tiny model with 64 heads, a
+# 128-wide latent and 64 rope dims (about the smallest shape on which TileLang's warp-specialised sparse MLA
+# runs) is trained from scratch (stage=base) and its indexers warmed up; then its sparse stage runs once per
+# backend from the same warm-up export. Prints the per-step LM loss and indexer KL of each backend and their
+# largest difference from the first backend's (the PyTorch twins by default).
 #   bench/backends.sh [OUT_DIR] [BACKENDS...]      (defaults: checkpoints/backends; reference triton tilelang)
 # Extra Hydra overrides for every stage go in ARGS="..."; STEPS="300 100 60" sets the base, warm-up and sparse
 # steps. On a GPU machine, bf16 (deepspeed.bf16=auto).
@@ -15,9 +16,9 @@ BACKENDS=("${@:-reference triton tilelang}")
 read -r -a BACKENDS <<<"${BACKENDS[*]}"
 COMMON=(run.root="$OUT" logging.wandb.mode=disabled data.seq_len=512 ${ARGS:-})
 read -r STEPS_BASE STEPS_WARMUP STEPS_SPARSE <<<"${STEPS:-300 100 60}"
-ARCH=(model.arch.num_attention_heads=64 model.arch.num_key_value_heads=64 model.arch.qk_rope_head_dim=32
-      model.arch.max_position_embeddings=512)
-echo "== base (tiny model, 64 heads, rope 32)"
+ARCH=(model.arch.num_attention_heads=64 model.arch.num_key_value_heads=64 model.arch.kv_lora_rank=128
+      model.arch.qk_rope_head_dim=64 model.arch.max_position_embeddings=512)
+echo "== base (tiny model, 64 heads, latent 128, rope 64)"
 launch/local.sh stage=base run.name=base stage.steps=$STEPS_BASE "${ARCH[@]}" "${COMMON[@]}"
 echo "== warm-up"
 launch/local.sh stage=warmup run.name=tiny model.path="$OUT/base/base/export" stage.steps=$STEPS_WARMUP "${COMMON[@]}"
