@@ -14,7 +14,7 @@ OUT=${1:-checkpoints/backends}
 shift || true
 BACKENDS=("${@:-reference triton tilelang}")
 read -r -a BACKENDS <<<"${BACKENDS[*]}"
-COMMON=(run.root="$OUT" logging.wandb.mode=disabled data.seq_len=512 ${ARGS:-})
+COMMON=(run.root="$OUT" logging.wandb.mode=disabled data.seq_len=512 model.index_head_dim=64 ${ARGS:-})
 read -r STEPS_BASE STEPS_WARMUP STEPS_SPARSE <<<"${STEPS:-300 100 60}"
 ARCH=(model.arch.num_attention_heads=64 model.arch.num_key_value_heads=64 model.arch.kv_lora_rank=128
       model.arch.qk_rope_head_dim=64 model.arch.max_position_embeddings=512)
