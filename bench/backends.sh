@@ -33,12 +33,13 @@ out, backends = sys.argv[1], sys.argv[2:]
 rows = {b: [json.loads(r) for r in open(f"{out}/sparse-{b}/sparse/metrics.jsonl")] for b in backends}
 keys = ("loss/lm", "loss/indexer_kl")
 print("step " + " ".join(f"{b + ' ' + k.split('/')[1]:>22}" for b in backends for k in keys))
-for i, first in enumerate(rows[backends[0]]):
-    if i % 10 == 0 or i == len(rows[backends[0]]) - 1:
-        print(f"{first['step']:>4} " + " ".join(f"{rows[b][i][k]:>22.5f}" for b in backends for k in keys))
+n = min(len(r) for r in rows.values())  # a run cut short compares over the steps all of them logged
+for i in range(n):
+    if i % 10 == 0 or i == n - 1:
+        print(f"{rows[backends[0]][i]['step']:>4} " + " ".join(f"{rows[b][i][k]:>22.5f}" for b in backends for k in keys))
 base = backends[0]
 for b in backends[1:]:
     for k in keys:
-        d = max(abs(x[k] - y[k]) / max(abs(y[k]), 1e-8) for x, y in zip(rows[b], rows[base]))
-        print(f"{b} vs {base}: {k} largest relative difference over {len(rows[b])} steps: {d:.2e}")
+        d = max(abs(x[k] - y[k]) / max(abs(y[k]), 1e-8) for x, y in zip(rows[b][:n], rows[base][:n]))
+        print(f"{b} vs {base}: {k} largest relative difference over {n} steps: {d:.2e}")
 PY
