@@ -51,11 +51,19 @@ class TrainConfig:
             raise ValueError(f"stage.max_tokens={s.max_tokens}; must be > 0 or null")
         if s.micro_batch <= 0:
             raise ValueError(f"stage.micro_batch={s.micro_batch}; must be > 0")
-        if s.global_batch <= 0 or s.global_batch % (s.micro_batch * world_size):
+        cp = self.deepspeed.context_parallel
+        if cp >= 1 and world_size % cp:
+            raise ValueError(f"deepspeed.context_parallel={cp} does not divide the {world_size} ranks; allowed: a "
+                             f"divisor of the world size ({', '.join(str(d) for d in _divisors(world_size))})")
+        if cp > 1 and self.data.seq_len % (2 * cp):
+            raise ValueError(f"deepspeed.context_parallel={cp}: data.seq_len={self.data.seq_len} must split into "
+                             f"2 x {cp} equal chunks (zig-zag); allowed: data.seq_len a multiple of {2 * cp}")
+        dp = self.data_parallel(world_size)
+        if s.global_batch <= 0 or s.global_batch % (s.micro_batch * dp):
+            ranks = f"{dp} data-parallel ranks" if cp > 1 else f"{world_size} ranks"
             raise ValueError(
                 f"stage.global_batch={s.global_batch} does not divide into stage.micro_batch={s.micro_batch} x "
-                f"{world_size} ranks x gradient accumulation; allowed: a positive multiple of "
-                f"{s.micro_batch * world_size}")
+                f"{ranks} x gradient accumulation; allowed: a positive multiple of {s.micro_batch * dp}")
         if not (0 < s.lr < math.inf) or (s.indexer_lr is not None and not (0 < s.indexer_lr < math.inf)):
             raise ValueError(f"stage.lr={s.lr}, stage.indexer_lr={s.indexer_lr}; learning rates must be finite "
                              "and > 0")
@@ -115,11 +123,19 @@ class TrainConfig:
             return self.stage.init_from
         return self.stage.init_from or self.model.path
 
+    def data_parallel(self, world_size: int) -> int:
+        """Ranks that read different sequences: the world over the context-parallel degree."""
+        return max(1, world_size // max(1, self.deepspeed.context_parallel))
+
     def grad_accum(self, world_size: int) -> int:
-        return self.stage.global_batch // (self.stage.micro_batch * world_size)
+        return self.stage.global_batch // (self.stage.micro_batch * self.data_parallel(world_size))
 
     def tokens_per_step(self) -> int:
         return self.stage.global_batch * self.data.seq_len
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def from_hydra(cfg: DictConfig) -> TrainConfig:

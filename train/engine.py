@@ -18,6 +18,7 @@ class DeepSpeedConfig:
     offload_params: bool = False      # ZeRO-3: parameters in CPU memory
     bf16: str = "auto"                # auto: on where the accelerator supports bf16 (CUDA), off on CPU
     torch_adam: bool = True           # torch's AdamW; false: DeepSpeed's fused Adam (JIT-built)
+    context_parallel: int = 1         # ranks that split each sequence (DeepSpeed's sequence-parallel groups)
 
     def validate(self) -> None:
         if self.zero_stage not in ZERO_STAGES:
@@ -28,6 +29,8 @@ class DeepSpeedConfig:
             raise ValueError(f"deepspeed.offload_params=true needs deepspeed.zero_stage=3, not {self.zero_stage}")
         if str(self.bf16).lower() not in ("auto", "true", "false"):
             raise ValueError(f"deepspeed.bf16={self.bf16!r}; allowed: auto, true, false")
+        if self.context_parallel < 1:
+            raise ValueError(f"deepspeed.context_parallel={self.context_parallel}; allowed: a whole number >= 1")
 
 
 def use_bf16(cfg: DeepSpeedConfig, accelerator_present: bool | None = None) -> bool:
@@ -105,15 +108,37 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict):
+def context_parallel_group(size: int):
+    """(the process group of this rank's context-parallel ranks, its rank in it, its data-parallel rank): DeepSpeed's
+    sequence-parallel groups of `size` consecutive ranks, made once per process. Size 1: (None, 0, rank)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if size == 1:
+        return None, 0, rank
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp as sp
+
+    if sp._SEQUENCE_PARALLEL_GROUP is None:
+        sp.initialize_sequence_parallel(size)
+    return sp.get_sequence_parallel_group(), sp.get_sequence_parallel_rank(), rank // size
+
+
+def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict, context_parallel: int = 1):
     """The DeepSpeed engine over `model`, optimising exactly `param_groups` (frozen parameters get no state).
 
     Under ZeRO-3, parameters a module reads from its submodules without calling them (MLA's absorbed
     kv_b_proj weight) are registered so that DeepSpeed gathers them for that module's forward.
+    With context parallelism, DeepSpeed gets its sequence-parallel groups as the `mpu`: ZeRO then shards and
+    reduces over all ranks, and averages gradients over the data-parallel ranks only (each rank's loss is its
+    share of its sequence's).
     """
     import deepspeed
 
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
+    mpu = None
+    if context_parallel > 1:
+        from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
+
+        context_parallel_group(context_parallel)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config,
+                                                   mpu=mpu)
     if engine.zero_optimization_stage() == 3:
         for module, param in getattr(model, "external_parameters", lambda: [])():
             deepspeed.zero.register_external_parameter(module, param)

@@ -51,12 +51,14 @@ def eval_sums(model, batches: list[dict], topk: int | None, with_sparse: bool,
     `recall_distance` (the synthetic corpus's replay distance), retrieval hits and targets.
     `topk`: the sparse mode's (None: the model's `index_topk`)."""
     device = batches[0]["input_ids"].device
+    cp = model.context_parallel  # a context-parallel rank sums over its own tokens (the group adds them up)
     sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in (
         "tokens", "dense_nll", "sparse_nll", "kl", "recall", "dense_hits", "sparse_hits", "targets")}
     for batch in batches:
-        ids, labels = batch["input_ids"], batch["labels"]
-        spots = [(b, t) for b in range(ids.shape[0]) for t in retrieval_targets(ids[b], recall_distance)
-                 ] if recall_distance else []
+        ids, labels = batch["input_ids"], cp.shard(batch["labels"])
+        row = {g: i for i, g in enumerate(cp.positions(ids.shape[1], "cpu").tolist())}  # global -> the rank's row
+        spots = [(b, row[t]) for b in range(ids.shape[0]) for t in retrieval_targets(ids[b], recall_distance)
+                 if t in row] if recall_distance else []
         modes = {"dense": AttentionMode(sparse=False, indexer_loss=with_sparse, topk=topk)}
         if with_sparse:
             modes["sparse"] = AttentionMode(sparse=True, topk=topk)
@@ -71,7 +73,7 @@ def eval_sums(model, batches: list[dict], topk: int | None, with_sparse: bool,
                 stats = model.layer_stats()
                 sums["kl"] += sum(s.kl_BL.double().sum() for s in stats) / len(stats)
                 sums["recall"] += sum(s.recall_BL.double().sum() for s in stats) / len(stats)
-        sums["tokens"] += ids.numel()
+        sums["tokens"] += labels.numel()
         sums["targets"] += len(spots)
     return sums
 

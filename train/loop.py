@@ -22,6 +22,7 @@ from train.data import (
 from train.eval import eval_sums, summarize
 from train.metrics import MetricsLogger, peak_memory_gib
 from train.model import ModelConfig, build_model
+from train.model.context import ContextParallel
 from train.model.hf import export_hf, layer_groups
 from train.stages import STAGES, alignment_probe, compute_loss, param_groups
 
@@ -48,7 +49,10 @@ def print_plan(cfg: TrainConfig, world_size: int, model) -> None:
         f"[plan] tokens per step: {cfg.tokens_per_step():,}\n"
         f"[plan] tokens in stage: {cfg.tokens_per_step() * s.steps:,}"
         + (f" (capped by stage.max_tokens={s.max_tokens:,})" if s.max_tokens else "") + "\n"
-        f"[plan] ranks: {world_size}, micro batch {s.micro_batch}, gradient accumulation {cfg.grad_accum(world_size)}"
+        f"[plan] ranks: {world_size}"
+        + (f" ({cfg.data_parallel(world_size)} data-parallel x {cfg.deepspeed.context_parallel} context-parallel)"
+           if cfg.deepspeed.context_parallel > 1 else "")
+        + f", micro batch {s.micro_batch}, gradient accumulation {cfg.grad_accum(world_size)}"
         f"\n[plan] indexer: {model.index_n_heads} heads x {model.index_head_dim}, top-{model.index_topk} of "
         f"{cfg.data.seq_len:,}"
     )
@@ -109,8 +113,10 @@ def train_step(engine, model, stage, cfg: TrainConfig, batch: dict, lr_scale: fl
     totals = {k: sum(m[k].float() for m in per_micro) for k in per_micro[0]}
     norm = engine.get_global_grad_norm()
     if norm is not None:
-        # on the device (no host sync); times the micro-batches, as run_stage averages over them
-        totals["train/grad_norm"] = torch.as_tensor(norm, device=engine.device).float() * len(per_micro)
+        # on the device (no host sync); times the micro-batches, as run_stage averages over them; every rank of a
+        # context-parallel group has the same norm, so each adds its share
+        totals["train/grad_norm"] = (torch.as_tensor(norm, device=engine.device).float() * len(per_micro)
+                                     / model.context_parallel.size)
     if engine.was_step_applied():
         if bad:
             raise NonFiniteError(f"step {step}: non-finite {', '.join(bad)}, and the optimizer applied the update; "
@@ -137,16 +143,20 @@ def build(cfg: TrainConfig, stage, rank: int, world: int, local_rank: int):
     model.to(torch.bfloat16 if eng.use_bf16(cfg.deepspeed) else torch.float32)
     model.activation_checkpointing = cfg.stage.activation_checkpointing
     model.keep_topk_for_recompute = not cfg.stage.recompute_topk
+    # Context parallelism: the ranks of a group read the same sequences and each computes its share of them.
+    cp = cfg.deepspeed.context_parallel
+    cp_group, cp_rank, dp_rank = eng.context_parallel_group(cp)
+    model.context_parallel = ContextParallel(cp_group, cp_rank, cp)
     tokenizer = load_tokenizer(cfg.data, model_cfg.path)
     check_tokenizer_fits(tokenizer, model.source_config["vocab_size"], cfg.data.tokenizer or model_cfg.path)
-    data = TokenPipeline(cfg.data, tokenizer, rank=rank, world_size=world)
+    data = TokenPipeline(cfg.data, tokenizer, rank=dp_rank, world_size=cfg.data_parallel(world))
     data.prepare(build_missing=local_rank == 0)  # one tokenisation per node; its other ranks wait and share it
     groups = param_groups(model, stage, cfg.stage)
     ds_config = eng.build_ds_config(cfg.deepspeed, micro_batch=cfg.stage.micro_batch,
-                                    grad_accum=cfg.grad_accum(world), world_size=world, lr=cfg.stage.lr,
-                                    weight_decay=cfg.stage.weight_decay, grad_clip=cfg.stage.grad_clip,
-                                    bf16=eng.use_bf16(cfg.deepspeed))
-    engine, _ = eng.initialize(model, groups, ds_config)
+                                    grad_accum=cfg.grad_accum(world), world_size=cfg.data_parallel(world),
+                                    lr=cfg.stage.lr, weight_decay=cfg.stage.weight_decay,
+                                    grad_clip=cfg.stage.grad_clip, bf16=eng.use_bf16(cfg.deepspeed))
+    engine, _ = eng.initialize(model, groups, ds_config, cp)
     return engine, engine.module, tokenizer, data, groups
 
 
@@ -155,9 +165,11 @@ def held_out_batches(cfg: TrainConfig, tokenizer, rank: int, world: int, local_r
     evaluation; [] when `stage.eval_every` is 0."""
     if not cfg.stage.eval_every:
         return []
-    pipe = TokenPipeline(cfg.data.held_out_config(), tokenizer, rank=rank, world_size=world)
+    dp = cfg.data_parallel(world)
+    pipe = TokenPipeline(cfg.data.held_out_config(), tokenizer, rank=rank // cfg.deepspeed.context_parallel,
+                         world_size=dp)
     pipe.prepare(build_missing=local_rank == 0)
-    per_batch = world * cfg.stage.micro_batch
+    per_batch = dp * cfg.stage.micro_batch
     batches = [pipe.next_batch(per_batch) for _ in range(max(1, cfg.stage.eval_sequences // per_batch))]
     return [{k: b[k].to(device) for k in ("input_ids", "labels")} for b in batches]
 
@@ -312,7 +324,7 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
                 totals.update({k: v * cfg.grad_accum(world) for k, v in probe.items()})  # averaged below
             evaluate_now = held_out and (state.step % cfg.stage.eval_every == 0 or limit_reached())
             extra = held_out_metrics(model, stage, cfg, held_out) if evaluate_now else {}
-            since = log_metrics(logger, state, totals, batch, cfg.grad_accum(world) * world,
+            since = log_metrics(logger, state, totals, batch, cfg.grad_accum(world) * cfg.data_parallel(world),
                                 base_lrs[-1] * lr_at(state.step - 1, cfg.stage), since, extra)
         if state.step % cfg.stage.save_every == 0 or limit_reached():
             checkpoint.save(engine, ckpt_dir, state, keep_last=cfg.stage.keep_last)

@@ -90,28 +90,31 @@ def param_groups(model: DSAForCausalLM, stage: Stage, cfg: StageConfig) -> list[
 def compute_loss(model: DSAForCausalLM, stage: Stage, cfg: StageConfig, input_ids: torch.Tensor,
                  labels: torch.Tensor, forward=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss to backpropagate, detached per-micro-batch metrics). Losses are means over tokens (and layers).
+    Under context parallelism each rank's loss and metrics are its share: they add up over the group to the
+    sequence's (DeepSpeed sums the group's gradients), so no token counts twice.
 
     `forward` runs `model`'s forward: the DeepSpeed engine in training (default: the model itself)."""
     forward = forward or model
+    cp = model.context_parallel
     mode = mode_of(stage)
     metrics: dict[str, torch.Tensor] = {}
     loss = torch.zeros((), device=input_ids.device)
     if stage.lm_loss:
         lm_sum, count = forward(input_ids, mode, labels_BL=labels)
-        lm = lm_sum / count
+        lm = lm_sum / cp.sum(count)
         loss = loss + lm
         metrics["loss/lm"] = lm.detach()
     else:
         forward(input_ids, mode, head=False)  # the warm-up needs no LM head
     if stage.indexer_loss:
         stats = model.layer_stats()
-        kl_layers = torch.stack([s.kl_BL.float().mean() for s in stats])
+        kl_layers = torch.stack([cp.token_mean(s.kl_BL.float()) for s in stats])
         kl = kl_layers.mean()
         loss = loss + (cfg.indexer_loss_coef if stage.lm_loss else 1.0) * kl
         metrics["loss/indexer_kl"] = kl.detach()
         for i, v in enumerate(kl_layers.detach()):
             metrics[f"indexer/kl_per_layer/{i}"] = v
-        recalls = [s.recall_BL.float().mean() for s in stats if s.recall_BL is not None]
+        recalls = [cp.token_mean(s.recall_BL.float()) for s in stats if s.recall_BL is not None]
         if recalls:
             metrics["indexer/recall"] = torch.stack(recalls).mean()
             for i, v in enumerate(recalls):
@@ -127,23 +130,42 @@ def alignment_probe(model: DSAForCausalLM, stage: Stage, probe_ids: torch.Tensor
     with the previous probe's) and, in the sparse stage, the indexer's recall of the dense attention it
     replaces. Returns (metrics, the selected sets to pass as `previous_topk` next time)."""
     metrics: dict[str, torch.Tensor] = {}
+    cp = model.context_parallel
     model.hidden_states(probe_ids, AttentionMode(sparse=True, keep_topk=True))
     # Overlap is measured on 64 fixed query positions: small enough to keep in checkpoints at any length.
     L = probe_ids.shape[1]
     positions = torch.linspace(0, L - 1, min(64, L), device=probe_ids.device).round().long()
-    topk = [s.topk_BLK[:, positions].to(torch.int32) for s in model.layer_stats()]
+    held = cp.positions(L, probe_ids.device)
+    mine = torch.full((L,), len(held), device=probe_ids.device)  # global position -> the rank's row (none: M)
+    mine[held] = torch.arange(len(held), device=probe_ids.device)
+    topk = [_probe_rows(cp, s.topk_BLK, positions, mine) for s in model.layer_stats()]
     if previous_topk is not None:
-        overlaps = [selection_overlap(p, t) for p, t in zip(previous_topk, topk)]
+        # the same figure on every rank of a context-parallel group: each adds its share
+        overlaps = [selection_overlap(p, t) / cp.size for p, t in zip(previous_topk, topk)]
         metrics["indexer/selection_overlap"] = torch.stack(overlaps).mean()
         for i, v in enumerate(overlaps):
             metrics[f"indexer/selection_overlap_per_layer/{i}"] = v
     if stage.sparse:  # the warm-up measures recall on every training batch already
         model.hidden_states(probe_ids, AttentionMode(sparse=False, indexer_loss=True))
-        recalls = [s.recall_BL.float().mean() for s in model.layer_stats()]
+        recalls = [cp.token_mean(s.recall_BL.float()) for s in model.layer_stats()]
         metrics["indexer/recall"] = torch.stack(recalls).mean()
         for i, v in enumerate(recalls):
             metrics[f"indexer/recall_per_layer/{i}"] = v
     return metrics, topk
+
+
+def _probe_rows(cp, topk_BLK: torch.Tensor, positions: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+    """The selections of `positions` (global) as int32 [B, P, K], on every rank of a context-parallel group: each
+    rank adds the rows it computed (stored + 1, so that -1 adds 0) and the group sums them."""
+    if cp.size == 1:
+        return topk_BLK[:, positions].to(torch.int32)
+    M = topk_BLK.shape[1]
+    local = mine[positions]  # the rank's row of each position where it holds it (rows 0..M-1), else >= M
+    here = local < M
+    rows = torch.zeros(topk_BLK.shape[0], len(positions), topk_BLK.shape[2], dtype=torch.int32,
+                       device=topk_BLK.device)
+    rows[:, here] = topk_BLK[:, local[here]].to(torch.int32) + 1
+    return cp.sum(rows) - 1
 
 
 def selection_overlap(prev_BLK: torch.Tensor, now_BLK: torch.Tensor) -> torch.Tensor:

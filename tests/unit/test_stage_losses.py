@@ -63,7 +63,7 @@ def test_activation_checkpointing_keeps_topk_for_recompute(tiny_arch, monkeypatc
 
     calls = []
     real = ops.indexer_topk
-    monkeypatch.setattr(ops, "indexer_topk", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ops, "indexer_topk", lambda *a, **k: calls.append(1) or real(*a, **k))
     model, groups, ids, labels = _setup(tiny_arch, "sparse")
     params = [p for g in groups for p in g["params"]]
     res = {}

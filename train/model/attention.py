@@ -6,6 +6,9 @@ latent row serves all heads; optionally with the sparse-stage indexer loss over 
 
 Dimension legend: B batch, L sequence, C hidden, H heads, N qk_nope_head_dim, R qk_rope_head_dim,
 V v_head_dim, A kv_lora_rank (latent), K selected tokens, G indexer heads.
+Under context parallelism (`mode.cp`) L is the rank's tokens for queries and the whole sequence for keys: the
+latent, the rope key and the indexer key are gathered over the group, and each piece of the rank's queries runs
+at its global offset.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from train import ops
+from train.model.context import ContextParallel
 from train.model.indexer import Indexer, rope_interleaved
 
 
@@ -29,6 +33,7 @@ class AttentionMode:
                                   # indexer's own (`index_topk`); evaluation may ask for another
     keep_topk: bool = False       # keep the selection in `stats` (the probes read it; training does not, and
                                   # L x k indices per layer would otherwise stay alive until the next forward)
+    cp: ContextParallel = ContextParallel()  # the sequence's split over ranks (set by the model, not the caller)
 
 
 @dataclass
@@ -108,6 +113,10 @@ class DSAAttention(nn.Module):
         if mode.sparse or mode.indexer_loss:
             # The indexer learns only from its own loss: its inputs are cut from the main graph.
             qi_BLGD, ki_BLD, wi_BLG = self.indexer(x_BLC.detach(), qr_BLQ.detach(), cos_BLR, sin_BLR)
+            ki_BLD = mode.cp.gather(ki_BLD)
+        if mode.cp.size > 1:  # the whole sequence's keys: one gather of the shared latent rows
+            latent_BLA, k_rope_BLR = mode.cp.gather(torch.cat((latent_BLA, k_rope_BLR), dim=-1)).split(
+                [self.latent_dim, R], dim=-1)
         if mode.sparse:
             out_BLHV, stats = self._sparse(q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, qi_BLGD, ki_BLD, wi_BLG,
                                            mode)
@@ -118,20 +127,24 @@ class DSAAttention(nn.Module):
             self.stats = stats
         return self.o_proj(out_BLHV.reshape(B, L, H * self.v_dim))
 
-    def _dense(self, q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, mode, indexer_out):
+    def _dense(self, q_nope_BLHN, q_rope_BLHR, latent_BSA, k_rope_BSR, mode, indexer_out):
+        """Queries [B, L, ...] (the rank's), keys [B, S, ...] (the whole sequence); S = L without context
+        parallelism. Per-head keys and values come from the latent here, never from another rank."""
         B, L, H, N = q_nope_BLHN.shape
-        kv_BLHX = self.kv_b_proj(latent_BLA).view(B, L, H, N + self.v_dim)
-        k_BLHD = torch.cat((kv_BLHX[..., :N], k_rope_BLR[:, :, None].expand(B, L, H, self.rope_dim)), dim=-1)
-        v_BLHV = kv_BLHX[..., N:]
+        S = latent_BSA.shape[1]
+        kv_BSHX = self.kv_b_proj(latent_BSA).view(B, S, H, N + self.v_dim)
+        k_BSHD = torch.cat((kv_BSHX[..., :N], k_rope_BSR[:, :, None].expand(B, S, H, self.rope_dim)), dim=-1)
+        v_BSHV = kv_BSHX[..., N:]
         q_BLHD = torch.cat((q_nope_BLHN, q_rope_BLHR), dim=-1)
-        out_BLHV = ops.dense_attention(q_BLHD, k_BLHD, v_BLHV, self.softmax_scale)
+        pieces = mode.cp.chunks(S)
+        out_BLHV = _by_piece(pieces, lambda lo, g, n: ops.dense_attention(
+            q_BLHD[:, lo : lo + n], k_BSHD, v_BSHV, self.softmax_scale, q_offset=g))
         stats = AttentionStats()
         if indexer_out is not None:
-            qi_BLGD, ki_BLD, wi_BLG = indexer_out
-            kl_BL, recall_BL = ops.dense_indexer_kl(
-                qi_BLGD, ki_BLD, wi_BLG, q_BLHD.detach(), k_BLHD.detach(), self.softmax_scale,
-                mode.topk or self.indexer.topk,
-            )
+            qi_BLGD, ki_BSD, wi_BLG = indexer_out
+            kl_BL, recall_BL = _by_piece(pieces, lambda lo, g, n: ops.dense_indexer_kl(
+                qi_BLGD[:, lo : lo + n], ki_BSD, wi_BLG[:, lo : lo + n], q_BLHD[:, lo : lo + n].detach(),
+                k_BSHD.detach(), self.softmax_scale, mode.topk or self.indexer.topk, q_offset=g))
             stats = AttentionStats(kl_BL=kl_BL, recall_BL=recall_BL)
         return out_BLHV, stats
 
@@ -140,17 +153,19 @@ class DSAAttention(nn.Module):
         w_HXA = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)
         return w_HXA[:, : self.nope_dim], w_HXA[:, self.nope_dim :]
 
-    def _select(self, qi_BLGD, ki_BLD, wi_BLG, topk: int) -> torch.Tensor:
+    def _select(self, qi_BLGD, ki_BSD, wi_BLG, topk: int, cp: ContextParallel) -> torch.Tensor:
         slot = self.slot
         topk_BLK = slot.take() if slot is not None and slot.replay else None
         if topk_BLK is None:
-            topk_BLK = ops.indexer_topk(qi_BLGD.detach(), ki_BLD.detach(), wi_BLG.detach(), topk)
+            qi_BLGD, ki_BSD, wi_BLG = qi_BLGD.detach(), ki_BSD.detach(), wi_BLG.detach()
+            topk_BLK = _by_piece(cp.chunks(ki_BSD.shape[1]), lambda lo, g, n: ops.indexer_topk(
+                qi_BLGD[:, lo : lo + n], ki_BSD, wi_BLG[:, lo : lo + n], topk, q_offset=g))
             if slot is not None and not slot.replay:
                 slot.keep(topk_BLK)
         return topk_BLK
 
     def _sparse(self, q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, qi_BLGD, ki_BLD, wi_BLG, mode):
-        topk_BLK = self._select(qi_BLGD, ki_BLD, wi_BLG, mode.topk or self.indexer.topk)
+        topk_BLK = self._select(qi_BLGD, ki_BLD, wi_BLG, mode.topk or self.indexer.topk, mode.cp)
         w_uk_HNA, w_uv_HVA = self.absorbed_weights()
         kv_BLD = torch.cat((latent_BLA, k_rope_BLR), dim=-1)
         slot = self.slot
@@ -162,3 +177,14 @@ class DSAAttention(nn.Module):
             slot.lse_BLH = lse_BLH
         kl_BL = ops.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, topk_BLK, p_BLK) if mode.indexer_loss else None
         return out_BLHV, AttentionStats(kl_BL=kl_BL, topk_BLK=topk_BLK if mode.keep_topk else None)
+
+
+def _by_piece(pieces: list[tuple[int, int, int]], fn):
+    """fn(local start, global start, length) for each piece of the rank's queries, joined along the sequence
+    (outputs may be tensors or tuples of them); one piece: its output as it is."""
+    outs = [fn(*piece) for piece in pieces]
+    if len(outs) == 1:
+        return outs[0]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*outs))
+    return torch.cat(outs, dim=1)

@@ -8,6 +8,7 @@ Dimension legend: B batch, L sequence, C hidden, E vocab.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from contextlib import contextmanager
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from train.model.attention import AttentionMode, AttentionStats, CheckpointSlot, DSAAttention
+from train.model.context import ContextParallel
 
 
 @contextmanager
@@ -64,6 +66,9 @@ class DSAForCausalLM(nn.Module):
         self.source_config = source_config
         self.activation_checkpointing = False
         self.keep_topk_for_recompute = True  # under checkpointing: keep each layer's top-k for its recomputation
+        # The split of each sequence over ranks (train/model/context.py): the model takes whole sequences and
+        # computes the rank's tokens; hidden states, per-layer stats and loss sums are the rank's.
+        self.context_parallel = ContextParallel()
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -93,9 +98,12 @@ class DSAForCausalLM(nn.Module):
         return [layer.self_attn.stats for layer in self.layers]
 
     def hidden_states(self, input_ids_BL: torch.Tensor, mode: AttentionMode) -> torch.Tensor:
-        """Final-normed hidden states [B, L, C]; per-layer indexer outputs land in `layer_stats()`."""
-        h_BLC = self.model.embed_tokens(input_ids_BL)
-        positions_BL = torch.arange(input_ids_BL.shape[1], device=input_ids_BL.device)[None]
+        """Final-normed hidden states [B, L, C]; per-layer indexer outputs land in `layer_stats()`. Under context
+        parallelism: of the rank's tokens, [B, L / size, C] (`context_parallel.shard` of the sequence)."""
+        cp = self.context_parallel
+        mode = dataclasses.replace(mode, cp=cp)
+        h_BLC = self.model.embed_tokens(cp.shard(input_ids_BL))
+        positions_BL = cp.positions(input_ids_BL.shape[1], input_ids_BL.device)[None]
         cos_BLR, sin_BLR = self.model.rotary_emb(h_BLC, positions_BL)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
@@ -119,13 +127,13 @@ class DSAForCausalLM(nn.Module):
 
     def lm_loss(self, input_ids_BL: torch.Tensor, labels_BL: torch.Tensor, mode: AttentionMode,
                 chunk_tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of next-token cross-entropy over labels != -100, number of such tokens).
+        """(sum of next-token cross-entropy over labels != -100, number of such tokens), over the rank's tokens.
 
         labels are aligned with input_ids (label t is the token after t). The LM head runs in chunks of
         `chunk_tokens` under activation checkpointing, so [tokens, vocab] logits never exist in full.
         """
         h_NC = self.hidden_states(input_ids_BL, mode).flatten(0, 1)
-        labels_N = labels_BL.flatten()
+        labels_N = self.context_parallel.shard(labels_BL).flatten()
         total = h_NC.new_zeros((), dtype=torch.float32)
         for n0 in range(0, h_NC.shape[0], chunk_tokens):
             h, y = h_NC[n0 : n0 + chunk_tokens], labels_N[n0 : n0 + chunk_tokens]

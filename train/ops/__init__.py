@@ -10,7 +10,9 @@ Triton kernel with the same contract (`triton_*.py`); sparse MLA also has a Tile
   tilelang        TileLang's sparse MLA (CUDA, bf16), Triton for the other ops
 Shapes the kernels take: power-of-two head dims >= 16 (the main attention's d_qk may be two such parts,
 192 = 128 + 64), since their tiles need them; anything else runs the reference. Head counts are free (tiles
-pad them and mask or drop the rest).
+pad them and mask or drop the rest). Queries that sit past the start of their keys (`q_offset`: a rank's piece
+of a context-parallel sequence) run the reference for top-k and the warm-up KL: those kernels take whole
+sequences.
 """
 
 from __future__ import annotations
@@ -87,11 +89,12 @@ def _use_triton(x: torch.Tensor, supported: bool) -> bool:
     return name == "triton" or x.is_cuda
 
 
-def indexer_topk(q_BLGD: torch.Tensor, k_BLD: torch.Tensor, w_BLG: torch.Tensor, topk: int) -> torch.Tensor:
-    """Top-k key positions per query (see `reference.indexer_topk`)."""
-    if _use_triton(q_BLGD, _pow2(q_BLGD.shape[-1])):
-        return triton_topk.indexer_topk(q_BLGD, k_BLD, w_BLG, topk)
-    return reference.indexer_topk(q_BLGD, k_BLD, w_BLG, topk)
+def indexer_topk(q_BLGD: torch.Tensor, k_BSD: torch.Tensor, w_BLG: torch.Tensor, topk: int,
+                 q_offset: int = 0) -> torch.Tensor:
+    """Top-k key positions per query (see `reference.indexer_topk`); queries at q_offset + t among the keys."""
+    if q_offset == 0 and _use_triton(q_BLGD, _pow2(q_BLGD.shape[-1])):
+        return triton_topk.indexer_topk(q_BLGD, k_BSD, w_BLG, topk)
+    return reference.indexer_topk(q_BLGD, k_BSD, w_BLG, topk, q_offset=q_offset)
 
 
 def sparse_mla(q_BLHD: torch.Tensor, kv_BLD: torch.Tensor, idx_BLK: torch.Tensor, scale: float, v_dim: int,
@@ -135,12 +138,13 @@ def absorbed_sparse_mla(q_nope_BLHN: torch.Tensor, q_rope_BLHR: torch.Tensor, kv
                                    lse_BLH, chunk)
 
 
-def dense_indexer_kl(qi_BLGD: torch.Tensor, ki_BLD: torch.Tensor, wi_BLG: torch.Tensor, qa_BLHD: torch.Tensor,
-                     ka_BLHD: torch.Tensor, scale: float, topk: int):
-    """Warm-up indexer KL over the full causal span, and recall (see `reference.dense_indexer_kl`)."""
-    if _use_triton(qi_BLGD, _pow2(qi_BLGD.shape[-1]) and _pow2_parts(qa_BLHD.shape[-1])):
-        return triton_warmup_kl.dense_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, qa_BLHD, ka_BLHD, scale, topk)
-    return reference.dense_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, qa_BLHD, ka_BLHD, scale, topk)
+def dense_indexer_kl(qi_BLGD: torch.Tensor, ki_BSD: torch.Tensor, wi_BLG: torch.Tensor, qa_BLHD: torch.Tensor,
+                     ka_BSHD: torch.Tensor, scale: float, topk: int, q_offset: int = 0):
+    """Warm-up indexer KL over the full causal span, and recall (see `reference.dense_indexer_kl`); queries at
+    q_offset + t among the keys."""
+    if q_offset == 0 and _use_triton(qi_BLGD, _pow2(qi_BLGD.shape[-1]) and _pow2_parts(qa_BLHD.shape[-1])):
+        return triton_warmup_kl.dense_indexer_kl(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD, ka_BSHD, scale, topk)
+    return reference.dense_indexer_kl(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD, ka_BSHD, scale, topk, q_offset=q_offset)
 
 
 def sparse_indexer_kl(qi_BLGD: torch.Tensor, ki_BLD: torch.Tensor, wi_BLG: torch.Tensor, idx_BLK: torch.Tensor,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 # Elements (of the largest per-block intermediate) a query block may hold: 2**20 fp32 = 4 MiB on CPU;
 # 2**26 (256 MiB) on a GPU, where small blocks would leave the device idle between Python iterations.
@@ -103,19 +104,21 @@ def indexer_logits(q_BTGD: torch.Tensor, k_BSD: torch.Tensor, w_BTG: torch.Tenso
 
 @torch.no_grad()
 def indexer_topk(
-    q_BLGD: torch.Tensor, k_BLD: torch.Tensor, w_BLG: torch.Tensor, topk: int, block_elems: int | None = None
+    q_BLGD: torch.Tensor, k_BSD: torch.Tensor, w_BLG: torch.Tensor, topk: int, block_elems: int | None = None,
+    q_offset: int = 0,
 ) -> torch.Tensor:
-    """Top-k key positions per query over the causal span: [B, L, min(topk, L)] int64, -1 where t + 1 < k.
+    """Top-k key positions per query over the causal span: [B, L, min(topk, S)] int64, -1 where t + 1 < k.
 
+    Query t sits at position q_offset + t among the S keys (a piece of a longer sequence: context parallelism).
     Indices of a row come in descending logit order; ties go to the lower position (`topk_stable`).
     """
     B, L, G, _ = q_BLGD.shape
-    K = min(topk, L)
-    block = query_block_size(L, B * G * L, block_elems, q_BLGD.device)
+    K = min(topk, k_BSD.shape[1])
+    block = query_block_size(L, B * G * (q_offset + L), block_elems, q_BLGD.device)
     out = torch.empty(B, L, K, dtype=torch.long, device=q_BLGD.device)
     for t0 in range(0, L, block):
         t1 = min(L, t0 + block)
-        logits_BTS = indexer_logits(q_BLGD[:, t0:t1], k_BLD[:, :t1], w_BLG[:, t0:t1], t0)
+        logits_BTS = indexer_logits(q_BLGD[:, t0:t1], k_BSD[:, : q_offset + t1], w_BLG[:, t0:t1], q_offset + t0)
         if logits_BTS.shape[-1] < K:
             logits_BTS = F.pad(logits_BTS, (0, K - logits_BTS.shape[-1]), value=float("-inf"))
         vals, idx = topk_stable(logits_BTS, K)
@@ -169,16 +172,18 @@ def dense_indexer_kl(
     scale: float,
     topk: int,
     block_elems: int | None = None,
+    q_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Warm-up loss per query: KL(p_t || softmax(I_t)) over the full causal span, and the indexer's recall.
 
     p_t is the head-averaged dense attention of queries `qa` over keys `ka` (per-head, non-absorbed MLA
-    form) with softmax scale `scale`; recall is the share of p_t inside the indexer's top-`topk`.
+    form) with softmax scale `scale`; recall is the share of p_t inside the indexer's top-`topk`. Query t sits
+    at position q_offset + t among the keys (context parallelism: a piece of a longer sequence).
     Returns (kl [B, L] fp32, differentiable w.r.t. qi, ki, wi; recall [B, L] fp32, no gradient).
     """
     B, L, H, _ = qa_BLHD.shape
-    block = query_block_size(L, B * max(H, qi_BLGD.shape[2]) * L, block_elems, qi_BLGD.device)
-    fn = lambda t0, qi, wi, qa, ki, ka: _dense_kl_block(t0, qi, wi, qa, ki, ka, scale, topk)  # noqa: E731
+    block = query_block_size(L, B * max(H, qi_BLGD.shape[2]) * (q_offset + L), block_elems, qi_BLGD.device)
+    fn = lambda t0, qi, wi, qa, ki, ka: _dense_kl_block(q_offset + t0, qi, wi, qa, ki, ka, scale, topk)  # noqa: E731
     return _QueryBlocks.apply(fn, block, 3, 1, qi_BLGD, wi_BLG, qa_BLHD.detach(), ki_BLD, ka_BLHD.detach())
 
 
@@ -254,9 +259,14 @@ def sparse_indexer_kl(
     return kl_BL
 
 
-def dense_attention(q_BLHD: torch.Tensor, k_BLHD: torch.Tensor, v_BLHV: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal softmax attention through SDPA (flash/memory-efficient kernels: no [L, L] tensor)."""
-    out_BHLV = F.scaled_dot_product_attention(
-        q_BLHD.transpose(1, 2), k_BLHD.transpose(1, 2), v_BLHV.transpose(1, 2), is_causal=True, scale=scale
-    )
+def dense_attention(q_BLHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHV: torch.Tensor, scale: float,
+                    q_offset: int = 0) -> torch.Tensor:
+    """Causal softmax attention through SDPA (flash/memory-efficient kernels: no [L, L] tensor). Query t sits at
+    position q_offset + t among the keys (context parallelism); it sees keys 0..q_offset + t."""
+    S = q_offset + q_BLHD.shape[1]
+    q, k, v = q_BLHD.transpose(1, 2), k_BSHD[:, :S].transpose(1, 2), v_BSHV[:, :S].transpose(1, 2)
+    if q_offset == 0:
+        out_BHLV = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:  # the causal mask aligned to the last key, without materialising it
+        out_BHLV = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], S), scale=scale)
     return out_BHLV.transpose(1, 2)
