@@ -121,6 +121,15 @@ def context_parallel_group(size: int):
     return sp.get_sequence_parallel_group(), sp.get_sequence_parallel_rank(), rank // size
 
 
+def context_parallel_loss_scale(engine, size: int) -> float:
+    """What each rank's loss is multiplied by before `engine.backward`, so that the gradient DeepSpeed keeps is the
+    sum of the context-parallel shares averaged over data-parallel ranks. ZeRO-1/2 divide the summed gradients
+    by the data-parallel ranks; ZeRO-3's reduce-scatter divides by every rank of its partition group (data x
+    context parallel), which `size` makes up for. The context-parallel tests compare gradient norms and weights
+    with one rank under both, so a DeepSpeed that changes this fails there."""
+    return float(size) if size > 1 and engine.zero_optimization_stage() == 3 else 1.0
+
+
 def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict, context_parallel: int = 1):
     """The DeepSpeed engine over `model`, optimising exactly `param_groups` (frozen parameters get no state).
 

@@ -95,6 +95,7 @@ def train_step(engine, model, stage, cfg: TrainConfig, batch: dict, lr_scale: fl
     for group, base in zip(engine.optimizer.param_groups, base_lrs):
         group["lr"] = base * lr_scale
     mb = cfg.stage.micro_batch
+    loss_scale = eng.context_parallel_loss_scale(engine, model.context_parallel.size)
     starts = range(0, batch["input_ids"].shape[0], mb)
     per_micro, bad = [], []
     for i in starts:
@@ -102,7 +103,7 @@ def train_step(engine, model, stage, cfg: TrainConfig, batch: dict, lr_scale: fl
         labels = batch["labels"][i : i + mb].to(engine.device)
         loss, metrics = compute_loss(model, stage, cfg.stage, ids, labels, forward=engine)
         per_micro.append(metrics)
-        engine.backward(loss)
+        engine.backward(loss * loss_scale if loss_scale != 1 else loss)
         if i == starts[-1]:  # the accumulation boundary: the next engine.step() updates the weights
             bad = nonfinite_terms(per_micro)
             if bad and cfg.stage.on_nonfinite == "stop":

@@ -94,9 +94,9 @@ def _to_global(parts_PBMD: torch.Tensor, cp: ContextParallel, L: int) -> torch.T
 
 def _gather(x_BMD: torch.Tensor, cp: ContextParallel) -> torch.Tensor:
     x_BMD = x_BMD.contiguous()
-    parts = x_BMD.new_empty(cp.size, *x_BMD.shape)
+    parts = x_BMD.new_empty(cp.size * x_BMD.shape[0], *x_BMD.shape[1:])  # rank-major along dim 0
     _all_gather(parts, x_BMD, group=cp.group)
-    return _to_global(parts, cp, x_BMD.shape[1] * cp.size)
+    return _to_global(parts.view(cp.size, *x_BMD.shape), cp, x_BMD.shape[1] * cp.size)
 
 
 class _Gather(torch.autograd.Function):
@@ -108,7 +108,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_BLD):
         cp = ctx.cp
-        parts = torch.stack([ContextParallel(rank=r, size=cp.size).shard(grad_BLD) for r in range(cp.size)])
-        out = grad_BLD.new_empty(parts.shape[1:])
+        parts = torch.cat([ContextParallel(rank=r, size=cp.size).shard(grad_BLD) for r in range(cp.size)])
+        out = grad_BLD.new_empty(grad_BLD.shape[0], grad_BLD.shape[1] // cp.size, *grad_BLD.shape[2:])
         _reduce_scatter(out, parts.contiguous(), group=cp.group)
         return out, None
