@@ -28,6 +28,7 @@ class RunConfig:
     resume: bool = True            # continue from the stage's latest checkpoint when there is one
     allow_config_change: bool = False  # resume although model, data, seq_len or global batch changed
     plan_gpus: int | None = None   # dry run: plan for this many GPUs (null: the ranks of this launch)
+    plan_gpu_memory_gb: float = 141.0  # dry run: the GPU memory the smallest fitting configuration is sought for
 
 
 @dataclass

@@ -12,6 +12,23 @@ FLOPs per token (multiply-adds x 2), for sequence length L, top-k K, per layer u
 Warm-up = backbone forward (dense) + indexer forward and backward (x3) + the recomputed attention target
 2 H d_qk (L+1)/2. Sparse = 3 x backbone with sparse attention (forward + backward ~ 2x) + the indexer's
 top-k scoring forward + its selected-set KL (3 x 2 G D K) and projections (x3). Base = 3 x dense backbone.
+
+Activation memory per GPU (bytes; bf16 activations, activation checkpointing on, as long sequences need), for
+M = micro_batch x L / CP tokens of the rank's queries and S = micro_batch x L gathered key tokens, n layers:
+- checkpointed layer inputs: n M C 2;
+- kept per layer until its backward, sparse stage: top-k indices n M K 4 (none with stage.recompute_topk) and the
+  attention's log-sum-exp n M H 4;
+- one layer's working set under recomputation, the largest of any layer:
+  - queries and their gradients: 2 M H (N + R + V) 2;
+  - keys: the gathered latent, rope key and indexer key with their gradients, 2 S (A + R + D) 2; dense stages
+    add per-head keys and the up-projection, S H (2N + R + V) 2 (twice in the base stage, whose keys get
+    gradients); the sparse stage adds three absorbed-query chunks, 3 min(M H (A + R), 2**29) 2, and the
+    selection's probabilities, M K 4;
+  - the indexer's queries and their gradients, 2 M G D 2;
+  - the MLP: 4 M I 2 with I the widest of the dense MLP and (shared + routed per token) x the expert width;
+- the LM head's logits chunk (4096 tokens, fp32, and its gradient): 2 x 4096 x vocab x 4.
+A configuration fits when weights, gradients, optimizer state and activations stay within 90% of the GPU's
+memory (the rest: CUDA context, allocator, communication buffers).
 """
 
 from __future__ import annotations
@@ -74,6 +91,65 @@ def memory_per_gpu(total: int, trainable: int, world: int, zero: int, bf16: bool
     }
 
 
+def activation_bytes(config: dict, stage: str, seq_len: int, micro_batch: int, cp: int, topk: int,
+                     index_head_dim: int, index_n_heads: int, keep_topk: bool = True) -> dict:
+    """Activation memory per GPU by part (see the module docstring for the formulas)."""
+    H, n = config["num_attention_heads"], config["num_hidden_layers"]
+    N, R, V = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
+    A, C, E = config["kv_lora_rank"], config["hidden_size"], config["vocab_size"]
+    G, D = index_n_heads, index_head_dim
+    S = micro_batch * seq_len
+    M = S // cp
+    K = min(topk, seq_len)
+    experts = config.get("n_shared_experts", 0) + config.get("num_experts_per_tok", 0)
+    inter = config["intermediate_size"] if config.get("first_k_dense_replace", n) > 0 else 0
+    if config.get("first_k_dense_replace", n) < n:
+        inter = max(inter, experts * config["moe_intermediate_size"])
+    keys = 2 * S * (A + R + D) * 2
+    if stage == "sparse":
+        keys += 3 * min(M * H * (A + R), 2**29) * 2 + M * K * 4
+    else:
+        keys += S * H * (2 * N + R + V) * 2 * (2 if stage == "base" else 1)
+    parts = {
+        "layer_inputs": n * M * C * 2,
+        "kept_per_layer": n * M * (K * 4 * keep_topk + H * 4) if stage == "sparse" else 0,
+        "layer_working_set": 2 * M * H * (N + R + V) * 2 + keys + 2 * M * G * D * 2 + 4 * M * inter * 2,
+        "lm_head_chunk": 2 * 4096 * E * 4,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+GPU_HEADROOM = 0.9  # share of a GPU's memory a plan may fill
+
+
+def trained(stage: str, params: dict) -> int:
+    return {"base": params["backbone"], "warmup": params["indexer"], "sparse": params["total"]}[stage]
+
+
+def smallest_fit(config: dict, cfg, stage: str, global_batch: int, params: dict, index: dict, gpu_bytes: float,
+                 max_gpus: int = 4096) -> dict | None:
+    """The fewest GPUs (powers of two) and, for that count, the smallest context-parallel degree with which
+    `stage` fits in `gpu_bytes` under ZeRO-3 (weights, gradients, optimizer state sharded over all GPUs); the
+    global batch must split over the data-parallel ranks. None when nothing up to `max_gpus` fits."""
+    s, L = cfg.stage, cfg.data.seq_len
+    bf16 = use_bf16(cfg.deepspeed, accelerator_present=True)
+    gpus = 1
+    while gpus <= max_gpus:
+        cp = 1
+        while cp <= gpus and (cp == 1 or L % (2 * cp) == 0):
+            dp = gpus // cp
+            if global_batch % (s.micro_batch * dp) == 0:
+                states = sum(memory_per_gpu(params["total"], trained(stage, params), gpus, 3, bf16).values())
+                act = activation_bytes(config, stage, L, s.micro_batch, cp, index["index_topk"],
+                                       index["index_head_dim"], index["index_n_heads"], not s.recompute_topk)
+                if states + act["total"] <= GPU_HEADROOM * gpu_bytes:
+                    return {"gpus": gpus, "context_parallel": cp, "states": states, "activations": act["total"]}
+            cp *= 2
+        gpus *= 2
+    return None
+
+
 def make_plan(cfg, world: int) -> dict:
     from train.model.surgery import index_config
 
@@ -85,7 +161,7 @@ def make_plan(cfg, world: int) -> dict:
     G, D = index["index_n_heads"], index["index_head_dim"]
     params = count_parameters(config, G, D)
     stage = cfg.stage
-    trainable = {"base": params["backbone"], "warmup": params["indexer"], "sparse": params["total"]}[stage.name]
+    trainable = trained(stage.name, params)
     tokens_step = cfg.tokens_per_step()
     bf16 = use_bf16(cfg.deepspeed, accelerator_present=True)  # plans are for GPUs
     return {
@@ -93,11 +169,26 @@ def make_plan(cfg, world: int) -> dict:
         "seq_len": cfg.data.seq_len, "index": index,
         "parameters": params, "trainable_parameters": trainable,
         "tokens_per_step": tokens_step, "steps": stage.steps, "tokens_in_stage": tokens_step * stage.steps,
-        "gradient_accumulation": stage.global_batch // (stage.micro_batch * world),
+        "gradient_accumulation": cfg.grad_accum(world),
         "memory_per_gpu_bytes": {f"zero{z}": memory_per_gpu(params["total"], trainable, world, z, bf16)
                                  for z in ZERO_STAGES},
         "flops_per_token": flops_per_token(config, params, cfg.data.seq_len, index["index_topk"], G, D),
+        "context_parallel": cfg.deepspeed.context_parallel,
+        "activation_bytes_per_gpu": {
+            name: activation_bytes(config, name, cfg.data.seq_len, stage.micro_batch, cfg.deepspeed.context_parallel,
+                                   index["index_topk"], D, G, not stage.recompute_topk)
+            for name in dict.fromkeys(("warmup", "sparse", stage.name))},
+        "gpu_memory_gb": cfg.run.plan_gpu_memory_gb,
+        # the conversion's two stages whichever is planned, each with its preset's global batch
+        "smallest_fit": {name: smallest_fit(config, cfg, name, _global_batch(cfg, name), params, index,
+                                            cfg.run.plan_gpu_memory_gb * 1e9)
+                         for name in dict.fromkeys(("warmup", "sparse", stage.name))},
     }
+
+
+def _global_batch(cfg, stage: str) -> int:
+    sizes = cfg.preset.get("stages", {}).get(stage, {})
+    return stage == cfg.stage.name and cfg.stage.global_batch or sizes.get("global_batch", cfg.stage.global_batch)
 
 
 def format_plan(plan: dict) -> str:
@@ -119,5 +210,18 @@ def format_plan(plan: dict) -> str:
     f = plan["flops_per_token"]
     lines.append(f"[plan] training FLOPs per token: base {f['base']:.4g}, warmup {f['warmup']:.4g}, "
                  f"sparse {f['sparse']:.4g}")
+    for stage, fit in plan["smallest_fit"].items():
+        a = plan["activation_bytes_per_gpu"][stage]
+        lines.append(f"[plan] {stage}: activations per GPU at deepspeed.context_parallel={plan['context_parallel']} "
+                     f"(checkpointed layers): {a['total'] / gib:,.2f} GiB = layer inputs {a['layer_inputs'] / gib:,.2f}"
+                     f" + kept top-k and lse {a['kept_per_layer'] / gib:,.2f} + one layer's working set "
+                     f"{a['layer_working_set'] / gib:,.2f} + LM head chunk {a['lm_head_chunk'] / gib:,.2f}")
+        if fit is None:
+            lines.append(f"[plan] {stage}: nothing up to 4,096 GPUs of {plan['gpu_memory_gb']:g} GB fits")
+            continue
+        lines.append(f"[plan] {stage}: smallest fit on {plan['gpu_memory_gb']:g} GB GPUs (ZeRO-3, 90% of memory): "
+                     f"{fit['gpus']:,} GPU(s) with deepspeed.context_parallel={fit['context_parallel']} "
+                     f"({fit['states'] / gib:,.1f} GiB weights, gradients and optimizer + "
+                     f"{fit['activations'] / gib:,.1f} GiB activations per GPU)")
     return "\n".join(lines)
 

@@ -9,11 +9,11 @@ ARCH = dict(vocab_size=100, hidden_size=32, intermediate_size=64, moe_intermedia
             n_group=1, topk_group=1, num_experts_per_tok=2, tie_word_embeddings=False)
 
 
-def _plan(stage, world=2, **over):
+def _plan(stage, world=2, extra=(), **over):
     arch = ARCH | over
     overrides = [f"stage={stage}", "run.dry_run=true", "model.path=null", "data.seq_len=64", "model.index_topk=8",
                  "model.index_n_heads=2", "model.index_head_dim=4", "stage.global_batch=4", "stage.steps=10",
-                 "deepspeed.bf16=true"]
+                 "deepspeed.bf16=true", *extra]
     cfg = _cfg(*overrides)
     cfg.model.arch = arch
     return make_plan(cfg, world)
@@ -54,3 +54,48 @@ def test_moe_active_parameters_count_routed_experts_per_token():
     # layer 1 turns from a dense MLP (3*C*64) into shared expert + 4 routed experts + a router
     assert moe["backbone"] - dense["backbone"] == (expert + E_r * expert + E_r * C) - 3 * C * 64
     assert moe["active_matmul"] - dense["active_matmul"] == (expert + k * expert + E_r * C) - 3 * C * 64
+
+
+def _activations(stage, cp):
+    return _plan(stage, world=4, extra=[f"deepspeed.context_parallel={cp}"])["activation_bytes_per_gpu"][stage]
+
+
+def test_activation_memory_per_gpu_by_hand():
+    """Checkpointed layer inputs, kept top-k and lse, one layer's working set, the LM head chunk: bytes per GPU for
+    the rank's M = L / CP query tokens and S = L gathered key tokens (A latent, R rope, D indexer dims)."""
+    C, H, N, R, V, A, I, E, G, D, K, S = 32, 2, 4, 2, 4, 8, 64, 100, 2, 4, 8, 64
+    for cp in (1, 2, 4):
+        M = S // cp
+        common = 2 * M * H * (N + R + V) * 2 + 2 * S * (A + R + D) * 2 + 2 * M * G * D * 2 + 4 * M * I * 2
+        sparse = _activations("sparse", cp)
+        assert sparse == {"layer_inputs": 2 * M * C * 2, "kept_per_layer": 2 * M * (K * 4 + H * 4),
+                          "layer_working_set": common + 3 * M * H * (A + R) * 2 + M * K * 4,
+                          "lm_head_chunk": 2 * 4096 * E * 4, "total": sum(v for k, v in sparse.items() if k != "total")}
+        warm = _activations("warmup", cp)
+        assert warm["kept_per_layer"] == 0
+        assert warm["layer_working_set"] == common + S * H * (2 * N + R + V) * 2
+        base = _activations("base", cp)
+        assert base["layer_working_set"] == common + 2 * S * H * (2 * N + R + V) * 2
+    recompute = _plan("sparse", extra=["stage.recompute_topk=true"])["activation_bytes_per_gpu"]["sparse"]
+    assert recompute["kept_per_layer"] == 2 * S * H * 4  # the lse only
+
+
+def test_smallest_fit_is_the_fewest_gpus_then_the_smallest_context_parallel_degree():
+    """On a GPU too small for the stage on one GPU, the plan finds the fewest GPUs (ZeRO-3) and for them the
+    smallest context-parallel degree whose per-GPU total stays within 90% of the memory."""
+    from train.plan import activation_bytes, memory_per_gpu
+
+    plan = _plan("sparse", world=1)
+    index = plan["index"]
+    cfg_args = dict(stage="sparse", seq_len=64, micro_batch=1, topk=8, index_head_dim=4, index_n_heads=2)
+
+    def total(gpus, cp):
+        states = sum(memory_per_gpu(plan["parameters"]["total"], plan["trainable_parameters"], gpus, 3, True).values())
+        act = activation_bytes(ARCH, cfg_args["stage"], 64, 1, cp, index["index_topk"], 4, 2)["total"]
+        return states + act
+    # a memory between what 2 GPUs at CP=2 and 2 GPUs at CP=1 need: 2 GPUs with CP=2 is the answer
+    memory = (total(2, 2) + total(2, 1)) / 2 / 0.9
+    assert total(1, 1) > 0.9 * memory and total(2, 2) <= 0.9 * memory < total(2, 1)
+    fit = _plan("sparse", world=1, extra=[f"run.plan_gpu_memory_gb={memory / 1e9}"])["smallest_fit"]["sparse"]
+    assert (fit["gpus"], fit["context_parallel"]) == (2, 2)
+    assert fit["states"] + fit["activations"] == total(2, 2)
