@@ -61,6 +61,20 @@ def test_topk_kernel_equals_twin_exactly(L, topk):
     assert (got[:, : min(topk, L) - 1, -1] == -1).all()  # early rows see fewer than k keys
 
 
+def test_topk_of_query_pieces_at_their_offsets_equals_the_whole_sequence():
+    """Context parallelism's zig-zag pieces (queries at an offset, all keys): kernel and twin give the rows of the
+    whole-sequence selection, the first piece's rows with fewer than k keys included."""
+    from train.model.context import ContextParallel
+
+    q, k, w = _exact_indexer_inputs(2, 96, 4, 16, seed=3)
+    whole = reference.indexer_topk(q, k, w, 32)
+    for rank in range(2):
+        for lo, g, n in ContextParallel(rank=rank, size=2).chunks(96):
+            piece = (q[:, g : g + n], k, w[:, g : g + n], 32)
+            assert torch.equal(reference.indexer_topk(*piece, q_offset=g), whole[:, g : g + n])
+            assert torch.equal(triton_topk.indexer_topk(*piece, q_offset=g), whole[:, g : g + n])
+
+
 @pytest.mark.parametrize("BS", [16, 1024])  # several blocks of the row scan, and one
 def test_top_keys_take_ties_in_position_order(BS):
     q, k, w = _exact_indexer_inputs(2, 90, 4, 16, seed=2)

@@ -11,8 +11,7 @@ Triton kernel with the same contract (`triton_*.py`); sparse MLA also has a Tile
 Shapes the kernels take: power-of-two head dims >= 16 (the main attention's d_qk may be two such parts,
 192 = 128 + 64), since their tiles need them; anything else runs the reference. Head counts are free (tiles
 pad them and mask or drop the rest). Queries that sit past the start of their keys (`q_offset`: a rank's piece
-of a context-parallel sequence) run the reference for top-k and the warm-up KL: those kernels take whole
-sequences.
+of a context-parallel sequence) run the reference for the warm-up KL, whose kernels take whole sequences.
 """
 
 from __future__ import annotations
@@ -92,8 +91,8 @@ def _use_triton(x: torch.Tensor, supported: bool) -> bool:
 def indexer_topk(q_BLGD: torch.Tensor, k_BSD: torch.Tensor, w_BLG: torch.Tensor, topk: int,
                  q_offset: int = 0) -> torch.Tensor:
     """Top-k key positions per query (see `reference.indexer_topk`); queries at q_offset + t among the keys."""
-    if q_offset == 0 and _use_triton(q_BLGD, _pow2(q_BLGD.shape[-1])):
-        return triton_topk.indexer_topk(q_BLGD, k_BSD, w_BLG, topk)
+    if _use_triton(q_BLGD, _pow2(q_BLGD.shape[-1])):
+        return triton_topk.indexer_topk(q_BLGD, k_BSD, w_BLG, topk, q_offset=q_offset)
     return reference.indexer_topk(q_BLGD, k_BSD, w_BLG, topk, q_offset=q_offset)
 
 

@@ -120,15 +120,17 @@ def query_rows(L: int, topk: int) -> int:
 
 
 @torch.no_grad()
-def indexer_topk(q_BLGD: torch.Tensor, k_BLD: torch.Tensor, w_BLG: torch.Tensor, topk: int) -> torch.Tensor:
-    """Same contract as `reference.indexer_topk`: [B, L, min(topk, L)] int64, descending, -1 where invalid."""
+def indexer_topk(q_BLGD: torch.Tensor, k_BSD: torch.Tensor, w_BLG: torch.Tensor, topk: int,
+                 q_offset: int = 0) -> torch.Tensor:
+    """Same contract as `reference.indexer_topk`: [B, L, min(topk, S)] int64, descending, -1 where invalid; query
+    t sits at position q_offset + t among the S keys."""
     B, L, G, D = q_BLGD.shape
-    K = min(topk, L)
-    rows = query_rows(L, topk)
+    K = min(topk, k_BSD.shape[1])
+    rows = query_rows(k_BSD.shape[1], topk)
     out = torch.empty(B, L, K, dtype=torch.long, device=q_BLGD.device)
     for t0 in range(0, L, rows):
         t1 = min(L, t0 + rows)
-        keys = top_keys(logit_keys(q_BLGD[:, t0:t1], k_BLD[:, :t1], w_BLG[:, t0:t1], t0), K)
+        keys = top_keys(logit_keys(q_BLGD[:, t0:t1], k_BSD[:, : q_offset + t1], w_BLG[:, t0:t1], q_offset + t0), K)
         top = torch.sort(keys, dim=-1, descending=True).values
         pos = 4294967295 - (top & 0xFFFFFFFF)
         out[:, t0:t1] = pos.masked_fill((top >> 32) == NEG_INF_KEY, -1)
