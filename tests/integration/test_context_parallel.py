@@ -65,6 +65,19 @@ def test_context_parallel_trains_what_one_rank_trains(root, zero, layouts):
             assert max((w1[k].float() - wn[k].float()).abs().max().item() for k in w1) <= 1e-5, (layout, stage)
 
 
+@pytest.mark.slow
+def test_context_parallel_recomputes_checkpointed_layers_with_their_gathers(root):
+    """Under activation checkpointing each layer's recomputation gathers the keys again, on every rank in the same
+    order: the sparse stage at CP=2 trains what one rank trains."""
+    for name, nproc, extra in (("ac_one", 1, []), ("ac_cp2", 2, ["deepspeed.context_parallel=2"])):
+        run_train(root, "stage=sparse", f"run.name={name}", "stage.steps=2", "stage.lr=1e-3",
+                  "stage.activation_checkpointing=true", f"stage.init_from={root}/ckpt/base/base/export", *extra,
+                  nproc=nproc)
+    for a, b in zip(metrics(root, "ac_one", "sparse"), metrics(root, "ac_cp2", "sparse"), strict=True):
+        for key in KEYS["sparse"]:
+            assert _close(a[key], b[key]), (key, a[key], b[key])
+
+
 def test_sigkill_under_context_parallelism_then_relaunch_is_bit_identical(root):
     args = ("stage=warmup", "stage.steps=6", "stage.save_every=1", "deepspeed.context_parallel=2")
     run_train(root, *args, "run.name=cp_straight", nproc=2)
