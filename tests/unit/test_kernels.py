@@ -185,19 +185,21 @@ def test_sparse_indexer_kl_kernel_matches_twin_deepseek_shape(G):
     _check_sparse_indexer_kl(B=1, L=4096, G=G, D=128, K=2048, dtype=torch.bfloat16, tol=TOL)
 
 
-def _check_dense_indexer_kl(B, L, H, DA, G, D, topk, rows, dtype, tol):
+def _check_dense_indexer_kl(B, L, H, DA, G, D, topk, rows, dtype, tol, q0=0, n=None):
+    """Queries q0..q0+n-1 (default: all) over every key, as a context-parallel piece: kernel against twin."""
     from train.ops import triton_warmup_kl
 
+    n = n or L - q0
     g = torch.Generator().manual_seed(5)
-    qi = torch.randn(B, L, G, D, generator=g).to(DEVICE, dtype).requires_grad_()
+    qi = torch.randn(B, L, G, D, generator=g)[:, q0 : q0 + n].to(DEVICE, dtype).requires_grad_()
     ki = torch.randn(B, L, D, generator=g).to(DEVICE, dtype).requires_grad_()
-    wi = (torch.randn(B, L, G, generator=g) * (G * D) ** -0.5).to(DEVICE).requires_grad_()
-    qa = torch.randn(B, L, H, DA, generator=g).to(DEVICE, dtype)
+    wi = (torch.randn(B, L, G, generator=g) * (G * D) ** -0.5)[:, q0 : q0 + n].to(DEVICE).requires_grad_()
+    qa = torch.randn(B, L, H, DA, generator=g)[:, q0 : q0 + n].to(DEVICE, dtype)
     ka = torch.randn(B, L, H, DA, generator=g).to(DEVICE, dtype)
-    up = torch.rand(B, L, generator=g).to(DEVICE)
+    up = torch.rand(B, n, generator=g).to(DEVICE)
     res = {}
-    for name, fn in (("twin", lambda *a: reference.dense_indexer_kl(*a)),
-                     ("kernel", lambda *a: triton_warmup_kl.dense_indexer_kl(*a, rows=rows))):
+    for name, fn in (("twin", lambda *a: reference.dense_indexer_kl(*a, q_offset=q0)),
+                     ("kernel", lambda *a: triton_warmup_kl.dense_indexer_kl(*a, rows=rows, q_offset=q0))):
         kl, recall = fn(qi, ki, wi, qa, ka, DA ** -0.5, topk)
         res[name] = (kl, recall, *torch.autograd.grad(kl, (qi, ki, wi), up))
     _assert_close(res["kernel"], res["twin"], ("kl", "recall", "dqi", "dki", "dwi"), 2, tol)
@@ -213,6 +215,28 @@ def test_warmup_kl_kernel_matches_twin_small(rows, tiles, monkeypatch):
     da = 24 if DEVICE == "cpu" else 48  # compiled tl.dot needs dims >= 16: d_qk = 32 + 16 on a GPU
     _check_dense_indexer_kl(B=2, L=70, H=2, DA=da, G=16, D=16, topk=8, rows=rows, dtype=torch.float32,
                             tol=TOL)
+
+
+@pytest.mark.parametrize("q0, n", [(35, 35), (10, 20)])  # the zig-zag's second piece; one inside the sequence
+def test_warmup_kl_kernel_at_a_query_offset_matches_twin(q0, n, monkeypatch):
+    from train.ops import triton_warmup_kl
+
+    monkeypatch.setattr(triton_warmup_kl, "KL_CONFIG", dict(triton_warmup_kl.KL_CONFIG, BT=16, BS=16, NS=2))
+    da = 24 if DEVICE == "cpu" else 48
+    _check_dense_indexer_kl(B=2, L=70, H=2, DA=da, G=16, D=16, topk=8, rows=16, dtype=torch.float32, tol=TOL,
+                            q0=q0, n=n)
+
+
+def test_warmup_kl_twin_of_query_pieces_equals_the_whole_sequence():
+    q, k, w = _exact_indexer_inputs(1, 64, 2, 16, seed=6)
+    g = torch.Generator().manual_seed(7)
+    qa, ka = torch.randn(1, 64, 2, 16, generator=g), torch.randn(1, 64, 2, 16, generator=g)
+    whole = reference.dense_indexer_kl(q, k, w, qa, ka, 0.25, 8)
+    for q0, n in ((0, 16), (16, 16), (32, 32)):
+        piece = reference.dense_indexer_kl(q[:, q0 : q0 + n], k, w[:, q0 : q0 + n], qa[:, q0 : q0 + n], ka, 0.25, 8,
+                                           q_offset=q0)
+        for got, want in zip(piece, whole):
+            torch.testing.assert_close(got, want[:, q0 : q0 + n], rtol=1e-6, atol=1e-7)
 
 
 @GPU

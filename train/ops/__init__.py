@@ -10,8 +10,8 @@ Triton kernel with the same contract (`triton_*.py`); sparse MLA also has a Tile
   tilelang        TileLang's sparse MLA (CUDA, bf16), Triton for the other ops
 Shapes the kernels take: power-of-two head dims >= 16 (the main attention's d_qk may be two such parts,
 192 = 128 + 64), since their tiles need them; anything else runs the reference. Head counts are free (tiles
-pad them and mask or drop the rest). Queries that sit past the start of their keys (`q_offset`: a rank's piece
-of a context-parallel sequence) run the reference for the warm-up KL, whose kernels take whole sequences.
+pad them and mask or drop the rest). Top-k, the warm-up KL and dense attention take queries that sit past the
+start of their keys (`q_offset`: a rank's piece of a context-parallel sequence).
 """
 
 from __future__ import annotations
@@ -141,8 +141,9 @@ def dense_indexer_kl(qi_BLGD: torch.Tensor, ki_BSD: torch.Tensor, wi_BLG: torch.
                      ka_BSHD: torch.Tensor, scale: float, topk: int, q_offset: int = 0):
     """Warm-up indexer KL over the full causal span, and recall (see `reference.dense_indexer_kl`); queries at
     q_offset + t among the keys."""
-    if q_offset == 0 and _use_triton(qi_BLGD, _pow2(qi_BLGD.shape[-1]) and _pow2_parts(qa_BLHD.shape[-1])):
-        return triton_warmup_kl.dense_indexer_kl(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD, ka_BSHD, scale, topk)
+    if _use_triton(qi_BLGD, _pow2(qi_BLGD.shape[-1]) and _pow2_parts(qa_BLHD.shape[-1])):
+        return triton_warmup_kl.dense_indexer_kl(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD, ka_BSHD, scale, topk,
+                                                 q_offset=q_offset)
     return reference.dense_indexer_kl(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD, ka_BSHD, scale, topk, q_offset=q_offset)
 
 

@@ -41,8 +41,9 @@ def _load_qk(ptr, rows, row_mask, D1: tl.constexpr, D2: tl.constexpr):
 
 
 @triton.jit
-def _attn_lse_kernel(q_ptr, k_ptr, lse_ptr, scale, L, H, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_h,
+def _attn_lse_kernel(q_ptr, k_ptr, lse_ptr, scale, L, S, Q0, H, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_h,
                      D1: tl.constexpr, D2: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr):
+    """Each head's log-sum-exp for query rows 0..L-1 at positions Q0.. over keys 0..S-1 (causal)."""
     pid_t = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -52,13 +53,13 @@ def _attn_lse_kernel(q_ptr, k_ptr, lse_ptr, scale, L, H, sq_b, sq_t, sq_h, sk_b,
     m = tl.full([BT], float("-inf"), dtype=tl.float32)
     den = tl.zeros([BT], dtype=tl.float32)
     c = scale * 1.4426950408889634
-    for s0 in range(0, pid_t * BT + BT, BS):
+    for s0 in range(0, Q0 + pid_t * BT + BT, BS):
         offs_s = s0 + tl.arange(0, BS)
-        ka, kb = _load_qk(k_ptr + b * sk_b + h * sk_h, offs_s.to(tl.int64) * sk_t, offs_s < L, D1, D2)
+        ka, kb = _load_qk(k_ptr + b * sk_b + h * sk_h, offs_s.to(tl.int64) * sk_t, offs_s < S, D1, D2)
         s = tl.dot(qa, tl.trans(ka))
         if D2 > 0:
             s += tl.dot(qb, tl.trans(kb))
-        s = tl.where(offs_s[None, :] <= offs_t[:, None], s * c, float("-inf"))
+        s = tl.where(offs_s[None, :] <= Q0 + offs_t[:, None], s * c, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         den = den * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
         m = m_new
@@ -67,29 +68,31 @@ def _attn_lse_kernel(q_ptr, k_ptr, lse_ptr, scale, L, H, sq_b, sq_t, sq_h, sk_b,
 
 @triton.jit
 def _kl_kernel(qa_ptr, ka_ptr, lse_a_ptr, buf_ptr, lse_s_ptr, kth_ptr, g_ptr, kl_ptr, rec_ptr,
-               scale, t0, R, L, H, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_h, sbuf_b, sbuf_r, sr_b, sp_b, sp_r,
+               scale, t0, Q0, R, L, S, H, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_h, sbuf_b, sbuf_r, sr_b, sp_b, sp_r,
                D1: tl.constexpr, D2: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, NS: tl.constexpr,
                GRAD: tl.constexpr):
     """One program: BT rows x NS key tiles of BS keys. Forward writes the rows' KL and recall sums over its
-    keys to kl_ptr / rec_ptr [B, R, key chunks] (summed outside: deterministic); backward overwrites buf."""
+    keys to kl_ptr / rec_ptr [B, R, key chunks] (summed outside: deterministic); backward overwrites buf.
+    t0 is the block's first query position; query rows sit at positions Q0 + row (L rows, S keys)."""
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_r = pid_t * BT + tl.arange(0, BT)  # rows of the block
     rmask = offs_r < R
     offs_t = t0 + offs_r  # query positions
+    rows = offs_t - Q0  # their rows in q, lse and g
     s_start = pid_s * BS * NS
     if s_start > t0 + pid_t * BT + BT - 1:  # every key of the chunk is in the future of every row
         return
     lse_s = tl.load(lse_s_ptr + b * sr_b + offs_r, mask=rmask, other=0.0)
     if GRAD:
-        g = tl.load(g_ptr + b * L + offs_t, mask=rmask, other=0.0)
+        g = tl.load(g_ptr + b * L + rows, mask=rmask, other=0.0)
     else:
         kth = tl.load(kth_ptr + b * sr_b + offs_r, mask=rmask, other=0)
     kl = tl.zeros([BT], dtype=tl.float32)
     rec = tl.zeros([BT], dtype=tl.float32)
     c = scale * 1.4426950408889634
-    q_rows = offs_t.to(tl.int64) * sq_t
+    q_rows = rows.to(tl.int64) * sq_t
     for j in range(NS):
         offs_s = s_start + j * BS + tl.arange(0, BS)
         visible = (offs_s[None, :] <= offs_t[:, None]) & rmask[:, None]
@@ -97,11 +100,11 @@ def _kl_kernel(qa_ptr, ka_ptr, lse_a_ptr, buf_ptr, lse_s_ptr, kth_ptr, g_ptr, kl
         k_rows = offs_s.to(tl.int64) * sk_t
         for h in range(H):
             qa, qb = _load_qk(qa_ptr + b * sq_b + h * sq_h, q_rows, rmask, D1, D2)
-            ka, kb = _load_qk(ka_ptr + b * sk_b + h * sk_h, k_rows, offs_s < L, D1, D2)
+            ka, kb = _load_qk(ka_ptr + b * sk_b + h * sk_h, k_rows, offs_s < S, D1, D2)
             s = tl.dot(qa, tl.trans(ka))
             if D2 > 0:
                 s += tl.dot(qb, tl.trans(kb))
-            lse_h = tl.load(lse_a_ptr + b * sl_b + h * sl_h + offs_t, mask=rmask, other=0.0)
+            lse_h = tl.load(lse_a_ptr + b * sl_b + h * sl_h + rows, mask=rmask, other=0.0)
             p += tl.exp2(s * c - lse_h[:, None] * 1.4426950408889634)
         p = tl.where(visible, p / H, 0.0)
         buf = buf_ptr + b * sbuf_b + offs_r[:, None].to(tl.int64) * sbuf_r + offs_s[None, :]
@@ -121,7 +124,7 @@ def _kl_kernel(qa_ptr, ka_ptr, lse_a_ptr, buf_ptr, lse_s_ptr, kth_ptr, g_ptr, kl
 
 
 @triton.jit
-def _dq_kernel(q_ptr, k_ptr, w_ptr, buf_ptr, dq_ptr, dw_ptr, t0, R, L,
+def _dq_kernel(q_ptr, k_ptr, w_ptr, buf_ptr, dq_ptr, dw_ptr, t0, Q0, R, S,
                sq_b, sq_t, sq_g, sk_b, sk_s, sw_b, sw_t, sbuf_b, sbuf_r,
                D: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr):
     pid_t = tl.program_id(0)
@@ -129,16 +132,17 @@ def _dq_kernel(q_ptr, k_ptr, w_ptr, buf_ptr, dq_ptr, dw_ptr, t0, R, L,
     b = tl.program_id(2).to(tl.int64)
     offs_r = pid_t * BT + tl.arange(0, BT)
     rmask = offs_r < R
-    offs_t = (t0 + offs_r).to(tl.int64)
+    offs_t = (t0 + offs_r).to(tl.int64)  # positions
+    rows = offs_t - Q0
     offs_d = tl.arange(0, D)
-    q = tl.load(q_ptr + b * sq_b + offs_t[:, None] * sq_t + g * sq_g + offs_d[None, :], mask=rmask[:, None], other=0.0)
-    w = tl.load(w_ptr + b * sw_b + offs_t * sw_t + g, mask=rmask, other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + b * sq_b + rows[:, None] * sq_t + g * sq_g + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    w = tl.load(w_ptr + b * sw_b + rows * sw_t + g, mask=rmask, other=0.0).to(tl.float32)
     dq = tl.zeros([BT, D], dtype=tl.float32)
     dw = tl.zeros([BT], dtype=tl.float32)
     for s0 in range(0, t0 + pid_t * BT + BT, BS):
         offs_s = s0 + tl.arange(0, BS)
         k = tl.load(k_ptr + b * sk_b + offs_s[:, None].to(tl.int64) * sk_s + offs_d[None, :],
-                    mask=offs_s[:, None] < L, other=0.0)
+                    mask=offs_s[:, None] < S, other=0.0)
         raw = tl.dot(q, tl.trans(k))
         visible = (offs_s[None, :] <= offs_t[:, None]) & rmask[:, None]
         dl = tl.load(buf_ptr + b * sbuf_b + offs_r[:, None].to(tl.int64) * sbuf_r + offs_s[None, :], mask=visible,
@@ -146,16 +150,17 @@ def _dq_kernel(q_ptr, k_ptr, w_ptr, buf_ptr, dq_ptr, dw_ptr, t0, R, L,
         dw += tl.sum(dl * tl.maximum(raw, 0.0), 1)
         ds = tl.where(raw > 0, dl * w[:, None], 0.0).to(k.dtype)
         dq += tl.dot(ds, k)
-    tl.store(dq_ptr + b * sq_b + offs_t[:, None] * sq_t + g * sq_g + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
+    tl.store(dq_ptr + b * sq_b + rows[:, None] * sq_t + g * sq_g + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
              mask=rmask[:, None])
-    tl.store(dw_ptr + b * sw_b + offs_t * sw_t + g, dw.to(dw_ptr.dtype.element_ty), mask=rmask)
+    tl.store(dw_ptr + b * sw_b + rows * sw_t + g, dw.to(dw_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
-def _dk_kernel(q_ptr, k_ptr, w_ptr, buf_ptr, dk_ptr, t0, R, L, G,
+def _dk_kernel(q_ptr, k_ptr, w_ptr, buf_ptr, dk_ptr, t0, Q0, R, G,
                sq_b, sq_t, sq_g, sk_b, sk_s, sw_b, sw_t, sbuf_b, sbuf_r, sdk_b, sdk_s,
                D: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr):
-    """dk of keys s0..s0+BS from the block's rows t0..t0+R (added to dk: blocks run one after another)."""
+    """dk of keys s0..s0+BS from the block's queries at positions t0..t0+R, rows t0-Q0.. (added to dk: blocks run
+    one after another)."""
     pid_s = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_s = pid_s * BS + tl.arange(0, BS)
@@ -168,13 +173,14 @@ def _dk_kernel(q_ptr, k_ptr, w_ptr, buf_ptr, dk_ptr, t0, R, L, G,
         offs_r = r0 + tl.arange(0, BT)
         rmask = offs_r < R
         offs_t = (t0 + offs_r).to(tl.int64)
+        rows = offs_t - Q0
         visible = (offs_s[None, :] <= offs_t[:, None]) & rmask[:, None] & smask[None, :]
         dl = tl.load(buf_ptr + b * sbuf_b + offs_r[:, None].to(tl.int64) * sbuf_r + offs_s[None, :], mask=visible,
                      other=0.0)
         for g in range(G):
-            q = tl.load(q_ptr + b * sq_b + offs_t[:, None] * sq_t + g * sq_g + offs_d[None, :], mask=rmask[:, None],
+            q = tl.load(q_ptr + b * sq_b + rows[:, None] * sq_t + g * sq_g + offs_d[None, :], mask=rmask[:, None],
                         other=0.0)
-            w = tl.load(w_ptr + b * sw_b + offs_t * sw_t + g, mask=rmask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + b * sw_b + rows * sw_t + g, mask=rmask, other=0.0).to(tl.float32)
             raw = tl.dot(q, tl.trans(k))
             ds = tl.where(raw > 0, dl * w[:, None], 0.0).to(q.dtype)
             dk += tl.dot(tl.trans(ds), q)
@@ -182,25 +188,25 @@ def _dk_kernel(q_ptr, k_ptr, w_ptr, buf_ptr, dk_ptr, t0, R, L, G,
     tl.store(ptrs, tl.load(ptrs, mask=smask[:, None], other=0.0) + dk, mask=smask[:, None])
 
 
-def _attn_lse(qa, ka, scale):
+def _attn_lse(qa, ka, scale, q0=0):
     B, L, H, D = qa.shape
     D1, D2 = _split(D)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=qa.device)
     BT, BS = 64, 64
-    _attn_lse_kernel[(triton.cdiv(L, BT), B * H)](qa, ka, lse, scale, L, H, qa.stride(0), qa.stride(1), qa.stride(2),
-                                                  ka.stride(0), ka.stride(1), ka.stride(2), lse.stride(0),
-                                                  lse.stride(1), D1=D1, D2=D2, BT=BT, BS=BS, num_warps=4,
-                                                  num_stages=2)
+    _attn_lse_kernel[(triton.cdiv(L, BT), B * H)](qa, ka, lse, scale, L, ka.shape[1], q0, H, qa.stride(0),
+                                                  qa.stride(1), qa.stride(2), ka.stride(0), ka.stride(1),
+                                                  ka.stride(2), lse.stride(0), lse.stride(1), D1=D1, D2=D2, BT=BT,
+                                                  BS=BS, num_warps=4, num_stages=2)
     return lse
 
 
-def _indexer_block(qi, ki, wi, t0, t1, topk, need_kth=True):
-    """(logits [B, R, t1] fp32, their log-sum-exp [B, R], the k-th largest 64-bit key of `top_keys` [B, R] or
-    None) of rows t0..t1-1."""
-    keys = triton_topk.logit_keys(qi[:, t0:t1], ki[:, :t1], wi[:, t0:t1], t0)
+def _indexer_block(qi, ki, wi, t0, t1, topk, need_kth=True, q0=0):
+    """(logits [B, R, q0 + t1] fp32, their log-sum-exp [B, R], the k-th largest 64-bit key of `top_keys` [B, R] or
+    None) of rows t0..t1-1, at positions q0 + t0.."""
+    keys = triton_topk.logit_keys(qi[:, t0:t1], ki[:, : q0 + t1], wi[:, t0:t1], q0 + t0)
     kth = None
     if need_kth:
-        kth = triton_topk.top_keys(keys, min(topk, t1)).min(dim=-1).values.contiguous()
+        kth = triton_topk.top_keys(keys, min(topk, q0 + t1)).min(dim=-1).values.contiguous()
     logits = triton_topk.decode_keys(keys)
     del keys
     return logits, torch.logsumexp(logits, dim=-1).contiguous(), kth
@@ -210,8 +216,9 @@ def _indexer_block(qi, ki, wi, t0, t1, topk, need_kth=True):
 KL_CONFIG = dict(BT=128, BS=64, NS=4, num_warps=8, num_stages=3)
 
 
-def _kl_launch(qa, ka, lse_a, buf, lse_s, kth, g, scale, t0, grad, config):
-    """Forward (grad False): (kl, recall) sums of rows t0..t0+R-1 [B, R]; backward: buf <- dKL/dI, None."""
+def _kl_launch(qa, ka, lse_a, buf, lse_s, kth, g, scale, t0, grad, config, q0=0):
+    """Forward (grad False): (kl, recall) sums of the queries at positions t0..t0+R-1 (rows t0-q0..) [B, R];
+    backward: buf <- dKL/dI, None."""
     B, L, H, D = qa.shape
     D1, D2 = _split(D)
     R, S = buf.shape[1], buf.shape[2]
@@ -224,7 +231,7 @@ def _kl_launch(qa, ka, lse_a, buf, lse_s, kth, g, scale, t0, grad, config):
         rec = torch.zeros_like(kl)
     _kl_kernel[(triton.cdiv(R, BT), chunks, B)](
         qa, ka, lse_a, buf, lse_s, kth, g, kl if kl is not None else g, rec if rec is not None else g, scale, t0,
-        R, L, H, qa.stride(0), qa.stride(1), qa.stride(2), ka.stride(0), ka.stride(1), ka.stride(2),
+        q0, R, L, ka.shape[1], H, qa.stride(0), qa.stride(1), qa.stride(2), ka.stride(0), ka.stride(1), ka.stride(2),
         lse_a.stride(0), lse_a.stride(1), buf.stride(0), buf.stride(1), lse_s.stride(0),
         kl.stride(0) if kl is not None else 0, kl.stride(1) if kl is not None else 0,
         D1=D1, D2=D2, BT=BT, BS=BS, NS=NS, GRAD=grad, **cfg)
@@ -233,22 +240,22 @@ def _kl_launch(qa, ka, lse_a, buf, lse_s, kth, g, scale, t0, grad, config):
 
 class DenseIndexerKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qi, ki, wi, qa, ka, scale, topk, rows, config):
+    def forward(ctx, qi, ki, wi, qa, ka, scale, topk, rows, config, q0):
         qi, ki, wi, qa, ka = (t.contiguous() for t in (qi, ki, wi, qa, ka))
         ctx.k_dtype = ki.dtype
         ki = ki.to(qi.dtype)
         B, L = qi.shape[:2]
-        lse_a = _attn_lse(qa, ka, scale)
+        lse_a = _attn_lse(qa, ka, scale, q0)
         kl = torch.empty(B, L, dtype=torch.float32, device=qi.device)
         rec = torch.empty_like(kl)
-        rows = rows or triton_topk.query_rows(L, topk)
+        rows = rows or triton_topk.query_rows(ki.shape[1], topk)
         for t0 in range(0, L, rows):
             t1 = min(L, t0 + rows)
-            buf, lse_s, kth = _indexer_block(qi, ki, wi, t0, t1, topk)
-            kl[:, t0:t1], rec[:, t0:t1] = _kl_launch(qa, ka, lse_a, buf, lse_s, kth, kl, scale, t0, grad=False,
-                                                    config=config)
+            buf, lse_s, kth = _indexer_block(qi, ki, wi, t0, t1, topk, q0=q0)
+            kl[:, t0:t1], rec[:, t0:t1] = _kl_launch(qa, ka, lse_a, buf, lse_s, kth, kl, scale, q0 + t0, grad=False,
+                                                    config=config, q0=q0)
         ctx.save_for_backward(qi, ki, wi, qa, ka, lse_a)
-        ctx.scale, ctx.topk, ctx.rows, ctx.config = scale, topk, rows, config
+        ctx.scale, ctx.topk, ctx.rows, ctx.config, ctx.q0 = scale, topk, rows, config, q0
         ctx.mark_non_differentiable(rec)
         return kl, rec
 
@@ -259,29 +266,31 @@ class DenseIndexerKL(torch.autograd.Function):
         dkl = dkl.float().contiguous()
         dq, dw = torch.zeros_like(qi), torch.zeros_like(wi)
         dk = torch.zeros(ki.shape, dtype=torch.float32, device=ki.device)
-        rows = ctx.rows
+        rows, q0, S = ctx.rows, ctx.q0, ki.shape[1]
         BT, BS = 64, 64
         for t0 in range(0, L, rows):
             t1 = min(L, t0 + rows)
             R = t1 - t0
-            buf, lse_s, _ = _indexer_block(qi, ki, wi, t0, t1, ctx.topk, need_kth=False)
-            _kl_launch(qa, ka, lse_a, buf, lse_s, lse_s, dkl, ctx.scale, t0, grad=True, config=ctx.config)
-            _dq_kernel[(triton.cdiv(R, BT), G, B)](qi, ki, wi, buf, dq, dw, t0, R, L, qi.stride(0), qi.stride(1),
-                                                   qi.stride(2), ki.stride(0), ki.stride(1), wi.stride(0),
-                                                   wi.stride(1), buf.stride(0), buf.stride(1), D=D, BT=BT, BS=BS,
-                                                   num_warps=4, num_stages=2)
-            _dk_kernel[(triton.cdiv(t1, BS), B)](qi, ki, wi, buf, dk, t0, R, L, G, qi.stride(0), qi.stride(1),
-                                                 qi.stride(2), ki.stride(0), ki.stride(1), wi.stride(0), wi.stride(1),
-                                                 buf.stride(0), buf.stride(1), dk.stride(0), dk.stride(1), D=D,
-                                                 BT=BT, BS=BS, num_warps=4, num_stages=2)
-        return dq, dk.to(ctx.k_dtype), dw, None, None, None, None, None, None
+            buf, lse_s, _ = _indexer_block(qi, ki, wi, t0, t1, ctx.topk, need_kth=False, q0=q0)
+            _kl_launch(qa, ka, lse_a, buf, lse_s, lse_s, dkl, ctx.scale, q0 + t0, grad=True, config=ctx.config, q0=q0)
+            _dq_kernel[(triton.cdiv(R, BT), G, B)](qi, ki, wi, buf, dq, dw, q0 + t0, q0, R, S, qi.stride(0),
+                                                   qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(1),
+                                                   wi.stride(0), wi.stride(1), buf.stride(0), buf.stride(1), D=D,
+                                                   BT=BT, BS=BS, num_warps=4, num_stages=2)
+            _dk_kernel[(triton.cdiv(q0 + t1, BS), B)](qi, ki, wi, buf, dk, q0 + t0, q0, R, G, qi.stride(0),
+                                                      qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(1),
+                                                      wi.stride(0), wi.stride(1), buf.stride(0), buf.stride(1),
+                                                      dk.stride(0), dk.stride(1), D=D, BT=BT, BS=BS, num_warps=4,
+                                                      num_stages=2)
+        return dq, dk.to(ctx.k_dtype), dw, None, None, None, None, None, None, None
 
 
-def dense_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, qa_BLHD, ka_BLHD, scale: float, topk: int, rows: int | None = None,
-                     config: dict | None = None):
+def dense_indexer_kl(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD, ka_BSHD, scale: float, topk: int, rows: int | None = None,
+                     config: dict | None = None, q_offset: int = 0):
     """Same contract as `reference.dense_indexer_kl`: (kl [B, L] fp32, recall [B, L] fp32, no gradient).
 
     `rows`: query rows per indexer-logit block (default max(256, min(L, topk))); memory 8 bytes x rows x L.
-    `config`: the KL kernel's launch configuration (keys of KL_CONFIG; default KL_CONFIG)."""
-    return DenseIndexerKL.apply(qi_BLGD, ki_BLD, wi_BLG, qa_BLHD.detach(), ka_BLHD.detach(), scale, topk, rows,
-                                config or KL_CONFIG)
+    `config`: the KL kernel's launch configuration (keys of KL_CONFIG; default KL_CONFIG). Queries sit at
+    positions q_offset + t among the S keys (a context-parallel piece)."""
+    return DenseIndexerKL.apply(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD.detach(), ka_BSHD.detach(), scale, topk, rows,
+                                config or KL_CONFIG, q_offset)
