@@ -114,13 +114,13 @@ class DSAAttention(nn.Module):
             # The indexer learns only from its own loss: its inputs are cut from the main graph.
             qi_BLGD, ki_BLD, wi_BLG = self.indexer(x_BLC.detach(), qr_BLQ.detach(), cos_BLR, sin_BLR)
             ki_BLD = mode.cp.gather(ki_BLD)
-        if mode.cp.size > 1:  # the whole sequence's keys: one gather of the shared latent rows
-            latent_BLA, k_rope_BLR = mode.cp.gather(torch.cat((latent_BLA, k_rope_BLR), dim=-1)).split(
-                [self.latent_dim, R], dim=-1)
+        if mode.sparse or mode.cp.size > 1:  # the latent rows [latent | rope key]; the whole sequence's: one gather
+            kv_BSD = mode.cp.gather(torch.cat((latent_BLA, k_rope_BLR), dim=-1))
         if mode.sparse:
-            out_BLHV, stats = self._sparse(q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, qi_BLGD, ki_BLD, wi_BLG,
-                                           mode)
+            out_BLHV, stats = self._sparse(q_nope_BLHN, q_rope_BLHR, kv_BSD, qi_BLGD, ki_BLD, wi_BLG, mode)
         else:
+            if mode.cp.size > 1:
+                latent_BLA, k_rope_BLR = kv_BSD.split([self.latent_dim, R], dim=-1)
             out_BLHV, stats = self._dense(q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, mode,
                                           (qi_BLGD, ki_BLD, wi_BLG) if mode.indexer_loss else None)
         if self.slot is None or not self.slot.replay:
@@ -164,10 +164,9 @@ class DSAAttention(nn.Module):
                 slot.keep(topk_BLK)
         return topk_BLK
 
-    def _sparse(self, q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, qi_BLGD, ki_BLD, wi_BLG, mode):
+    def _sparse(self, q_nope_BLHN, q_rope_BLHR, kv_BLD, qi_BLGD, ki_BLD, wi_BLG, mode):
         topk_BLK = self._select(qi_BLGD, ki_BLD, wi_BLG, mode.topk or self.indexer.topk, mode.cp)
         w_uk_HNA, w_uv_HVA = self.absorbed_weights()
-        kv_BLD = torch.cat((latent_BLA, k_rope_BLR), dim=-1)
         slot = self.slot
         replay = slot is not None and slot.replay
         out_BLHV, p_BLK, lse_BLH = ops.absorbed_sparse_mla(q_nope_BLHN, q_rope_BLHR, kv_BLD, topk_BLK, w_uk_HNA,

@@ -56,13 +56,6 @@ class ContextParallel:
             return x_BMD
         return _Gather.apply(x_BMD, self)
 
-    def gather_rows(self, x_BMD: torch.Tensor) -> torch.Tensor:
-        """As `gather`, without gradient (indices, probes)."""
-        if self.size == 1:
-            return x_BMD
-        with torch.no_grad():
-            return _gather(x_BMD, self)
-
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the group (no gradient flows through it: counts, metrics)."""
         if self.size == 1:
