@@ -47,11 +47,11 @@ def bench_sparse_mla(L: int, iters: int, twin_max: int, heads: int = H, public: 
     scale = (128 + 64) ** -0.5
     rows = []
     for name, k in sparse_mla_backends().items():
-        out, lse = k.sparse_mla_forward(q, kv, idx, scale, DV)
         if public and name == "tilelang":
             from bench.public import bench_public
 
-            rows += bench_public(public, q, kv, idx, scale, fwd_flops, iters, out)
+            rows += bench_public(public, k, q, kv, idx, scale, iters)
+        out, lse = k.sparse_mla_forward(q, kv, idx, scale, DV)
         g = torch.randn_like(out)
         rows += [
             guarded(f"sparse_mla {name} fwd", lambda: k.sparse_mla_forward(q, kv, idx, scale, DV), iters, fwd_flops),

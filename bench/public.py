@@ -1,19 +1,26 @@
 """The public TileLang kernels for DeepSeek-V3.2's sparse MLA (tile-ai/tilelang, examples/deepseek_v32: the
-warp-specialised forward `sparse_mla_fwd_pipelined.py` and the backward `sparse_mla_bwd.py`), timed on the same
-inputs as ours in the same run: `python -m bench --public-tilelang DIR`, DIR holding those files (a checkout's
+warp-specialised forward `sparse_mla_fwd_pipelined.py` and the backward `sparse_mla_bwd.py`), timed beside ours in
+the same run: `python -m bench --sections sparse_mla --public-tilelang DIR`, DIR holding those files (a checkout's
 examples/deepseek_v32). Nothing of theirs ships here; without the option these rows are left out.
 
-Their contract differs from ours in two ways, adapted here: the latent rows carry a group axis ([B, L, 1, D]),
-and a selection is invalid when it lies after its query (they have no -1), so ours' -1 become t + 1."""
+Their contract differs from ours, adapted here:
+- the latent rows carry a group axis ([B, L, 1, D]); their log-sum-exp is in base 2;
+- a selection is invalid when it lies after its query (they have no -1), and their forward leaves an invalid
+  key's shared-memory row unwritten, so a block holding one scores whatever the slot held before (NaN on a
+  fresh GPU). Their forward and ours therefore run on a selection whose every entry is valid: random positions
+  anywhere in the sequence, with the queries placed after all keys (their `q_start_index_s` = L). Their backward
+  loads every row, and runs on the causal selection of the main rows, ours' -1 made t + 1 (after the query),
+  from our forward's output and log-sum-exp."""
 
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 
 import torch
 
-from bench.common import guarded
+from bench.common import DV, guarded, sparse_mla_flops
 
 
 def load(directory: str):
@@ -22,26 +29,52 @@ def load(directory: str):
     return importlib.import_module("sparse_mla_fwd_pipelined"), importlib.import_module("sparse_mla_bwd")
 
 
-def bench_public(directory: str, q, kv, idx, scale: float, fwd_flops: float, iters: int, ours_out) -> list[dict]:
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def bench_public(directory: str, ours, q, kv, idx, scale: float, iters: int) -> list[dict]:
+    """Rows: ours' and their forward on every-entry-valid selections; their backward on `idx` (ours' backward row
+    on the same inputs is the main table's)."""
     try:
         fwd, bwd = load(directory)
     except Exception as e:  # noqa: BLE001 -- a checkout this TileLang cannot run: record it
         return [{"name": "sparse_mla public-tilelang", "error": f"{type(e).__name__}: {str(e)[:200]}"}]
-    L = q.shape[1]
+    B, L, heads, _ = q.shape
+    K = idx.shape[-1]
+    kv4 = kv[:, :, None, :].contiguous()
+    anywhere = (torch.rand(B, L, K, device=q.device) * L).to(torch.int32)
+    anywhere4 = anywhere[:, :, None, :].contiguous()
+    flops = sparse_mla_flops(heads, B * L * K)
+    rows = []
+    try:
+        theirs_out = fwd.sparse_mla_fwd_interface(q, kv4, anywhere4, L, 1, sm_scale=scale)[0]
+        ours_out = ours.sparse_mla_forward(q, kv, anywhere, scale, DV)[0]
+        diff = _rel(theirs_out, ours_out)
+        print(f"  public-tilelang forward against ours, every selection valid: relative difference {diff:.3g}",
+              flush=True)
+        rows += [guarded("sparse_mla tilelang fwd, every selection valid",
+                         lambda: ours.sparse_mla_forward(q, kv, anywhere, scale, DV), iters, flops),
+                 {**guarded("sparse_mla public-tilelang fwd, every selection valid",
+                            lambda: fwd.sparse_mla_fwd_interface(q, kv4, anywhere4, L, 1, sm_scale=scale), iters,
+                            flops), "rel_diff_vs_ours": diff}]
+    except Exception as e:  # noqa: BLE001
+        rows.append({"name": "sparse_mla public-tilelang fwd", "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    out, lse = ours.sparse_mla_forward(q, kv, idx, scale, DV)
+    g = torch.randn_like(out)
     later = torch.arange(L, device=idx.device)[None, :, None] + 1
     ind = torch.where(idx >= 0, idx, later).to(torch.int32)[:, :, None, :].contiguous()
-    kv4 = kv[:, :, None, :].contiguous()
-
-    def forward():
-        return fwd.sparse_mla_fwd_interface(q, kv4, ind, 0, 1, sm_scale=scale)
+    lse2 = (lse * math.log2(math.e)).contiguous()
     try:
-        out, lse = forward()
+        dq_theirs = bwd.sparse_mla_bwd(q, kv4, out, g, ind, lse2, sm_scale=scale)[0]
+        dq_ours = ours.sparse_mla_backward(q, kv, idx, out, lse, g, scale, DV)[0]
+        diff = _rel(dq_theirs, dq_ours)
+        del dq_theirs, dq_ours
+        print(f"  public-tilelang backward against ours: relative difference of dq {diff:.3g}", flush=True)
+        selected = int((idx >= 0).sum())
+        rows.append({**guarded("sparse_mla public-tilelang bwd",
+                               lambda: bwd.sparse_mla_bwd(q, kv4, out, g, ind, lse2, sm_scale=scale), iters,
+                               2.5 * sparse_mla_flops(heads, selected)), "rel_diff_vs_ours": diff})
     except Exception as e:  # noqa: BLE001
-        return [{"name": "sparse_mla public-tilelang fwd", "error": f"{type(e).__name__}: {str(e)[:200]}"}]
-    diff = (out.float() - ours_out.float()).abs().max().item()  # same inputs, same math: a sanity check
-    print(f"  public-tilelang forward against ours: max |out difference| {diff:.3g}", flush=True)
-    g = torch.randn_like(out)
-    return [{**guarded("sparse_mla public-tilelang fwd", forward, iters, fwd_flops), "max_diff_vs_ours": diff},
-            guarded("sparse_mla public-tilelang bwd", lambda: bwd.sparse_mla_bwd(q, kv4, out, g, ind, lse,
-                                                                                 sm_scale=scale), iters, 2.5 * fwd_flops)]
-
+        rows.append({"name": "sparse_mla public-tilelang bwd", "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    return rows

@@ -36,8 +36,32 @@ def sparse_mla_function(kernels):
 
 
 def absorbed_query(q_nope_BLHN: torch.Tensor, q_rope_BLHR: torch.Tensor, w_uk_HNA: torch.Tensor) -> torch.Tensor:
-    """MLA's query in absorbed form: [q_nope · W_UK | q_rope], [B, L, H, A + R]."""
+    """MLA's query in absorbed form: [q_nope · W_UK | q_rope], [B, L, H, A + R] (differentiable: the twin's)."""
     return torch.cat((torch.einsum("blhn,hna->blha", q_nope_BLHN, w_uk_HNA), q_rope_BLHR), dim=-1)
+
+
+def _absorbed_query_into(q_nope_BLHN: torch.Tensor, q_rope_BLHR: torch.Tensor, w_uk_HNA: torch.Tensor) -> torch.Tensor:
+    """`absorbed_query` as a new contiguous tensor, each token's q_nope · W_UK written in place by one batched GEMM
+    over heads: no layout copy, no concatenation pass (inside autograd Functions: out= records no graph)."""
+    B, L, H, _ = q_nope_BLHN.shape
+    A, R = w_uk_HNA.shape[-1], q_rope_BLHR.shape[-1]
+    q_BLHD = q_nope_BLHN.new_empty(B, L, H, A + R)
+    for b in range(B):
+        torch.bmm(_by_head(q_nope_BLHN[b]), w_uk_HNA, out=_by_head(q_BLHD[b, :, :, :A]))
+    q_BLHD[..., A:] = q_rope_BLHR
+    return q_BLHD
+
+
+def _by_head(x_LHX: torch.Tensor) -> torch.Tensor:
+    """[L, H, X] seen as [H, L, X] (a view: per-head matrices whose rows sit H * X apart, as cuBLAS takes them)."""
+    return x_LHX.transpose(0, 1)
+
+
+def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b per batch with an fp32 result: on CUDA from bf16 operands with fp32 accumulation (no fp32 copies)."""
+    if a.is_cuda:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
 
 
 class AbsorbedSparseMLA(torch.autograd.Function):
@@ -49,7 +73,8 @@ class AbsorbedSparseMLA(torch.autograd.Function):
     outputs [L, H, A]: at 128 heads they are 4x the size of the per-head outputs (16 GiB a layer at 128K
     tokens), more than the whole working set of dense attention. The backward rebuilds each chunk's absorbed
     queries (two small matmuls) and its latent outputs (one forward kernel: ~15% of the backward's work), then
-    calls the backend's backward kernel on them, adding the latent rows' gradients of all chunks in fp32."""
+    calls the backend's backward kernel on them, adding the latent rows' gradients of all chunks in fp32.
+    The per-head projections are batched GEMMs over heads on strided views, written in place: no layout copies."""
 
     @staticmethod
     def forward(ctx, kernels, q_nope, q_rope, kv, idx, w_uk, w_uv, scale, lse, chunk):
@@ -59,9 +84,10 @@ class AbsorbedSparseMLA(torch.autograd.Function):
         out_V = q_nope.new_empty(B, L, H, w_uv.shape[1])
         p = torch.empty(B, L, idx.shape[-1], dtype=torch.float32, device=q_nope.device)
         lse_out = torch.empty(B, L, H, dtype=torch.float32, device=q_nope.device) if lse is None else lse.clone()
+        w_uv_HAV = w_uv.transpose(1, 2)
         for c0 in range(0, L, chunk):
             rows = slice(c0, c0 + chunk)
-            q = absorbed_query(q_nope[:, rows], q_rope[:, rows], w_uk).contiguous()
+            q = _absorbed_query_into(q_nope[:, rows], q_rope[:, rows], w_uk)
             idx_c = idx[:, rows].contiguous()
             if lse is None:
                 o, lse_c = kernels.sparse_mla_forward(q, kv, idx_c, scale, A)
@@ -70,7 +96,8 @@ class AbsorbedSparseMLA(torch.autograd.Function):
             else:
                 o, p[:, rows] = kernels.sparse_mla_forward_given_lse(q, kv, idx_c, lse_out[:, rows].contiguous(),
                                                                      scale, A)
-            out_V[:, rows] = torch.einsum("blha,hva->blhv", o, w_uv)
+            for b in range(B):
+                torch.bmm(_by_head(o[b]), w_uv_HAV, out=_by_head(out_V[b, rows]))
         ctx.save_for_backward(q_nope, q_rope, kv, idx, w_uk, w_uv, lse_out)
         ctx.kernels, ctx.scale, ctx.chunk = kernels, scale, chunk
         ctx.mark_non_differentiable(p, lse_out)
@@ -79,22 +106,28 @@ class AbsorbedSparseMLA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out_V, _grad_p, _grad_lse):
         q_nope, q_rope, kv, idx, w_uk, w_uv, lse = ctx.saved_tensors
-        L, A = q_nope.shape[1], kv.shape[-1] - q_rope.shape[-1]
-        dq_nope, dq_rope = torch.empty_like(q_nope), torch.empty_like(q_rope)
+        B, L = q_nope.shape[:2]
+        A = kv.shape[-1] - q_rope.shape[-1]
+        dq_nope, dq_rope = q_nope.new_empty(q_nope.shape), q_rope.new_empty(q_rope.shape)
         dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
         dw_uk = torch.zeros(w_uk.shape, dtype=torch.float32, device=w_uk.device)
         dw_uv = torch.zeros(w_uv.shape, dtype=torch.float32, device=w_uv.device)
+        w_uk_HAN = w_uk.transpose(1, 2)
         for c0 in range(0, L, ctx.chunk):
             rows = slice(c0, c0 + ctx.chunk)
-            q = absorbed_query(q_nope[:, rows], q_rope[:, rows], w_uk).contiguous()
+            q = _absorbed_query_into(q_nope[:, rows], q_rope[:, rows], w_uk)
             idx_c, lse_c = idx[:, rows].contiguous(), lse[:, rows].contiguous()
             out_A, _ = ctx.kernels.sparse_mla_forward(q, kv, idx_c, ctx.scale, A)
             d_out = d_out_V[:, rows]
-            d_out_A = torch.einsum("blhv,hva->blha", d_out, w_uv)
+            d_out_A = q.new_empty(q.shape[:-1] + (A,))
+            for b in range(B):
+                torch.bmm(_by_head(d_out[b]), w_uv, out=_by_head(d_out_A[b]))
             dq, _ = ctx.kernels.sparse_mla_backward(q, kv, idx_c, out_A, lse_c, d_out_A, ctx.scale, A, dkv_acc=dkv)
-            dq_nope[:, rows] = torch.einsum("blha,hna->blhn", dq[..., :A], w_uk)
             dq_rope[:, rows] = dq[..., A:]
-            dw_uk += torch.einsum("blhn,blha->hna", q_nope[:, rows].float(), dq[..., :A].float())
-            dw_uv += torch.einsum("blhv,blha->hva", d_out.float(), out_A.float())
+            for b in range(B):
+                dq_A = _by_head(dq[b, ..., :A])
+                torch.bmm(dq_A, w_uk_HAN, out=_by_head(dq_nope[b, rows]))
+                dw_uk += _bmm_fp32(_by_head(q_nope[b, rows]).transpose(1, 2), dq_A)
+                dw_uv += _bmm_fp32(_by_head(d_out[b]).transpose(1, 2), _by_head(out_A[b]))
         return (None, dq_nope, dq_rope, dkv.to(kv.dtype), None, dw_uk.to(w_uk.dtype), dw_uv.to(w_uv.dtype), None,
                 None, None)

@@ -2,16 +2,18 @@
 
 One program serves one query token and a block of up to 64 heads (one warpgroup's `wgmma` rows); per block of
 selected keys it gathers the latent rows [latent (DV) | rope key (DR)] into shared memory once for all its heads.
-For 64-head blocks the kernels are warp-specialised (`_ws_kernel`, `_bwd_ws_kernel`, `_dq_kernel`): a producer
-warpgroup gathers the rows with asynchronous copies into a ring of shared-memory slots under barriers while two
-consumer warpgroups compute, each owning half of the value (or gradient) columns:
+For 64-head blocks the kernels are warp-specialised (`_ws_kernel`, `_ws_probs_kernel`, `_bwd_ws_kernel`,
+`_dq_kernel`): a producer warpgroup gathers the rows with asynchronous copies into a ring of shared-memory slots
+under barriers while two consumer warpgroups compute, each owning half of the value (or gradient) columns, or
+for the probabilities alone half of each key block:
   forward          online softmax in base 2 (fp32): output and per-head log-sum-exp
+  probabilities    the head-averaged probabilities given the log-sum-exp (the forward's indexer target)
   given lse        the checkpoint recomputation: output and the head-averaged probabilities in one pass
   backward         dS = P (dP - Delta) with Delta = rowsum(dO * O) computed first, and the latent rows'
                    gradients (dKV^T = Q^T dS + dO^T P, fp32 atomics); then dQ = dS · rows from dS (bf16), which
                    exists for one slice of queries at a time
 Smaller head blocks (fewer than 64 heads) run kernels whose warpgroups share every role (`_fwd_kernel`,
-`_probs_kernel`, `_bwd_kernel`); the probabilities alone (the forward's sparse indexer target) always do.
+`_probs_kernel`, `_bwd_kernel`).
 
 Contract (as the twin's): q [B, L, H, DV + DR], kv [B, L, DV + DR] in bf16, idx [B, L, K] with -1 for "none";
 a query with no selection gets a zero output, lse +inf and zero gradients. Head counts that are not a multiple of
@@ -142,24 +144,30 @@ def warp_specialised(H: int, v_dim: int, rope_dim: int) -> bool:
 
 
 @T.macro
-def _gather_ring(KV, Idx, kv_s, full, free, b, t, p, rounds, num_stages, block_k, width):
+def _gather_ring(KV, Idx, kv_s, full, free, b, t, p, rounds, num_stages, block_k, width, bias_s=None):
     """The producer warpgroup (thread p of 128): for each key block, wait for its ring slot to be free, gather the
     selected latent rows into it with asynchronous 16-byte copies (rows p // 8 + 16 i, columns 8 (p % 8) + 64 u),
     and have the slot's `full` barrier complete when they land. An unselected key (-1) reads nothing: its row is
-    filled with zeros."""
+    filled with zeros. With `bias_s` [slots, block_k] (fp32), each key's score bias lands beside its row: 0, or
+    -inf for an unselected key, so that the consumers mask scores from shared memory, not from global loads of
+    the selection in their critical path."""
     for r in T.serial(rounds):
         for s in T.unroll(num_stages):
             T.barrier_wait(free[s], (r & 1) ^ 1)
-            _gather_rows(KV, Idx, kv_s, s, b, t, r * num_stages + s, p, block_k, width)
+            _gather_rows(KV, Idx, kv_s, s, b, t, r * num_stages + s, p, block_k, width, bias_s)
             T.cp_async_barrier_noinc(full[s])
 
 
 @T.macro
-def _gather_rows(KV, Idx, kv_s, s, b, t, kb, p, block_k, width):
-    """Producer thread p's asynchronous copies of key block kb's selected rows into ring slot s."""
+def _gather_rows(KV, Idx, kv_s, s, b, t, kb, p, block_k, width, bias_s=None):
+    """Producer thread p's asynchronous copies of key block kb's selected rows into ring slot s (and, given
+    `bias_s`, the rows' score biases)."""
     for i in T.unroll(block_k // 16):
         row = i * 16 + p // 8
         key = Idx[b, t, kb * block_k + row]
+        if bias_s is not None:
+            if p % 8 == 0:
+                bias_s[s, row] = T.if_then_else(key >= 0, T.float32(0), -T.infinity(T.float32))
         for u in T.unroll(width // 64):
             col = u * 64 + (p % 8) * 8
             T.ptx_cp_async(T.access_ptr(kv_s[s, row, col], "w", 8),
@@ -194,6 +202,7 @@ def _ws_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, given
         t, h0 = bx // NH, (bx % NH) * BH
         q_s = T.alloc_shared([BH, D], T.bfloat16)
         kv_s = T.alloc_shared([NS, BK, D], T.bfloat16)
+        bias_s = T.alloc_shared([NS, BK], T.float32)
         p_s = T.alloc_shared([BH, BK], T.bfloat16)
         acc_s = T.alloc_fragment([BH, BK], T.float32)
         acc_lo = T.alloc_fragment([BH, HV], T.float32)
@@ -233,7 +242,7 @@ def _ws_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, given
                     kb = r * NS + s
                     T.barrier_wait(full[s], r & 1)
                     for h, j in T.Parallel(BH, BK):
-                        acc_s[h, j] = T.if_then_else(Idx[b, t, kb * BK + j] >= 0, 0, -T.infinity(T.float32))
+                        acc_s[h, j] = bias_s[s, j]
                     T.gemm(q_s, kv_s[s, :, :], acc_s, transpose_B=True)
                     if given_lse:
                         for h, j in T.Parallel(BH, BK):
@@ -286,8 +295,81 @@ def _ws_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, given
             T.copy(acc_hi, Out[b, t, h0 : h0 + BH, HV:dv])
         else:
             T.set_max_nreg(80, 0)
-            _gather_ring(KV, Idx, kv_s, full, free, b, t, tx - 256, NR, NS, BK, D)
+            _gather_ring(KV, Idx, kv_s, full, free, b, t, tx - 256, NR, NS, BK, D, bias_s)
     return Out, LseOut  # LseOut: a placeholder with `given_lse`
+
+
+@tilelang.jit(pass_configs=PASS_CONFIGS)
+def _ws_probs_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, block_k, num_stages):
+    """The probabilities alone (the forward's indexer target) for one query token and 64 heads, warp-specialised:
+    the producer fills the ring as in `_ws_kernel`; each consumer scores its half of every key block against
+    all of d_qk and adds the block's head-summed probabilities / true_heads into P [B, L, topk] (zeros in;
+    atomically where several head blocks share a token). Scores are half a forward's work and need no online
+    softmax: the log-sum-exp is given."""
+    B, L, S = T.dynamic("B"), T.dynamic("L"), T.dynamic("S")  # S: latent rows (all L, or more)
+    BH, BK, NS, D, HK = 64, block_k, num_stages, dv + dr, block_k // 2
+    NH, NR, c, inv_h = heads // BH, topk // (block_k * num_stages), scale * LOG2E, 1.0 / true_heads
+    Q: T.Tensor([B, L, heads, D], T.bfloat16)  # noqa: F811
+    KV: T.Tensor([B, S, D], T.bfloat16)  # noqa: F811
+    Idx: T.Tensor([B, L, topk], T.int32)  # noqa: F811
+    Lse: T.Tensor([B, L, heads], T.float32)  # noqa: F811
+    P: T.Tensor([B, L, topk], T.float32)  # noqa: F811
+
+    with T.Kernel(L * NH, B, threads=WS_THREADS) as (bx, b):
+        t, h0 = bx // NH, (bx % NH) * BH
+        q_s = T.alloc_shared([BH, D], T.bfloat16)
+        kv_s = T.alloc_shared([NS, BK, D], T.bfloat16)
+        bias_s = T.alloc_shared([NS, BK], T.float32)
+        acc_0 = T.alloc_fragment([BH, HK], T.float32)  # consumer 0: keys [0, BK/2) of each block
+        acc_1 = T.alloc_fragment([BH, HK], T.float32)  # consumer 1: keys [BK/2, BK)
+        lse_0 = T.alloc_fragment([BH], T.float32)
+        lse_1 = T.alloc_fragment([BH], T.float32)
+        psum_0 = T.alloc_fragment([HK], T.float32)
+        psum_1 = T.alloc_fragment([HK], T.float32)
+        q_ready = T.alloc_barrier(arrive_count=WS_THREADS)
+        full = T.alloc_barrier(arrive_count=[128] * NS)
+        free = T.alloc_barrier(arrive_count=[256] * NS)
+        tx = T.get_thread_binding()
+        T.copy(Q[b, t, h0 : h0 + BH, :], q_s)
+        T.barrier_arrive(q_ready)
+        if tx < 128:
+            T.set_max_nreg(200, 1)
+            _probs_half(q_s, kv_s, bias_s, acc_0, lse_0, psum_0, Lse, P, full, free, q_ready, b, t, h0, 0, NR, NS,
+                        BK, c, inv_h, NH)
+        elif tx < 256:
+            T.set_max_nreg(200, 1)
+            _probs_half(q_s, kv_s, bias_s, acc_1, lse_1, psum_1, Lse, P, full, free, q_ready, b, t, h0, HK, NR, NS,
+                        BK, c, inv_h, NH)
+        else:
+            T.set_max_nreg(80, 0)
+            _gather_ring(KV, Idx, kv_s, full, free, b, t, tx - 256, NR, NS, BK, D, bias_s)
+
+
+@T.macro
+def _probs_half(q_s, kv_s, bias_s, acc, lse2, psum, Lse, P, full, free, q_ready, b, t, h0, j0, rounds, num_stages,
+                block_k, c, inv_h, NH):
+    """One consumer of `_ws_probs_kernel`: keys [j0, j0 + block_k / 2) of every block."""
+    BH, HK = acc.shape
+    T.copy(Lse[b, t, h0 : h0 + BH], lse2)
+    for h in T.Parallel(BH):
+        lse2[h] = lse2[h] * LOG2E
+    T.barrier_wait(q_ready, 0)
+    for r in T.serial(rounds):
+        for s in T.unroll(num_stages):
+            kb = r * num_stages + s
+            T.barrier_wait(full[s], r & 1)
+            for h, j in T.Parallel(BH, HK):
+                acc[h, j] = bias_s[s, j0 + j]
+            T.gemm(q_s, kv_s[s, j0 : j0 + HK, :], acc, transpose_B=True)
+            T.barrier_arrive(free[s])
+            for h, j in T.Parallel(BH, HK):
+                acc[h, j] = T.exp2(acc[h, j] * c - lse2[h])
+            T.reduce_sum(acc, psum, dim=0)
+            for j in T.Parallel(HK):
+                if NH == 1:
+                    P[b, t, kb * block_k + j0 + j] = psum[j] * inv_h
+                else:
+                    T.atomic_add(P[b, t, kb * block_k + j0 + j], psum[j] * inv_h)
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
@@ -318,6 +400,7 @@ def _bwd_ws_kernel(Q, KV, Idx, dO, Lse, Delta, dKV, heads, dv, dr, topk, scale, 
         q_s = T.alloc_shared([BH, D], T.bfloat16)
         do_s = T.alloc_shared([BH, dv], T.bfloat16)
         kv_s = T.alloc_shared([NS, BK, D], T.bfloat16)
+        bias_s = T.alloc_shared([NS, BK], T.float32)
         p_s = T.alloc_shared([BH, BK], T.bfloat16)
         ds_s = T.alloc_shared([BH, BK], T.bfloat16)
         dp_s = T.alloc_shared([BH, BK], T.float32)
@@ -350,7 +433,7 @@ def _bwd_ws_kernel(Q, KV, Idx, dO, Lse, Delta, dKV, heads, dv, dr, topk, scale, 
                     kb = r * NS + s
                     T.barrier_wait(full[s], r & 1)
                     for h, j in T.Parallel(BH, BK):
-                        acc_s[h, j] = T.if_then_else(Idx[b, t, kb * BK + j] >= 0, 0, -T.infinity(T.float32))
+                        acc_s[h, j] = bias_s[s, j]
                     T.gemm(q_s, kv_s[s, :, :], acc_s, transpose_B=True)
                     T.barrier_arrive(free[s])
                     for h, j in T.Parallel(BH, BK):
@@ -393,7 +476,7 @@ def _bwd_ws_kernel(Q, KV, Idx, dO, Lse, Delta, dKV, heads, dv, dr, topk, scale, 
                         T.atomic_add(dKV[b, T.max(Idx[b, t, kb * BK + j], 0), HV + d], acc_b[d, j])
         else:
             T.set_max_nreg(56, 0)
-            _gather_ring(KV, Idx, kv_s, full, free, b, t, tx - 256, NR, NS, BK, D)
+            _gather_ring(KV, Idx, kv_s, full, free, b, t, tx - 256, NR, NS, BK, D, bias_s)
     return dS
 
 
@@ -658,6 +741,13 @@ def _probs(q, kv, idx, lse, scale: float, v_dim: int, with_out: bool, cfg: dict)
 def sparse_mla_probs(q, kv, idx, lse, scale: float, v_dim: int, block_k: int | None = None,
                      num_stages: int | None = None, threads: int | None = None):
     """Head-averaged attention probabilities over the selected set, [B, L, K] fp32 (0 where idx = -1)."""
+    if warp_specialised(q.shape[2], v_dim, q.shape[-1] - v_dim) and all(x is None for x in (block_k, num_stages, threads)):
+        cfg = CONFIGS["ws"]
+        qp, idxp, lsep, H, K = _padded(q, idx, cfg["block_k"] * cfg["num_stages"], lse.float())
+        p = torch.zeros(idxp.shape, dtype=torch.float32, device=q.device)
+        _ws_probs_kernel(qp, kv.contiguous(), idxp, lsep, p, qp.shape[2], H, v_dim, q.shape[-1] - v_dim,
+                         idxp.shape[-1], scale, cfg["block_k"], cfg["num_stages"])
+        return p[..., :K]
     cfg = _config("probs", q.shape[2], block_k=block_k, num_stages=num_stages, threads=threads)
     return _probs(q, kv, idx, lse, scale, v_dim, False, cfg)
 
