@@ -4,8 +4,8 @@ One program serves one query token and a block of up to 64 heads (one warpgroup'
 selected keys it gathers the latent rows [latent (DV) | rope key (DR)] into shared memory once for all its heads.
 For 64-head blocks the kernels are warp-specialised (`_ws_kernel`, `_ws_probs_kernel`, `_bwd_ws_kernel`,
 `_dq_kernel`): a producer warpgroup gathers the rows with asynchronous copies into a ring of shared-memory slots
-under barriers while two consumer warpgroups compute, each owning half of the value (or gradient) columns, or
-for the probabilities alone half of each key block:
+under barriers while two consumer warpgroups compute, each owning half of the value (or gradient) columns (the
+probabilities alone: one consumer):
   forward          online softmax in base 2 (fp32): output and per-head log-sum-exp
   probabilities    the head-averaged probabilities given the log-sum-exp (the forward's indexer target)
   given lse        the checkpoint recomputation: output and the head-averaged probabilities in one pass
@@ -301,13 +301,14 @@ def _ws_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, given
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def _ws_probs_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, block_k, num_stages):
-    """The probabilities alone (the forward's indexer target) for one query token and 64 heads, warp-specialised:
-    the producer fills the ring as in `_ws_kernel`; each consumer scores its half of every key block against
-    all of d_qk and adds the block's head-summed probabilities / true_heads into P [B, L, topk] (zeros in;
-    atomically where several head blocks share a token). Scores are half a forward's work and need no online
-    softmax: the log-sum-exp is given."""
+    """The probabilities alone (the forward's indexer target) for one query token and 64 heads: the producer fills
+    the ring as in `_ws_kernel`; one consumer scores each key block against all of d_qk and adds the block's
+    head-summed probabilities / true_heads into P [B, L, topk] (zeros in; atomically where several head blocks
+    share a token). Scores are half a forward's work and need no online softmax: the log-sum-exp is given.
+    One consumer, not two: the head sum is a cross-warp reduction whose named barrier TileLang gives the same id
+    in every warpgroup, so two consumers reducing at once would pass each other's barrier."""
     B, L, S = T.dynamic("B"), T.dynamic("L"), T.dynamic("S")  # S: latent rows (all L, or more)
-    BH, BK, NS, D, HK = 64, block_k, num_stages, dv + dr, block_k // 2
+    BH, BK, NS, D = 64, block_k, num_stages, dv + dr
     NH, NR, c, inv_h = heads // BH, topk // (block_k * num_stages), scale * LOG2E, 1.0 / true_heads
     Q: T.Tensor([B, L, heads, D], T.bfloat16)  # noqa: F811
     KV: T.Tensor([B, S, D], T.bfloat16)  # noqa: F811
@@ -320,56 +321,40 @@ def _ws_probs_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale,
         q_s = T.alloc_shared([BH, D], T.bfloat16)
         kv_s = T.alloc_shared([NS, BK, D], T.bfloat16)
         bias_s = T.alloc_shared([NS, BK], T.float32)
-        acc_0 = T.alloc_fragment([BH, HK], T.float32)  # consumer 0: keys [0, BK/2) of each block
-        acc_1 = T.alloc_fragment([BH, HK], T.float32)  # consumer 1: keys [BK/2, BK)
-        lse_0 = T.alloc_fragment([BH], T.float32)
-        lse_1 = T.alloc_fragment([BH], T.float32)
-        psum_0 = T.alloc_fragment([HK], T.float32)
-        psum_1 = T.alloc_fragment([HK], T.float32)
+        acc_s = T.alloc_fragment([BH, BK], T.float32)
+        lse2 = T.alloc_fragment([BH], T.float32)
+        psum = T.alloc_fragment([BK], T.float32)
         q_ready = T.alloc_barrier(arrive_count=WS_THREADS)
         full = T.alloc_barrier(arrive_count=[128] * NS)
-        free = T.alloc_barrier(arrive_count=[256] * NS)
+        free = T.alloc_barrier(arrive_count=[128] * NS)
         tx = T.get_thread_binding()
         T.copy(Q[b, t, h0 : h0 + BH, :], q_s)
         T.barrier_arrive(q_ready)
         if tx < 128:
-            T.set_max_nreg(200, 1)
-            _probs_half(q_s, kv_s, bias_s, acc_0, lse_0, psum_0, Lse, P, full, free, q_ready, b, t, h0, 0, NR, NS,
-                        BK, c, inv_h, NH)
-        elif tx < 256:
-            T.set_max_nreg(200, 1)
-            _probs_half(q_s, kv_s, bias_s, acc_1, lse_1, psum_1, Lse, P, full, free, q_ready, b, t, h0, HK, NR, NS,
-                        BK, c, inv_h, NH)
-        else:
+            T.set_max_nreg(240, 1)
+            T.copy(Lse[b, t, h0 : h0 + BH], lse2)
+            for h in T.Parallel(BH):
+                lse2[h] = lse2[h] * LOG2E
+            T.barrier_wait(q_ready, 0)
+            for r in T.serial(NR):
+                for s in T.unroll(NS):
+                    kb = r * NS + s
+                    T.barrier_wait(full[s], r & 1)
+                    for h, j in T.Parallel(BH, BK):
+                        acc_s[h, j] = bias_s[s, j]
+                    T.gemm(q_s, kv_s[s, :, :], acc_s, transpose_B=True)
+                    T.barrier_arrive(free[s])
+                    for h, j in T.Parallel(BH, BK):
+                        acc_s[h, j] = T.exp2(acc_s[h, j] * c - lse2[h])
+                    T.reduce_sum(acc_s, psum, dim=0)
+                    for j in T.Parallel(BK):
+                        if NH == 1:
+                            P[b, t, kb * BK + j] = psum[j] * inv_h
+                        else:
+                            T.atomic_add(P[b, t, kb * BK + j], psum[j] * inv_h)
+        elif tx >= 256:
             T.set_max_nreg(80, 0)
             _gather_ring(KV, Idx, kv_s, full, free, b, t, tx - 256, NR, NS, BK, D, bias_s)
-
-
-@T.macro
-def _probs_half(q_s, kv_s, bias_s, acc, lse2, psum, Lse, P, full, free, q_ready, b, t, h0, j0, rounds, num_stages,
-                block_k, c, inv_h, NH):
-    """One consumer of `_ws_probs_kernel`: keys [j0, j0 + block_k / 2) of every block."""
-    BH, HK = acc.shape
-    T.copy(Lse[b, t, h0 : h0 + BH], lse2)
-    for h in T.Parallel(BH):
-        lse2[h] = lse2[h] * LOG2E
-    T.barrier_wait(q_ready, 0)
-    for r in T.serial(rounds):
-        for s in T.unroll(num_stages):
-            kb = r * num_stages + s
-            T.barrier_wait(full[s], r & 1)
-            for h, j in T.Parallel(BH, HK):
-                acc[h, j] = bias_s[s, j0 + j]
-            T.gemm(q_s, kv_s[s, j0 : j0 + HK, :], acc, transpose_B=True)
-            T.barrier_arrive(free[s])
-            for h, j in T.Parallel(BH, HK):
-                acc[h, j] = T.exp2(acc[h, j] * c - lse2[h])
-            T.reduce_sum(acc, psum, dim=0)
-            for j in T.Parallel(HK):
-                if NH == 1:
-                    P[b, t, kb * block_k + j0 + j] = psum[j] * inv_h
-                else:
-                    T.atomic_add(P[b, t, kb * block_k + j0 + j], psum[j] * inv_h)
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
