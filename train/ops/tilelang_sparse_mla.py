@@ -2,18 +2,17 @@
 
 One program serves one query token and a block of up to 64 heads (one warpgroup's `wgmma` rows); per block of
 selected keys it gathers the latent rows [latent (DV) | rope key (DR)] into shared memory once for all its heads.
-For 64-head blocks the kernels are warp-specialised (`_ws_kernel`, `_ws_probs_kernel`, `_bwd_ws_kernel`,
-`_dq_kernel`): a producer warpgroup gathers the rows with asynchronous copies into a ring of shared-memory slots
-under barriers while two consumer warpgroups compute, each owning half of the value (or gradient) columns (the
-probabilities alone: one consumer):
+For 64-head blocks the kernels are warp-specialised (`_ws_kernel`, `_bwd_ws_kernel`, `_dq_kernel`): a producer
+warpgroup gathers the rows with asynchronous copies into a ring of shared-memory slots under barriers while two
+consumer warpgroups compute, each owning half of the value (or gradient) columns:
   forward          online softmax in base 2 (fp32): output and per-head log-sum-exp
-  probabilities    the head-averaged probabilities given the log-sum-exp (the forward's indexer target)
   given lse        the checkpoint recomputation: output and the head-averaged probabilities in one pass
   backward         dS = P (dP - Delta) with Delta = rowsum(dO * O) computed first, and the latent rows'
                    gradients (dKV^T = Q^T dS + dO^T P, fp32 atomics); then dQ = dS · rows from dS (bf16), which
                    exists for one slice of queries at a time
 Smaller head blocks (fewer than 64 heads) run kernels whose warpgroups share every role (`_fwd_kernel`,
-`_probs_kernel`, `_bwd_kernel`).
+`_probs_kernel`, `_bwd_kernel`); the probabilities alone (the forward's sparse indexer target) always do: a
+warp-specialised version with one consumer ran no faster (97 against 98 ms at 64K tokens).
 
 Contract (as the twin's): q [B, L, H, DV + DR], kv [B, L, DV + DR] in bf16, idx [B, L, K] with -1 for "none";
 a query with no selection gets a zero output, lse +inf and zero gradients. Head counts that are not a multiple of
@@ -297,64 +296,6 @@ def _ws_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, given
             T.set_max_nreg(80, 0)
             _gather_ring(KV, Idx, kv_s, full, free, b, t, tx - 256, NR, NS, BK, D, bias_s)
     return Out, LseOut  # LseOut: a placeholder with `given_lse`
-
-
-@tilelang.jit(pass_configs=PASS_CONFIGS)
-def _ws_probs_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, block_k, num_stages):
-    """The probabilities alone (the forward's indexer target) for one query token and 64 heads: the producer fills
-    the ring as in `_ws_kernel`; one consumer scores each key block against all of d_qk and adds the block's
-    head-summed probabilities / true_heads into P [B, L, topk] (zeros in; atomically where several head blocks
-    share a token). Scores are half a forward's work and need no online softmax: the log-sum-exp is given.
-    One consumer, not two: the head sum is a cross-warp reduction whose named barrier TileLang gives the same id
-    in every warpgroup, so two consumers reducing at once would pass each other's barrier."""
-    B, L, S = T.dynamic("B"), T.dynamic("L"), T.dynamic("S")  # S: latent rows (all L, or more)
-    BH, BK, NS, D = 64, block_k, num_stages, dv + dr
-    NH, NR, c, inv_h = heads // BH, topk // (block_k * num_stages), scale * LOG2E, 1.0 / true_heads
-    Q: T.Tensor([B, L, heads, D], T.bfloat16)  # noqa: F811
-    KV: T.Tensor([B, S, D], T.bfloat16)  # noqa: F811
-    Idx: T.Tensor([B, L, topk], T.int32)  # noqa: F811
-    Lse: T.Tensor([B, L, heads], T.float32)  # noqa: F811
-    P: T.Tensor([B, L, topk], T.float32)  # noqa: F811
-
-    with T.Kernel(L * NH, B, threads=WS_THREADS) as (bx, b):
-        t, h0 = bx // NH, (bx % NH) * BH
-        q_s = T.alloc_shared([BH, D], T.bfloat16)
-        kv_s = T.alloc_shared([NS, BK, D], T.bfloat16)
-        bias_s = T.alloc_shared([NS, BK], T.float32)
-        acc_s = T.alloc_fragment([BH, BK], T.float32)
-        lse2 = T.alloc_fragment([BH], T.float32)
-        psum = T.alloc_fragment([BK], T.float32)
-        q_ready = T.alloc_barrier(arrive_count=WS_THREADS)
-        full = T.alloc_barrier(arrive_count=[128] * NS)
-        free = T.alloc_barrier(arrive_count=[128] * NS)
-        tx = T.get_thread_binding()
-        T.copy(Q[b, t, h0 : h0 + BH, :], q_s)
-        T.barrier_arrive(q_ready)
-        if tx < 128:
-            T.set_max_nreg(240, 1)
-            T.copy(Lse[b, t, h0 : h0 + BH], lse2)
-            for h in T.Parallel(BH):
-                lse2[h] = lse2[h] * LOG2E
-            T.barrier_wait(q_ready, 0)
-            for r in T.serial(NR):
-                for s in T.unroll(NS):
-                    kb = r * NS + s
-                    T.barrier_wait(full[s], r & 1)
-                    for h, j in T.Parallel(BH, BK):
-                        acc_s[h, j] = bias_s[s, j]
-                    T.gemm(q_s, kv_s[s, :, :], acc_s, transpose_B=True)
-                    T.barrier_arrive(free[s])
-                    for h, j in T.Parallel(BH, BK):
-                        acc_s[h, j] = T.exp2(acc_s[h, j] * c - lse2[h])
-                    T.reduce_sum(acc_s, psum, dim=0)
-                    for j in T.Parallel(BK):
-                        if NH == 1:
-                            P[b, t, kb * BK + j] = psum[j] * inv_h
-                        else:
-                            T.atomic_add(P[b, t, kb * BK + j], psum[j] * inv_h)
-        elif tx >= 256:
-            T.set_max_nreg(80, 0)
-            _gather_ring(KV, Idx, kv_s, full, free, b, t, tx - 256, NR, NS, BK, D, bias_s)
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
@@ -726,13 +667,6 @@ def _probs(q, kv, idx, lse, scale: float, v_dim: int, with_out: bool, cfg: dict)
 def sparse_mla_probs(q, kv, idx, lse, scale: float, v_dim: int, block_k: int | None = None,
                      num_stages: int | None = None, threads: int | None = None):
     """Head-averaged attention probabilities over the selected set, [B, L, K] fp32 (0 where idx = -1)."""
-    if warp_specialised(q.shape[2], v_dim, q.shape[-1] - v_dim) and all(x is None for x in (block_k, num_stages, threads)):
-        cfg = CONFIGS["ws"]
-        qp, idxp, lsep, H, K = _padded(q, idx, cfg["block_k"] * cfg["num_stages"], lse.float())
-        p = torch.zeros(idxp.shape, dtype=torch.float32, device=q.device)
-        _ws_probs_kernel(qp, kv.contiguous(), idxp, lsep, p, qp.shape[2], H, v_dim, q.shape[-1] - v_dim,
-                         idxp.shape[-1], scale, cfg["block_k"], cfg["num_stages"])
-        return p[..., :K]
     cfg = _config("probs", q.shape[2], block_k=block_k, num_stages=num_stages, threads=threads)
     return _probs(q, kv, idx, lse, scale, v_dim, False, cfg)
 
