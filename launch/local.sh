@@ -16,8 +16,9 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     exit 2
   fi
   exec "$PY" -m deepspeed.launcher.runner --no_local_rank --num_gpus "${NPROC:-$GPUS}" --module train "$@"
-elif [ "${NPROC:-1}" -gt "$(nproc)" ]; then
-  echo "error: NPROC=$NPROC; this node has no GPU and $(nproc) CPU(s): allowed 1..$(nproc) CPU processes" >&2
+elif CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) && [ "${NPROC:-1}" -gt "$CPUS" ]; then
+  # (nproc alone answers OMP_NUM_THREADS, which users set to 1 for exactly these multi-process runs)
+  echo "error: NPROC=$NPROC; this node has no GPU and $CPUS CPU(s): allowed 1..$CPUS CPU processes" >&2
   exit 2
 elif [ "${NPROC:-1}" -gt 1 ]; then
   exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m train "$@"

@@ -1,5 +1,6 @@
 """Every config composes; invalid values stop before any work, naming the key, the value and what is allowed."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -167,11 +168,15 @@ def test_cli_bad_values_and_unknown_keys_are_one_line(args, needle):
 
 def test_launcher_rejects_a_bad_nproc():
     out = subprocess.run(["bash", "launch/local.sh", "stage=base"], capture_output=True, text=True,
-                         cwd=Path(CONF).parent, timeout=60, env={**__import__("os").environ, "NPROC": "two"})
+                         cwd=Path(CONF).parent, timeout=60, env={**os.environ, "NPROC": "two"})
     assert out.returncode == 2 and "error: NPROC=two" in out.stderr
+    # CPUs are counted whatever OMP_NUM_THREADS says (GNU nproc answers it; users set it to 1 for CPU ranks)
     out = subprocess.run(["bash", "launch/local.sh", "stage=base"], capture_output=True, text=True,
-                         cwd=Path(CONF).parent, timeout=60, env={**__import__("os").environ, "NPROC": "100000"})
+                         cwd=Path(CONF).parent, timeout=60,
+                         env={**os.environ, "NPROC": "100000", "OMP_NUM_THREADS": "1"})
     assert out.returncode == 2 and "error: NPROC=100000" in out.stderr and "allowed 1.." in out.stderr
+    if "no GPU" in out.stderr:
+        assert f"no GPU and {len(os.sched_getaffinity(0))} CPU(s)" in out.stderr, out.stderr
 
 
 def test_an_unwritable_or_full_output_directory_is_one_line(tmp_path):
