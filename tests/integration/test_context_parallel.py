@@ -112,3 +112,29 @@ def test_a_context_parallel_degree_that_does_not_fit_stops_before_any_work(root,
     assert out.returncode != 0, out.stderr[-2000:]  # the ranks exit 2; the launcher reports 1
     assert message in out.stderr
     assert not (root / "ckpt/cp_bad").exists()
+
+
+@pytest.mark.slow
+def test_a_users_bf16_moe_checkpoint_on_files_under_context_parallelism(tmp_path):
+    """The README's own-checkpoint path (a bf16 MoE DeepseekV3ForCausalLM with its BPE tokenizer, data=files, held-out
+    evaluation) through the launcher with OMP_NUM_THREADS=1 as users set it: two CPU ranks splitting each sequence
+    train what one rank trains in both stages (bf16 weights: within 1e-3), with the same tokens counted."""
+    from tests.integration.user_source import build_user_source
+
+    user = build_user_source(tmp_path / "user")
+    args = ["model=deepseek_v3", f"model.path={user['src']}", "data=files", f"data.sources.0.path={user['corpus']}",
+            f"data.held_out={user['held_out']}", "data.seq_len=256", "model.index_topk=64", "stage.steps=4",
+            "stage.global_batch=4", "stage.log_every=2", "stage.eval_every=2", f"run.root={tmp_path}/ckpt",
+            f"data.cache_dir={tmp_path}/token_cache", "logging.wandb.mode=disabled"]
+    for name, nproc, extra in (("one", "1", []), ("cp2", "2", ["deepspeed.context_parallel=2"])):
+        for stage in ("warmup", "sparse"):
+            out = subprocess.run(["bash", "launch/local.sh", f"stage={stage}", f"run.name={name}", *args, *extra],
+                                 capture_output=True, text=True, cwd=ROOT, timeout=600,
+                                 env={**os.environ, "NPROC": nproc, "OMP_NUM_THREADS": "1"})
+            assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    for stage, keys in KEYS.items():
+        want, got = metrics(tmp_path, "one", stage), metrics(tmp_path, "cp2", stage)
+        assert [r["tokens/total"] for r in got] == [r["tokens/total"] for r in want] == [2048, 4096]
+        for a, b in zip(want, got, strict=True):
+            for key in (*keys, "eval/sparse_lm_loss"):
+                assert _close(a[key], b[key], rel=1e-3), (stage, key, a[key], b[key])
