@@ -25,6 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--twin-max", type=int, default=32768, help="longest length the PyTorch twins are timed at")
     ap.add_argument("--plain-max", type=int, default=16384, help="longest length plain PyTorch top-k is tried at")
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--sparse-mla-backends", nargs="*", default=["triton", "tilelang"], choices=["triton", "tilelang"],
+                    help="the sparse MLA kernels timed (those this machine runs)")
     ap.add_argument("--sections", nargs="*", default=["topk", "sparse_mla", "sdpa", "warmup_kl", "e2e", "bound"],
                     help="bound: the fastest a sparse step of the 1B model could be against its dense step "
                          "(at the e2e lengths; runs the dense step if e2e did not)")
@@ -78,7 +80,8 @@ def main(argv=None) -> None:
         print(f"[topk] L={L}", flush=True)
         results["kernels"] += [{"L": L, **r} for r in bench_topk(L, args.iters, args.twin_max, args.plain_max)]
         save()
-    sections = {"sparse_mla": lambda L: bench_sparse_mla(L, args.iters, args.twin_max, public=args.public_tilelang),
+    sections = {"sparse_mla": lambda L: bench_sparse_mla(L, args.iters, args.twin_max, public=args.public_tilelang,
+                                                    backends=args.sparse_mla_backends),
                 "sdpa": lambda L: bench_sdpa(L, args.iters),
                 "warmup_kl": lambda L: bench_warmup_kl(L, args.iters, args.twin_max)}
     for L in args.lengths:

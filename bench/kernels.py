@@ -40,13 +40,17 @@ def sparse_mla_backends() -> dict:
     return backends
 
 
-def bench_sparse_mla(L: int, iters: int, twin_max: int, heads: int = H, public: str | None = None) -> list[dict]:
-    """`public`: the directory of the public TileLang kernels to time beside ours (`bench/public.py`)."""
+def bench_sparse_mla(L: int, iters: int, twin_max: int, heads: int = H, public: str | None = None,
+                     backends=("triton", "tilelang")) -> list[dict]:
+    """`public`: the directory of the public TileLang kernels to time beside ours (`bench/public.py`);
+    `backends`: the kernels timed, of those the machine runs."""
     q, kv, idx, selected = sparse_mla_inputs(L, heads)
     fwd_flops = sparse_mla_flops(heads, selected)
     scale = (128 + 64) ** -0.5
     rows = []
     for name, k in sparse_mla_backends().items():
+        if name not in backends:
+            continue
         if public and name == "tilelang":
             from bench.public import bench_public
 

@@ -31,7 +31,10 @@ from train.ops.autograd import sparse_mla_function
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-PASS_CONFIGS = {tilelang.PassConfigKey.TL_DISABLE_TMA_LOWER: True,
+# Fast math: exp2 / log2 / division by the approximate hardware instructions (flushing denormals), as the
+# softmax needs; copies and warp roles are written out in the kernels, not inferred.
+PASS_CONFIGS = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True,
+                tilelang.PassConfigKey.TL_DISABLE_TMA_LOWER: True,
                 tilelang.PassConfigKey.TL_DISABLE_WARP_SPECIALIZED: True}
 
 # Launch configurations (keys per block, pipeline stages); threads follow the head block (`num_threads`).
@@ -173,6 +176,19 @@ def _gather_rows(KV, Idx, kv_s, s, b, t, kb, p, block_k, width, bias_s=None):
                            T.access_ptr(KV[b, T.max(key, 0), col], "r", 8), 8, predicate=key >= 0)
 
 
+@T.macro
+def _score_gemm(q_s, kv_s, s, acc_s, dv):
+    """acc_s += q_s · kv_s[s]^T over d_qk as three asynchronous tensor-core GEMMs (the two value halves, then the
+    rope part), waited for together. The ring's rows were written by asynchronous copies, which the tensor cores
+    read through the other proxy: fence first."""
+    hv = dv // 2
+    T.fence_proxy_async()
+    T.wgmma_gemm(q_s[:, :hv], kv_s[s, :, :hv], acc_s, transpose_B=True)
+    T.wgmma_gemm(q_s[:, hv:dv], kv_s[s, :, hv:dv], acc_s, transpose_B=True)
+    T.wgmma_gemm(q_s[:, dv:], kv_s[s, :, dv:], acc_s, transpose_B=True)
+    T.wait_wgmma(0)
+
+
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def _ws_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, given_lse, block_k, num_stages):
     """Sparse MLA for one query token and 64 heads in three warpgroups.
@@ -182,7 +198,8 @@ def _ws_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, given
     `free` barrier when both consumers are done with it. Consumer 0 (threads 0-127) scores the block against
     all of d_qk, runs the softmax, hands the probabilities (and the rescale factor) to consumer 1 through
     shared memory, and accumulates the first half of the value dims; consumer 1 (threads 128-255) accumulates
-    the second half. `p_full` / `p_free` pass the probability tile between them, one block at a time.
+    the second half. `p_full` / `p_free` pass the probability tile between them, one block at a time. The
+    queries arrive by TMA (`q_ready`) while the producer starts on the first block.
 
     Forward (`given_lse` false): online softmax; returns (out, lse). With `given_lse`: probabilities from the
     given log-sum-exp, P [B, L, topk] += their head average (zeros in); returns out."""
@@ -223,7 +240,7 @@ def _ws_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, given
         p_full = T.alloc_barrier(arrive_count=128)
         p_free = T.alloc_barrier(arrive_count=128)
         tx = T.get_thread_binding()
-        T.copy(Q[b, t, h0 : h0 + BH, :], q_s)
+        T.tma_copy(Q[b, t, h0 : h0 + BH, :], q_s, barrier=q_ready)
         T.barrier_arrive(q_ready)
         if tx < 128:  # consumer 0: scores, softmax, value dims [0, dv/2)
             T.set_max_nreg(240, 1)
@@ -242,7 +259,7 @@ def _ws_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, given
                     T.barrier_wait(full[s], r & 1)
                     for h, j in T.Parallel(BH, BK):
                         acc_s[h, j] = bias_s[s, j]
-                    T.gemm(q_s, kv_s[s, :, :], acc_s, transpose_B=True)
+                    _score_gemm(q_s, kv_s, s, acc_s, dv)
                     if given_lse:
                         for h, j in T.Parallel(BH, BK):
                             acc_s[h, j] = T.exp2(acc_s[h, j] * c - m[h])
