@@ -189,6 +189,14 @@ def _score_gemm(q_s, kv_s, s, acc_s, dv):
     T.wait_wgmma(0)
 
 
+@T.macro
+def _store_through(acc, tile_s, out):
+    """out = acc (bf16) by way of the shared-memory tile tile_s: whole 16-byte rows to global memory rather than
+    the accumulator's scattered pairs."""
+    T.copy(acc, tile_s)
+    T.copy(tile_s, out)
+
+
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def _ws_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, given_lse, block_k, num_stages):
     """Sparse MLA for one query token and 64 heads in three warpgroups.
@@ -199,7 +207,9 @@ def _ws_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, given
     all of d_qk, runs the softmax, hands the probabilities (and the rescale factor) to consumer 1 through
     shared memory, and accumulates the first half of the value dims; consumer 1 (threads 128-255) accumulates
     the second half. `p_full` / `p_free` pass the probability tile between them, one block at a time. The
-    queries arrive by TMA (`q_ready`) while the producer starts on the first block.
+    queries arrive by TMA (`q_ready`) while the producer starts on the first block. At the end each consumer
+    stores its half of the output through the queries' shared memory, which no GEMM reads after consumer 0's
+    last score GEMM (consumer 1 only gets there after it).
 
     Forward (`given_lse` false): online softmax; returns (out, lse). With `given_lse`: probabilities from the
     given log-sum-exp, P [B, L, topk] += their head average (zeros in); returns out."""
@@ -280,7 +290,7 @@ def _ws_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, given
                     T.gemm(p_s, kv_s[s, :, :HV], acc_lo)
                     T.barrier_arrive(free[s])
             if given_lse:
-                T.copy(acc_lo, Out[b, t, h0 : h0 + BH, :HV])
+                _store_through(acc_lo, q_s[:, :HV], Out[b, t, h0 : h0 + BH, :HV])
             else:
                 T.copy(den, den_s)
                 T.barrier_arrive(done)
@@ -288,7 +298,7 @@ def _ws_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, given
                     acc_lo[h, d] = T.if_then_else(den[h] > 0, acc_lo[h, d] / den[h], 0)
                 for h in T.Parallel(BH):
                     den[h] = T.if_then_else(den[h] > 0, (T.log2(den[h]) + m[h] * c) * LN2, T.infinity(T.float32))
-                T.copy(acc_lo, Out[b, t, h0 : h0 + BH, :HV])
+                _store_through(acc_lo, q_s[:, :HV], Out[b, t, h0 : h0 + BH, :HV])
                 T.copy(den, LseOut[b, t, h0 : h0 + BH])
         elif tx < 256:  # consumer 1: value dims [dv/2, dv)
             T.set_max_nreg(168, 1)
@@ -308,7 +318,7 @@ def _ws_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, given
                 T.barrier_wait(done, 0)
                 for h, d in T.Parallel(BH, HV):
                     acc_hi[h, d] = T.if_then_else(den_s[h] > 0, acc_hi[h, d] / den_s[h], 0)
-            T.copy(acc_hi, Out[b, t, h0 : h0 + BH, HV:dv])
+            _store_through(acc_hi, q_s[:, HV:dv], Out[b, t, h0 : h0 + BH, HV:dv])
         else:
             T.set_max_nreg(80, 0)
             _gather_ring(KV, Idx, kv_s, full, free, b, t, tx - 256, NR, NS, BK, D, bias_s)
