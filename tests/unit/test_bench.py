@@ -1,6 +1,7 @@
 """The benchmark's report functions (the measurements themselves need a GPU: `make bench`)."""
 
 import pytest
+import torch
 
 from bench.common import window_selection
 from bench.report import sweep_summary, table
@@ -49,3 +50,14 @@ def test_sparse_bound_counts_causal_selections_and_keeps_the_rest_of_the_step():
     long = next(r for r in sparse_bound(5000, 1.0, 1.0, 1.0, layers=1, heads=1)["rates"] if r["rates"] == "targets")
     fwd_tflop = 2 * sum(min(t + 1, 2048) for t in range(5000)) * (512 + 64 + 512) / 1e12
     assert long["sparse_attention_ms"] == pytest.approx((2 * fwd_tflop / 350 + 2.5 * fwd_tflop / 150) * 1e3, rel=1e-12)
+
+
+def test_public_relative_difference_in_slices_equals_the_whole_formula():
+    from bench.public import _rel
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 37, 3, 5, generator=g).to(torch.bfloat16)
+    b = (a.float() + 0.05 * torch.randn(a.shape, generator=g)).to(torch.bfloat16)
+    whole = ((a.float() - b.float()).norm() / b.float().norm()).item()
+    for rows in (1, 8, 37, 100):  # slices that do and do not divide the 37 tokens
+        assert abs(_rel(a, b, rows) - whole) < 1e-6 * whole
