@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
@@ -29,6 +30,10 @@ class LoggingConfig:
     def validate(self) -> None:
         if self.wandb.mode not in WANDB_MODES:
             raise ValueError(f"logging.wandb.mode={self.wandb.mode!r}; allowed: {', '.join(WANDB_MODES)}")
+        if self.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+            raise ValueError(f"logging.wandb.mode={self.wandb.mode!r} needs the wandb package, which this Python "
+                             "does not have; allowed: install it (`pip install wandb`, part of `make setup`), or "
+                             "logging.wandb.mode=disabled (metrics.jsonl is written either way)")
 
 
 def peak_memory_gib() -> float:

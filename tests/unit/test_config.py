@@ -95,6 +95,18 @@ def test_invalid_values_name_key_value_and_allowed(overrides, needles):
         assert n in str(e.value), str(e.value)
 
 
+def test_wandb_logging_without_the_package_is_refused_before_any_work(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError) as e:
+        _cfg("logging.wandb.mode=offline").validate(world_size=1)
+    for n in ("logging.wandb.mode='offline'", "wandb package", "logging.wandb.mode=disabled"):
+        assert n in str(e.value), str(e.value)
+    _cfg("logging.wandb.mode=disabled").validate(world_size=1)
+
+
 def _v3_dir(tmp_path, **config):
     import json
 
