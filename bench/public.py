@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import math
 import sys
+import time
 
 import torch
 
@@ -27,6 +28,11 @@ def load(directory: str):
     if directory not in sys.path:
         sys.path.insert(0, directory)  # their modules import each other (utils) by plain name
     return importlib.import_module("sparse_mla_fwd_pipelined"), importlib.import_module("sparse_mla_bwd")
+
+
+def _phase(what: str) -> None:
+    """A progress line before each untimed first run (a first run compiles; a stall shows where it is)."""
+    print(f"  [public-tilelang] {what} ({time.strftime('%H:%M:%S')})", flush=True)
 
 
 def _failed(name: str, e: Exception) -> dict:
@@ -62,9 +68,11 @@ def bench_public(directory: str, ours, q, kv, idx, scale: float, iters: int) -> 
     flops = sparse_mla_flops(heads, B * L * K)
     rows = []
     try:
+        _phase("their forward, then ours, every selection valid")
         theirs_out = fwd.sparse_mla_fwd_interface(q, kv4, anywhere4, L, 1, sm_scale=scale)[0]
         ours_out = ours.sparse_mla_forward(q, kv, anywhere, scale, DV)[0]
         diff = _rel(theirs_out, ours_out)
+        del theirs_out, ours_out  # (two outputs: 34 GB at 128K tokens)
         print(f"  public-tilelang forward against ours, every selection valid: relative difference {diff:.3g}",
               flush=True)
         rows += [guarded("sparse_mla tilelang fwd, every selection valid",
@@ -80,6 +88,7 @@ def bench_public(directory: str, ours, q, kv, idx, scale: float, iters: int) -> 
     ind = torch.where(idx >= 0, idx, later).to(torch.int32)[:, :, None, :].contiguous()
     lse2 = (lse * math.log2(math.e)).contiguous()
     try:
+        _phase("their backward, then ours")
         dq_theirs = bwd.sparse_mla_bwd(q, kv4, out, g, ind, lse2, sm_scale=scale)[0]
         dq_ours = ours.sparse_mla_backward(q, kv, idx, out, lse, g, scale, DV)[0]
         diff = _rel(dq_theirs, dq_ours)
