@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -49,11 +53,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--public-tilelang", metavar="DIR",
                     help="time the public TileLang sparse MLA kernels (a tilelang checkout's examples/deepseek_v32) "
                          "beside ours, on the same inputs")
+    ap.add_argument("--public-timeout", type=float, default=1200,
+                    help="with --public-tilelang and several lengths: seconds each length's own process may take")
     ap.add_argument("--out", default="bench.json")
     return ap.parse_args(argv)
 
 
+def length_argv(argv: list[str], L: int, out: str) -> list[str]:
+    """The command line of one length's own process: the caller's, with the sparse MLA section alone at length L
+    writing to `out` (the later flags win)."""
+    return [*argv, "--sections", "sparse_mla", "--lengths", str(L), "--out", out]
+
+
+def sparse_mla_in_own_process(argv: list[str], L: int, timeout: float) -> list[dict]:
+    """One length's sparse MLA rows from a fresh `python -m bench` process. With the public kernels, a second
+    length in the same process has stalled; a process per length, under a time limit, keeps one stall from
+    costing the other lengths. A process that fails or runs out of time leaves an error row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "bench.json")
+        try:
+            done = subprocess.run([sys.executable, "-m", "bench", *length_argv(argv, L, out)], timeout=timeout)
+            error = None if done.returncode == 0 else f"its process exited with status {done.returncode}"
+        except subprocess.TimeoutExpired:
+            error = f"no result in {timeout:.0f} s (--public-timeout): its process was stopped"
+        rows = json.loads(Path(out).read_text())["kernels"] if Path(out).exists() else []
+    if error:
+        print(f"  sparse_mla L={L}: {error}", flush=True)
+        rows.append({"L": L, "name": "sparse_mla (own process)", "error": error})
+    return rows
+
+
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     OPTIONS.update(profile=args.profile, memory_marks=args.memory_marks)
     if not torch.cuda.is_available():
@@ -84,9 +115,15 @@ def main(argv=None) -> None:
                                                     backends=args.sparse_mla_backends),
                 "sdpa": lambda L: bench_sdpa(L, args.iters),
                 "warmup_kl": lambda L: bench_warmup_kl(L, args.iters, args.twin_max)}
+    # --public-tilelang over several lengths: the sparse MLA rows of each length in its own process
+    own_process = bool(args.public_tilelang) and len(args.lengths) > 1 and "sparse_mla" in args.sections
+    for L in args.lengths if own_process else []:
+        print(f"[sparse_mla] L={L}, in its own process", flush=True)
+        results["kernels"] += sparse_mla_in_own_process(argv, L, args.public_timeout)
+        save()
     for L in args.lengths:
         for name, fn in sections.items():
-            if name in args.sections:
+            if name in args.sections and not (own_process and name == "sparse_mla"):
                 print(f"[{name}] L={L}", flush=True)
                 results["kernels"] += [{"L": L, **r} for r in fn(L)]
                 save()

@@ -61,3 +61,37 @@ def test_public_relative_difference_in_slices_equals_the_whole_formula():
     whole = ((a.float() - b.float()).norm() / b.float().norm()).item()
     for rows in (1, 8, 37, 100):  # slices that do and do not divide the 37 tokens
         assert abs(_rel(a, b, rows) - whole) < 1e-6 * whole
+
+
+def test_one_length_process_runs_the_sparse_mla_section_alone_at_that_length():
+    from bench.__main__ import length_argv, parse_args
+
+    argv = ["--sections", "topk", "sparse_mla", "e2e", "--lengths", "32768", "65536", "--public-tilelang", "d",
+            "--out", "all.json"]
+    args = parse_args(length_argv(argv, 65536, "one.json"))
+    assert (args.sections, args.lengths, args.out, args.public_tilelang) == (["sparse_mla"], [65536], "one.json", "d")
+
+
+def test_one_length_process_rows_and_its_failures_become_rows(monkeypatch):
+    import json
+    import subprocess
+
+    import bench.__main__ as b
+
+    def finished(cmd, timeout):  # a process that measured one row
+        out = cmd[cmd.index("--out", cmd.index("--lengths")) + 1]
+        with open(out, "w") as f:
+            json.dump({"kernels": [{"L": 8, "name": "sparse_mla tilelang fwd", "ms": 1.0}]}, f)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    def stalled(cmd, timeout):
+        raise subprocess.TimeoutExpired(cmd, timeout)
+
+    monkeypatch.setattr(b.subprocess, "run", finished)
+    assert b.sparse_mla_in_own_process(["--public-tilelang", "d"], 8, 5) == [
+        {"L": 8, "name": "sparse_mla tilelang fwd", "ms": 1.0}]
+    monkeypatch.setattr(b.subprocess, "run", stalled)
+    rows = b.sparse_mla_in_own_process(["--public-tilelang", "d"], 8, 5)
+    assert rows == [{"L": 8, "name": "sparse_mla (own process)",
+                     "error": "no result in 5 s (--public-timeout): its process was stopped"}]
+    assert "no result in 5 s" in table({"kernels": rows, "e2e": []})
