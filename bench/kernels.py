@@ -1,7 +1,8 @@
 """Each DSA kernel at DeepSeek-V3's attention shape (batch 1, bf16), next to its PyTorch twin and SDPA.
 
-  sparse_mla fwd / probs / bwd   the fast kernels (FLOPs: `sparse_mla_flops`, backward 2.5x), and the one-pass
-                                 forward + probabilities of the checkpoint recomputation
+  sparse_mla fwd / probs / bwd   the fast kernels (FLOPs: `sparse_mla_flops`, backward 2.5x), the one-pass
+                                 forward + probabilities of the checkpoint recomputation, and the forward on
+                                 window selections (neighbours share their rows: the cost of the gathers)
   sparse_mla twin fwd+bwd        the chunked PyTorch reference (lengths <= --twin-max)
   sdpa fwd / fwd+bwd             torch SDPA, causal, MLA's dense shape (d_qk 192, d_v 128)
   warmup_kl fwd+bwd              the warm-up loss (KL to the head-averaged attention of 128 heads of d_qk 192,
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.common import DI, DR, DV, TOPK, G, H, causal_selection, guarded, sparse_mla_flops
+from bench.common import DI, DR, DV, TOPK, G, H, causal_selection, guarded, sparse_mla_flops, window_selection
 from train.ops import reference
 
 
@@ -45,6 +46,7 @@ def bench_sparse_mla(L: int, iters: int, twin_max: int, heads: int = H, public: 
     """`public`: the directory of the public TileLang kernels to time beside ours (`bench/public.py`);
     `backends`: the kernels timed, of those the machine runs."""
     q, kv, idx, selected = sparse_mla_inputs(L, heads)
+    window = window_selection(L, TOPK, "cuda")
     fwd_flops = sparse_mla_flops(heads, selected)
     scale = (128 + 64) ** -0.5
     rows = []
@@ -64,7 +66,12 @@ def bench_sparse_mla(L: int, iters: int, twin_max: int, heads: int = H, public: 
             guarded(f"sparse_mla {name} bwd", lambda: k.sparse_mla_backward(q, kv, idx, out, lse, g, scale, DV),
                     iters, 2.5 * fwd_flops),
             guarded(f"sparse_mla {name} fwd+probs given lse",
-                    lambda: k.sparse_mla_forward_given_lse(q, kv, idx, lse, scale, DV), iters, fwd_flops)]
+                    lambda: k.sparse_mla_forward_given_lse(q, kv, idx, lse, scale, DV), iters, fwd_flops),
+            # the same work on selections that neighbouring queries share (all but one row): what the forward
+            # gains when its gathers hit the cache, i.e. how much of its time the gathers cost
+            guarded(f"sparse_mla {name} fwd, window selection",
+                    lambda: k.sparse_mla_forward(q, kv, window, scale, DV), iters,
+                    sparse_mla_flops(heads, int((window >= 0).sum())))]
     if L <= twin_max:
         qg, kvg = q.clone().requires_grad_(), kv.clone().requires_grad_()
         g = torch.randn(*q.shape[:3], DV, device="cuda", dtype=torch.bfloat16)
