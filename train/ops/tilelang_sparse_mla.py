@@ -191,8 +191,8 @@ def _score_gemm(q_s, kv_s, s, acc_s, dv):
 
 @T.macro
 def _store_through(acc, tile_s, out):
-    """out = acc (bf16) by way of the shared-memory tile tile_s: whole 16-byte rows to global memory rather than
-    the accumulator's scattered pairs."""
+    """out = acc (bf16) by way of the shared-memory tile tile_s: each row goes to global memory in 16-byte pieces
+    rather than as the accumulator's scattered 4-byte pairs."""
     T.copy(acc, tile_s)
     T.copy(tile_s, out)
 
