@@ -31,7 +31,9 @@ def load(directory: str):
 
 
 def _phase(what: str) -> None:
-    """A progress line before each untimed first run (a first run compiles; a stall shows where it is)."""
+    """A progress line before each untimed first run, after the GPU finished the previous one (a first run
+    compiles; a stall shows which kernel it is in)."""
+    torch.cuda.synchronize()
     print(f"  [public-tilelang] {what} ({time.strftime('%H:%M:%S')})", flush=True)
 
 
@@ -68,8 +70,9 @@ def bench_public(directory: str, ours, q, kv, idx, scale: float, iters: int) -> 
     flops = sparse_mla_flops(heads, B * L * K)
     rows = []
     try:
-        _phase("their forward, then ours, every selection valid")
+        _phase("their forward, every selection valid")
         theirs_out = fwd.sparse_mla_fwd_interface(q, kv4, anywhere4, L, 1, sm_scale=scale)[0]
+        _phase("our forward, every selection valid")
         ours_out = ours.sparse_mla_forward(q, kv, anywhere, scale, DV)[0]
         diff = _rel(theirs_out, ours_out)
         del theirs_out, ours_out  # (two outputs: 34 GB at 128K tokens)
@@ -88,8 +91,9 @@ def bench_public(directory: str, ours, q, kv, idx, scale: float, iters: int) -> 
     ind = torch.where(idx >= 0, idx, later).to(torch.int32)[:, :, None, :].contiguous()
     lse2 = (lse * math.log2(math.e)).contiguous()
     try:
-        _phase("their backward, then ours")
+        _phase("their backward")
         dq_theirs = bwd.sparse_mla_bwd(q, kv4, out, g, ind, lse2, sm_scale=scale)[0]
+        _phase("our backward")
         dq_ours = ours.sparse_mla_backward(q, kv, idx, out, lse, g, scale, DV)[0]
         diff = _rel(dq_theirs, dq_ours)
         del dq_theirs, dq_ours
