@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--public-tilelang", metavar="DIR",
                     help="time the public TileLang sparse MLA kernels (a tilelang checkout's examples/deepseek_v32) "
                          "beside ours, on the same inputs")
+    ap.add_argument("--cudnn", action="store_true",
+                    help="time NVIDIA cuDNN frontend's sparse-attention backward (nvidia-cudnn-frontend, Hopper) "
+                         "beside TileLang's, on the same inputs")
     ap.add_argument("--public-timeout", type=float, default=1200,
                     help="with --public-tilelang and several lengths: seconds each length's own process may take")
     ap.add_argument("--out", default="bench.json")
@@ -112,7 +115,7 @@ def main(argv=None) -> None:
         results["kernels"] += [{"L": L, **r} for r in bench_topk(L, args.iters, args.twin_max, args.plain_max)]
         save()
     sections = {"sparse_mla": lambda L: bench_sparse_mla(L, args.iters, args.twin_max, public=args.public_tilelang,
-                                                    backends=args.sparse_mla_backends),
+                                                    backends=args.sparse_mla_backends, cudnn=args.cudnn),
                 "sdpa": lambda L: bench_sdpa(L, args.iters),
                 "warmup_kl": lambda L: bench_warmup_kl(L, args.iters, args.twin_max)}
     # --public-tilelang over several lengths: the sparse MLA rows of each length in its own process

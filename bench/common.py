@@ -89,3 +89,14 @@ def window_selection(L: int, k: int, device) -> torch.Tensor:
     """[1, L, k]: row t selects t, t-1, ..., t-k+1 (-1 below 0): neighbouring rows share all but one row."""
     idx = torch.arange(L, device=device)[:, None] - torch.arange(k, device=device)[None, :]
     return idx.masked_fill(idx < 0, -1)[None]
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> float:
+    """|a - b| / |b| over [B, L, ...] tensors, in fp32 a slice of `rows` tokens at a time: whole fp32 copies of a
+    128K-token output would take more than 100 GB."""
+    num = den = 0.0
+    for t0 in range(0, a.shape[1], rows):
+        x, y = a[:, t0 : t0 + rows].float(), b[:, t0 : t0 + rows].float()
+        num += (x - y).square().sum().item()
+        den += y.square().sum().item()
+    return (num / den) ** 0.5

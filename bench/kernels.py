@@ -42,9 +42,10 @@ def sparse_mla_backends() -> dict:
 
 
 def bench_sparse_mla(L: int, iters: int, twin_max: int, heads: int = H, public: str | None = None,
-                     backends=("triton", "tilelang")) -> list[dict]:
+                     backends=("triton", "tilelang"), cudnn: bool = False) -> list[dict]:
     """`public`: the directory of the public TileLang kernels to time beside ours (`bench/public.py`);
-    `backends`: the kernels timed, of those the machine runs."""
+    `backends`: the kernels timed, of those the machine runs; `cudnn`: time cuDNN's backward beside TileLang's
+    (`bench/cudnn.py`)."""
     q, kv, idx, selected = sparse_mla_inputs(L, heads)
     window = window_selection(L, TOPK, "cuda")
     fwd_flops = sparse_mla_flops(heads, selected)
@@ -57,6 +58,10 @@ def bench_sparse_mla(L: int, iters: int, twin_max: int, heads: int = H, public: 
             from bench.public import bench_public
 
             rows += bench_public(public, k, q, kv, idx, scale, iters)
+        if cudnn and name == "tilelang":
+            from bench.cudnn import bench_cudnn
+
+            rows += bench_cudnn(k, q, kv, idx, scale, iters)
         out, lse = k.sparse_mla_forward(q, kv, idx, scale, DV)
         g = torch.randn_like(out)
         rows += [

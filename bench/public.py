@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from bench.common import DV, guarded, sparse_mla_flops
+from bench.common import DV, guarded, rel_diff, sparse_mla_flops
 
 
 def load(directory: str):
@@ -44,17 +44,6 @@ def _failed(name: str, e: Exception) -> dict:
     return row
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> float:
-    """|a - b| / |b| over [B, L, ...] tensors, in fp32 a slice of `rows` tokens at a time: whole fp32 copies of a
-    128K-token output would take more than 100 GB."""
-    num = den = 0.0
-    for t0 in range(0, a.shape[1], rows):
-        x, y = a[:, t0 : t0 + rows].float(), b[:, t0 : t0 + rows].float()
-        num += (x - y).square().sum().item()
-        den += y.square().sum().item()
-    return (num / den) ** 0.5
-
-
 def bench_public(directory: str, ours, q, kv, idx, scale: float, iters: int) -> list[dict]:
     """Rows: ours' and their forward on every-entry-valid selections; their backward on `idx` (ours' backward row
     on the same inputs is the main table's)."""
@@ -74,7 +63,7 @@ def bench_public(directory: str, ours, q, kv, idx, scale: float, iters: int) -> 
         theirs_out = fwd.sparse_mla_fwd_interface(q, kv4, anywhere4, L, 1, sm_scale=scale)[0]
         _phase("our forward, every selection valid")
         ours_out = ours.sparse_mla_forward(q, kv, anywhere, scale, DV)[0]
-        diff = _rel(theirs_out, ours_out)
+        diff = rel_diff(theirs_out, ours_out)
         del theirs_out, ours_out  # (two outputs: 34 GB at 128K tokens)
         print(f"  public-tilelang forward against ours, every selection valid: relative difference {diff:.3g}",
               flush=True)
@@ -95,7 +84,7 @@ def bench_public(directory: str, ours, q, kv, idx, scale: float, iters: int) -> 
         dq_theirs = bwd.sparse_mla_bwd(q, kv4, out, g, ind, lse2, sm_scale=scale)[0]
         _phase("our backward")
         dq_ours = ours.sparse_mla_backward(q, kv, idx, out, lse, g, scale, DV)[0]
-        diff = _rel(dq_theirs, dq_ours)
+        diff = rel_diff(dq_theirs, dq_ours)
         del dq_theirs, dq_ours
         print(f"  public-tilelang backward against ours: relative difference of dq {diff:.3g}", flush=True)
         selected = int((idx >= 0).sum())

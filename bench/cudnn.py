@@ -1,0 +1,56 @@
+"""NVIDIA cuDNN frontend's DeepSeek-sparse-attention backward (`nvidia-cudnn-frontend`, its Hopper CuTe-DSL kernel),
+timed beside ours on the same inputs: `python -m bench --sections sparse_mla --cudnn`. It is not a dependency of
+the project; without the option, or where the package does not import, these rows are left out (an error row says
+why).
+
+Their contract, adapted here: flat tensors without the batch axis (q [L, H, 576], latent rows [L, 576], out and its
+gradient [L, H, 512]), our natural-log log-sum-exp as is, selections as int32 [L, k] (entries outside the rows, our
+-1, are skipped), and an attention sink per head that we do not have: -inf, whose probability is 0. The wrapper
+returns dq and the latent rows' gradient in bf16, as ours does."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.common import DV, guarded, rel_diff, sparse_mla_flops
+
+
+def bench_cudnn(ours, q, kv, idx, scale: float, iters: int) -> list[dict]:
+    """Rows: cuDNN's backward of our forward's output (ours' backward row on the same inputs is the main table's),
+    with the relative differences of dq and the latent rows' gradient from ours."""
+    try:
+        from cudnn.deepseek_sparse_attention import sparse_attention_backward_wrapper as backward
+    except Exception as e:  # noqa: BLE001 -- not installed, or a build this machine cannot load: record it
+        row = {"name": "sparse_mla cudnn bwd", "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        print(f"  {row['name']}: {row['error']}", flush=True)
+        return [row]
+    B, L, heads, _ = q.shape
+    assert B == 1, "the flat cuDNN layout is one sequence"
+    out, lse = ours.sparse_mla_forward(q, kv, idx, scale, DV)
+    g = torch.randn_like(out)
+    sink = torch.full((heads,), -math.inf, device=q.device, dtype=torch.float32)
+    idx32 = idx[0].to(torch.int32).contiguous()
+
+    def run():
+        r = backward(q[0], kv[0], out[0], g[0], lse[0].contiguous(), sink, idx32, softmax_scale=scale)
+        return r["dq"], r["dkv"]
+    rows = []
+    try:
+        print("  [cudnn] their backward (compiles on first use)", flush=True)
+        dq_theirs, dkv_theirs = run()
+        torch.cuda.synchronize()
+        print("  [cudnn] our backward", flush=True)
+        dq_ours, dkv_ours = ours.sparse_mla_backward(q, kv, idx, out, lse, g, scale, DV)
+        diff = {"rel_diff_dq_vs_ours": rel_diff(dq_theirs[None], dq_ours),
+                "rel_diff_dkv_vs_ours": rel_diff(dkv_theirs[None], dkv_ours)}
+        del dq_theirs, dkv_theirs, dq_ours, dkv_ours
+        print(f"  cudnn backward against ours: relative difference {diff}", flush=True)
+        selected = int((idx >= 0).sum())
+        rows.append({**guarded("sparse_mla cudnn bwd", run, iters, 2.5 * sparse_mla_flops(heads, selected)), **diff})
+    except Exception as e:  # noqa: BLE001
+        row = {"name": "sparse_mla cudnn bwd", "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        print(f"  {row['name']}: {row['error']}", flush=True)
+        rows.append(row)
+    return rows
