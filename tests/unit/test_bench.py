@@ -52,15 +52,15 @@ def test_sparse_bound_counts_causal_selections_and_keeps_the_rest_of_the_step():
     assert long["sparse_attention_ms"] == pytest.approx((2 * fwd_tflop / 350 + 2.5 * fwd_tflop / 150) * 1e3, rel=1e-12)
 
 
-def test_public_relative_difference_in_slices_equals_the_whole_formula():
-    from bench.public import _rel
+def test_relative_difference_in_slices_equals_the_whole_formula():
+    from bench.common import rel_diff
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(2, 37, 3, 5, generator=g).to(torch.bfloat16)
     b = (a.float() + 0.05 * torch.randn(a.shape, generator=g)).to(torch.bfloat16)
     whole = ((a.float() - b.float()).norm() / b.float().norm()).item()
     for rows in (1, 8, 37, 100):  # slices that do and do not divide the 37 tokens
-        assert abs(_rel(a, b, rows) - whole) < 1e-6 * whole
+        assert abs(rel_diff(a, b, rows) - whole) < 1e-6 * whole
 
 
 def test_one_length_process_runs_the_sparse_mla_section_alone_at_that_length():
