@@ -69,9 +69,9 @@ def length_argv(argv: list[str], L: int, out: str) -> list[str]:
 
 
 def sparse_mla_in_own_process(argv: list[str], L: int, timeout: float) -> list[dict]:
-    """One length's sparse MLA rows from a fresh `python -m bench` process. With the public kernels, a second
-    length in the same process has stalled; a process per length, under a time limit, keeps one stall from
-    costing the other lengths. A process that fails or runs out of time leaves an error row."""
+    """One length's sparse MLA rows from a fresh `python -m bench` process. The public forward has hung at random,
+    at any length; a process per length, under a time limit, keeps one hang from costing the other lengths. A
+    process that fails or runs out of time leaves an error row."""
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "bench.json")
         try:
