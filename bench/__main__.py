@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "beside TileLang's, on the same inputs")
     ap.add_argument("--public-timeout", type=float, default=1200,
                     help="with --public-tilelang and several lengths: seconds each length's own process may take")
+    ap.add_argument("--public-retries", type=int, default=1,
+                    help="with --public-tilelang and several lengths: how many times a length's process stopped by "
+                         "--public-timeout is started again")
     ap.add_argument("--out", default="bench.json")
     return ap.parse_args(argv)
 
@@ -68,21 +71,29 @@ def length_argv(argv: list[str], L: int, out: str) -> list[str]:
     return [*argv, "--sections", "sparse_mla", "--lengths", str(L), "--out", out]
 
 
-def sparse_mla_in_own_process(argv: list[str], L: int, timeout: float) -> list[dict]:
+def sparse_mla_in_own_process(argv: list[str], L: int, timeout: float, retries: int = 1) -> list[dict]:
     """One length's sparse MLA rows from a fresh `python -m bench` process. The public forward has hung at random,
-    at any length; a process per length, under a time limit, keeps one hang from costing the other lengths. A
-    process that fails or runs out of time leaves an error row."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "bench.json")
-        try:
-            done = subprocess.run([sys.executable, "-m", "bench", *length_argv(argv, L, out)], timeout=timeout)
-            error = None if done.returncode == 0 else f"its process exited with status {done.returncode}"
-        except subprocess.TimeoutExpired:
-            error = f"no result in {timeout:.0f} s (--public-timeout): its process was stopped"
-        rows = json.loads(Path(out).read_text())["kernels"] if Path(out).exists() else []
+    at any length; a process per length, under a time limit, keeps one hang from costing the other lengths, and a
+    process stopped by that limit is started again, `retries` times at most. A process that fails, or that runs
+    out of time on its last try, leaves an error row."""
+    for attempt in range(retries + 1):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = str(Path(tmp) / "bench.json")
+            try:
+                done = subprocess.run([sys.executable, "-m", "bench", *length_argv(argv, L, out)], timeout=timeout)
+                error = None if done.returncode == 0 else f"its process exited with status {done.returncode}"
+                stalled = False
+            except subprocess.TimeoutExpired:
+                error = f"no result in {timeout:.0f} s (--public-timeout): its process was stopped"
+                stalled = True
+            rows = json.loads(Path(out).read_text())["kernels"] if Path(out).exists() else []
+        if not (stalled and attempt < retries):
+            break
+        print(f"  sparse_mla L={L}: {error}; starting it again (--public-retries)", flush=True)
     if error:
-        print(f"  sparse_mla L={L}: {error}", flush=True)
-        rows.append({"L": L, "name": "sparse_mla (own process)", "error": error})
+        tries = f" (tries: {attempt + 1})" if attempt else ""
+        print(f"  sparse_mla L={L}: {error}{tries}", flush=True)
+        rows.append({"L": L, "name": "sparse_mla (own process)", "error": error + tries})
     return rows
 
 
@@ -122,7 +133,7 @@ def main(argv=None) -> None:
     own_process = bool(args.public_tilelang) and len(args.lengths) > 1 and "sparse_mla" in args.sections
     for L in args.lengths if own_process else []:
         print(f"[sparse_mla] L={L}, in its own process", flush=True)
-        results["kernels"] += sparse_mla_in_own_process(argv, L, args.public_timeout)
+        results["kernels"] += sparse_mla_in_own_process(argv, L, args.public_timeout, args.public_retries)
         save()
     for L in args.lengths:
         for name, fn in sections.items():

@@ -91,7 +91,28 @@ def test_one_length_process_rows_and_its_failures_become_rows(monkeypatch):
     assert b.sparse_mla_in_own_process(["--public-tilelang", "d"], 8, 5) == [
         {"L": 8, "name": "sparse_mla tilelang fwd", "ms": 1.0}]
     monkeypatch.setattr(b.subprocess, "run", stalled)
-    rows = b.sparse_mla_in_own_process(["--public-tilelang", "d"], 8, 5)
+    rows = b.sparse_mla_in_own_process(["--public-tilelang", "d"], 8, 5, retries=0)
     assert rows == [{"L": 8, "name": "sparse_mla (own process)",
                      "error": "no result in 5 s (--public-timeout): its process was stopped"}]
     assert "no result in 5 s" in table({"kernels": rows, "e2e": []})
+    rows = b.sparse_mla_in_own_process(["--public-tilelang", "d"], 8, 5, retries=2)
+    assert rows == [{"L": 8, "name": "sparse_mla (own process)",
+                     "error": "no result in 5 s (--public-timeout): its process was stopped (tries: 3)"}]
+
+    calls = []
+
+    def stalls_once(cmd, timeout):  # a hang, then a process that finishes: its rows, no error row
+        calls.append(cmd)
+        return stalled(cmd, timeout) if len(calls) == 1 else finished(cmd, timeout)
+    monkeypatch.setattr(b.subprocess, "run", stalls_once)
+    assert b.sparse_mla_in_own_process(["--public-tilelang", "d"], 8, 5) == [
+        {"L": 8, "name": "sparse_mla tilelang fwd", "ms": 1.0}]
+    assert len(calls) == 2
+
+    def fails(cmd, timeout):  # a process that fails is not started again
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1)
+    calls.clear()
+    monkeypatch.setattr(b.subprocess, "run", fails)
+    rows = b.sparse_mla_in_own_process(["--public-tilelang", "d"], 8, 5, retries=3)
+    assert len(calls) == 1 and rows[0]["error"] == "its process exited with status 1"
