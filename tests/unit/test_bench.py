@@ -116,3 +116,16 @@ def test_one_length_process_rows_and_its_failures_become_rows(monkeypatch):
     monkeypatch.setattr(b.subprocess, "run", fails)
     rows = b.sparse_mla_in_own_process(["--public-tilelang", "d"], 8, 5, retries=3)
     assert len(calls) == 1 and rows[0]["error"] == "its process exited with status 1"
+
+
+def test_cudnn_rows_without_the_package_are_one_error_row():
+    import importlib.util
+
+    from bench.cudnn import bench_cudnn
+
+    if importlib.util.find_spec("cudnn") is not None:
+        pytest.skip("the cuDNN frontend is installed here")
+    rows = bench_cudnn(None, torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 8), torch.zeros(1, 4, 2, dtype=torch.long),
+                       1.0, 1)
+    assert len(rows) == 1 and rows[0]["name"] == "sparse_mla cudnn bwd"
+    assert rows[0]["error"].startswith("ModuleNotFoundError")
