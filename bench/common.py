@@ -62,6 +62,13 @@ def guarded(name: str, fn, iters: int, flops: float | None = None, warm: bool = 
     return {"name": name, **r}
 
 
+def failed_row(name: str, e: Exception) -> dict:
+    """The row of a step that raised, printed at once (the tables come only at the end of a run)."""
+    row = {"name": name, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    print(f"  {name}: {row['error']}", flush=True)
+    return row
+
+
 def mark(what: str) -> None:
     """`--memory-marks`: memory held at this point of a step (what stays allocated between phases)."""
     if OPTIONS["memory_marks"]:

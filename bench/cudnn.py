@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from bench.common import DV, guarded, rel_diff, sparse_mla_flops
+from bench.common import DV, failed_row, guarded, rel_diff, sparse_mla_flops
 
 
 def bench_cudnn(ours, q, kv, idx, scale: float, iters: int) -> list[dict]:
@@ -23,9 +23,7 @@ def bench_cudnn(ours, q, kv, idx, scale: float, iters: int) -> list[dict]:
     try:
         from cudnn.deepseek_sparse_attention import sparse_attention_backward_wrapper as backward
     except Exception as e:  # noqa: BLE001 -- not installed, or a build this machine cannot load: record it
-        row = {"name": "sparse_mla cudnn bwd", "error": f"{type(e).__name__}: {str(e)[:200]}"}
-        print(f"  {row['name']}: {row['error']}", flush=True)
-        return [row]
+        return [failed_row("sparse_mla cudnn bwd", e)]
     B, L, heads, _ = q.shape
     assert B == 1, "the flat cuDNN layout is one sequence"
     out, lse = ours.sparse_mla_forward(q, kv, idx, scale, DV)
@@ -50,7 +48,5 @@ def bench_cudnn(ours, q, kv, idx, scale: float, iters: int) -> list[dict]:
         selected = int((idx >= 0).sum())
         rows.append({**guarded("sparse_mla cudnn bwd", run, iters, 2.5 * sparse_mla_flops(heads, selected)), **diff})
     except Exception as e:  # noqa: BLE001
-        row = {"name": "sparse_mla cudnn bwd", "error": f"{type(e).__name__}: {str(e)[:200]}"}
-        print(f"  {row['name']}: {row['error']}", flush=True)
-        rows.append(row)
+        rows.append(failed_row("sparse_mla cudnn bwd", e))
     return rows

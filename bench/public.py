@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from bench.common import DV, guarded, rel_diff, sparse_mla_flops
+from bench.common import DV, failed_row, guarded, rel_diff, sparse_mla_flops
 
 
 def load(directory: str):
@@ -37,20 +37,13 @@ def _phase(what: str) -> None:
     print(f"  [public-tilelang] {what} ({time.strftime('%H:%M:%S')})", flush=True)
 
 
-def _failed(name: str, e: Exception) -> dict:
-    """The row of a step that raised, printed at once (the tables come only at the end of a run)."""
-    row = {"name": name, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-    print(f"  {name}: {row['error']}", flush=True)
-    return row
-
-
 def bench_public(directory: str, ours, q, kv, idx, scale: float, iters: int) -> list[dict]:
     """Rows: ours' and their forward on every-entry-valid selections; their backward on `idx` (ours' backward row
     on the same inputs is the main table's)."""
     try:
         fwd, bwd = load(directory)
     except Exception as e:  # noqa: BLE001 -- a checkout this TileLang cannot run: record it
-        return [_failed("sparse_mla public-tilelang", e)]
+        return [failed_row("sparse_mla public-tilelang", e)]
     B, L, heads, _ = q.shape
     K = idx.shape[-1]
     kv4 = kv[:, :, None, :].contiguous()
@@ -73,7 +66,7 @@ def bench_public(directory: str, ours, q, kv, idx, scale: float, iters: int) -> 
                             lambda: fwd.sparse_mla_fwd_interface(q, kv4, anywhere4, L, 1, sm_scale=scale), iters,
                             flops), "rel_diff_vs_ours": diff}]
     except Exception as e:  # noqa: BLE001
-        rows.append(_failed("sparse_mla public-tilelang fwd", e))
+        rows.append(failed_row("sparse_mla public-tilelang fwd", e))
     out, lse = ours.sparse_mla_forward(q, kv, idx, scale, DV)
     g = torch.randn_like(out)
     later = torch.arange(L, device=idx.device)[None, :, None] + 1
@@ -92,5 +85,5 @@ def bench_public(directory: str, ours, q, kv, idx, scale: float, iters: int) -> 
                                lambda: bwd.sparse_mla_bwd(q, kv4, out, g, ind, lse2, sm_scale=scale), iters,
                                2.5 * sparse_mla_flops(heads, selected)), "rel_diff_vs_ours": diff})
     except Exception as e:  # noqa: BLE001
-        rows.append(_failed("sparse_mla public-tilelang bwd", e))
+        rows.append(failed_row("sparse_mla public-tilelang bwd", e))
     return rows
