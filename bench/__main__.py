@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from bench.bound import bench_bound, bound_table
-from bench.common import DI, OPTIONS, G
+from bench.common import DI, OPTIONS, G, H
 from bench.e2e import MODELS, bench_e2e
 from bench.kernels import bench_sdpa, bench_sparse_mla, bench_topk, bench_warmup_kl
 from bench.report import sweep_summary, table
@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="end to end: recompute each layer's top-k in backward (stage.recompute_topk=true)")
     ap.add_argument("--sweep", nargs="*", choices=["warmup_kl", "sparse_mla", "tilelang_sparse_mla"],
                     help="only sweep these kernels' launch configurations, at the first of --lengths")
+    ap.add_argument("--sparse-mla-heads", type=int, default=H,
+                    help="the sparse_mla section's head count (rows are named with it where it is not the default)")
     ap.add_argument("--sweep-heads", type=int, default=128, help="the sparse MLA sweep's head count")
     ap.add_argument("--memory-marks", action="store_true",
                     help="end to end: print allocated memory after each step's forward and backward")
@@ -104,10 +106,11 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("error: make bench needs a CUDA GPU")
     from train import ops
+    from train.ops import cudnn_sparse_mla
 
     torch.manual_seed(0)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels_backend": ops.backend(),
-               "kernels": [], "e2e": []}
+               "cudnn_backward_importable": cudnn_sparse_mla.importable(), "kernels": [], "e2e": []}
 
     def save():  # after every section, so that a cut run keeps what it measured
         with open(args.out, "w") as f:
@@ -125,8 +128,9 @@ def main(argv=None) -> None:
         print(f"[topk] L={L}", flush=True)
         results["kernels"] += [{"L": L, **r} for r in bench_topk(L, args.iters, args.twin_max, args.plain_max)]
         save()
-    sections = {"sparse_mla": lambda L: bench_sparse_mla(L, args.iters, args.twin_max, public=args.public_tilelang,
-                                                    backends=args.sparse_mla_backends, cudnn=args.cudnn),
+    sections = {"sparse_mla": lambda L: bench_sparse_mla(L, args.iters, args.twin_max, args.sparse_mla_heads,
+                                                    public=args.public_tilelang, backends=args.sparse_mla_backends,
+                                                    cudnn=args.cudnn),
                 "sdpa": lambda L: bench_sdpa(L, args.iters),
                 "warmup_kl": lambda L: bench_warmup_kl(L, args.iters, args.twin_max)}
     # --public-tilelang over several lengths: the sparse MLA rows of each length in its own process

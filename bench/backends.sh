@@ -6,7 +6,8 @@
 # largest difference from the first backend's (the PyTorch twins by default).
 #   bench/backends.sh [OUT_DIR] [BACKENDS...]      (defaults: checkpoints/backends; reference triton tilelang)
 # Extra Hydra overrides for every stage go in ARGS="..."; STEPS="300 100 60" sets the base, warm-up and sparse
-# steps. On a GPU machine, bf16 (deepspeed.bf16=auto).
+# steps; LATENT=512 gives the model DeepSeek's latent rows (512 + 64 rope), the shape cuDNN's sparse MLA backward
+# takes (DSA_KERNELS=cudnn). On a GPU machine, bf16 (deepspeed.bf16=auto).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -16,9 +17,10 @@ BACKENDS=("${@:-reference triton tilelang}")
 read -r -a BACKENDS <<<"${BACKENDS[*]}"
 COMMON=(run.root="$OUT" logging.wandb.mode=disabled data.seq_len=512 model.index_head_dim=64 ${ARGS:-})
 read -r STEPS_BASE STEPS_WARMUP STEPS_SPARSE <<<"${STEPS:-300 100 60}"
-ARCH=(model.arch.num_attention_heads=64 model.arch.num_key_value_heads=64 model.arch.kv_lora_rank=128
+LATENT=${LATENT:-128}
+ARCH=(model.arch.num_attention_heads=64 model.arch.num_key_value_heads=64 model.arch.kv_lora_rank=$LATENT
       model.arch.qk_rope_head_dim=64 model.arch.max_position_embeddings=512)
-echo "== base (tiny model, 64 heads, latent 128, rope 64)"
+echo "== base (tiny model, 64 heads, latent $LATENT, rope 64)"
 launch/local.sh stage=base run.name=base stage.steps=$STEPS_BASE "${ARCH[@]}" "${COMMON[@]}"
 echo "== warm-up"
 launch/local.sh stage=warmup run.name=tiny model.path="$OUT/base/base/export" stage.steps=$STEPS_WARMUP "${COMMON[@]}"

@@ -85,6 +85,8 @@ def bench_sparse_mla(L: int, iters: int, twin_max: int, heads: int = H, public: 
             o = reference.sparse_mla(qg, kvg, idx, scale, DV)[0]
             torch.autograd.grad(o, (qg, kvg), g)
         rows.append(guarded("sparse_mla twin fwd+bwd", twin, max(1, iters // 3), 3.5 * fwd_flops))
+    if heads != H:
+        rows = [{**r, "name": f"{r['name']}, {heads} heads"} for r in rows]
     return rows
 
 

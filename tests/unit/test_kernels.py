@@ -13,7 +13,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from train.ops import reference, triton_sparse_mla, triton_topk  # noqa: E402
+from train.ops import cudnn_sparse_mla, reference, triton_sparse_mla, triton_topk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GPU = pytest.mark.skipif(DEVICE != "cuda", reason="real shapes need a GPU")
@@ -31,6 +31,8 @@ def _tilelang_kernels():
 
 tilelang_sparse_mla = _tilelang_kernels()
 TILELANG = pytest.mark.skipif(tilelang_sparse_mla is None, reason="TileLang kernels need a Hopper GPU and tilelang")
+CUDNN = pytest.mark.skipif(tilelang_sparse_mla is None or not cudnn_sparse_mla.importable(),
+                           reason="cuDNN's sparse MLA backward needs a Hopper GPU and nvidia-cudnn-frontend")
 TOL = 1e-5 if DEVICE == "cpu" else 5e-2      # gradients
 TOL_FWD = 1e-5 if DEVICE == "cpu" else 1e-2  # forward outputs (loss, attention output, probabilities, recall)
 
@@ -334,21 +336,20 @@ def test_tilelang_warp_specialised_sparse_mla_matches_twin_small():
                       kernel=tilelang_sparse_mla.sparse_mla)
 
 
-@TILELANG
-def test_model_sparse_stage_with_tilelang_equals_triton(monkeypatch):
-    """Through the dispatch point, in bf16: the sparse stage's loss and gradients with TileLang's sparse MLA
-    against the Triton kernels, under activation checkpointing too (the one-pass recomputation)."""
-    model, run = _stage_run("sparse", TILELANG_ARCH, index_head_dim=32)
+def _model_sparse_stage_equal(monkeypatch, arch, backends):
+    """Through the dispatch point, in bf16: the sparse stage's loss and gradients with each of `backends` against
+    the first, under activation checkpointing too (the one-pass recomputation)."""
+    model, run = _stage_run("sparse", arch, index_head_dim=32)
     model.to(torch.bfloat16)
     res = {}
-    for backend in ("triton", "tilelang"):
+    for backend in backends:
         monkeypatch.setenv("DSA_KERNELS", backend)
         res[backend] = run()
         model.activation_checkpointing = True
         res[backend + " checkpointed"] = run()
         model.activation_checkpointing = False
-    for name in ("tilelang", "tilelang checkpointed", "triton checkpointed"):
-        (m_got, g_got), (m_want, g_want) = res[name], res["triton"]
+    for name in [n for n in res if n != backends[0]]:
+        (m_got, g_got), (m_want, g_want) = res[name], res[backends[0]]
         for key in m_want:
             assert abs(m_got[key].float().item() - m_want[key].float().item()) <= 2e-2 * max(
                 1.0, abs(m_want[key].float().item())), (name, key)
@@ -357,13 +358,18 @@ def test_model_sparse_stage_with_tilelang_equals_triton(monkeypatch):
         assert worst <= 5e-2, (name, worst)
 
 
+@TILELANG
+def test_model_sparse_stage_with_tilelang_equals_triton(monkeypatch):
+    _model_sparse_stage_equal(monkeypatch, TILELANG_ARCH, ("triton", "tilelang"))
+
+
 def test_backend_choice(monkeypatch):
     from train import ops
 
     monkeypatch.delenv("DSA_KERNELS", raising=False)
     assert ops.backend() == "auto"
     monkeypatch.setenv("DSA_KERNELS", "fast")
-    with pytest.raises(ValueError, match="DSA_KERNELS='fast'; allowed: auto, reference, triton, tilelang"):
+    with pytest.raises(ValueError, match="DSA_KERNELS='fast'; allowed: auto, reference, triton, tilelang, cudnn"):
         ops.backend()
 
 
@@ -405,3 +411,76 @@ def test_absorbed_sparse_mla_in_query_chunks_matches_twin():
 @TILELANG
 def test_absorbed_sparse_mla_tilelang_matches_twin():
     _check_absorbed(tilelang_sparse_mla, torch.bfloat16, TOL, L=300, H=20, N=32, R=32, A=64, V=32, K=100, chunk=128)
+
+
+# cuDNN's sparse MLA backward: its adapter (batches as one flat sequence, selections shifted and padded, chunks
+# summed) on any device, against a stand-in for cuDNN's flat kernel built from the twin; the kernel on a GPU.
+
+def _flat_twin_backward(q, kv, out, dout, lse, sink, idx, softmax_scale):
+    """cuDNN's flat contract, computed by the twin: one sequence, selections of whole key blocks indexing it."""
+    N, H, _ = q.shape
+    assert idx.dtype == torch.int32 and idx.shape[-1] % cudnn_sparse_mla.KEY_BLOCK == 0
+    assert lse.shape == (N, H) and torch.isneginf(sink).all() and sink.shape == (H,)
+    q1, kv1 = q[None].detach().requires_grad_(), kv[None].detach().requires_grad_()
+    with torch.enable_grad():  # called from inside a backward
+        o, _, _ = reference.sparse_mla(q1, kv1, idx[None].long(), softmax_scale, dout.shape[-1])
+        dq, dkv = torch.autograd.grad(o, (q1, kv1), dout[None])
+    return {"dq": dq[0], "dkv": dkv[0]}
+
+
+def test_cudnn_backward_adapter_matches_twin(monkeypatch):
+    monkeypatch.setattr(cudnn_sparse_mla, "_flat_backward", lambda: _flat_twin_backward)
+    kernels = cudnn_sparse_mla.WithCudnnBackward(triton_sparse_mla)
+    _check_sparse_mla(B=2, L=40, H=16, DV=32, DR=16, K=24, dtype=torch.float32, tol=TOL, kernel=kernels.sparse_mla)
+    _check_absorbed(kernels, torch.float32, TOL)
+
+
+def test_cudnn_flat_selection():
+    idx = torch.tensor([[[0, 2, -1]], [[1, -1, 0]]])
+    flat = cudnn_sparse_mla.flat_selection(idx, rows_per_sequence=5)
+    assert flat.dtype == torch.int32 and flat.shape == (2, 64)
+    assert flat[:, :3].tolist() == [[0, 2, -1], [6, -1, 5]] and (flat[:, 3:] == -1).all()
+
+
+def test_cudnn_backend_choice(monkeypatch):
+    from train import ops
+
+    monkeypatch.setenv("DSA_KERNELS", "cudnn")
+    monkeypatch.setattr(ops, "_CUDNN", {"importable": False})
+    with pytest.raises(ValueError, match="DSA_KERNELS=cudnn, but NVIDIA's cuDNN frontend does not import here"):
+        ops.backend()
+    monkeypatch.setattr(ops, "_CUDNN", {"importable": True})
+    q, kv, idx = _sparse_inputs(1, 8, 4, 32, 16, 4, torch.float32)
+    with pytest.raises(ValueError, match="DSA_KERNELS=cudnn with torch.float32 tensors of d_qk 48, d_v 32 on cpu"):
+        ops.sparse_mla(q, kv, idx, 0.1, 32)
+    monkeypatch.setenv("DSA_KERNELS", "auto")  # auto never asks for it where it cannot run
+    assert ops._sparse_mla_kernels(q, kv, 32) in (None, triton_sparse_mla)
+
+
+@CUDNN
+@pytest.mark.parametrize("H", [128, 16, 80])  # DeepSeek-V3; the 1B model; a head count not a multiple of 64
+def test_cudnn_backward_matches_twin_deepseek_shape(H):
+    _check_sparse_mla(B=1, L=4096, H=H, DV=512, DR=64, K=2048, dtype=torch.bfloat16, tol=TOL,
+                      kernel=cudnn_sparse_mla.WithCudnnBackward(tilelang_sparse_mla).sparse_mla)
+
+
+@CUDNN
+@pytest.mark.parametrize("forward", ["tilelang", "triton"])
+def test_cudnn_backward_matches_twin_small(forward):
+    # two batches, K not a multiple of the key block, early rows with fewer than K keys, a row with none
+    kernels = cudnn_sparse_mla.WithCudnnBackward(tilelang_sparse_mla if forward == "tilelang" else triton_sparse_mla)
+    _check_sparse_mla(B=2, L=200, H=20, DV=512, DR=64, K=40, dtype=torch.bfloat16, tol=TOL, kernel=kernels.sparse_mla)
+    _check_absorbed(kernels, torch.bfloat16, TOL, L=300, H=20, N=32, R=64, A=512, V=32, K=100, chunk=128)
+
+
+@CUDNN
+def test_model_sparse_stage_with_cudnn_backward_equals_tilelang(monkeypatch):
+    """A model with DeepSeek's latent rows (512 + 64) and 64 heads: TileLang's forward with cuDNN's backward,
+    through the dispatch point, against TileLang's own backward and Triton's kernels."""
+    from train import ops
+
+    arch = dict(KERNEL_ARCH, num_attention_heads=64, num_key_value_heads=64, kv_lora_rank=512, qk_rope_head_dim=64)
+    _model_sparse_stage_equal(monkeypatch, arch, ("tilelang", "cudnn", "triton"))
+    monkeypatch.setenv("DSA_KERNELS", "auto")
+    q = torch.zeros(1, 8, 64, 576, device=DEVICE, dtype=torch.bfloat16)
+    assert isinstance(ops._sparse_mla_kernels(q, q[:, :, 0], 512), cudnn_sparse_mla.WithCudnnBackward)

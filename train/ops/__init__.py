@@ -2,12 +2,15 @@
 
 Each op has a chunked PyTorch reference (`reference.py`, any device: the oracle) and, where written, a
 Triton kernel with the same contract (`triton_*.py`); sparse MLA also has a TileLang kernel for Hopper GPUs
-(`tilelang_sparse_mla.py`, used where `tilelang` is installed: `pip install .[gpu]`). `DSA_KERNELS` picks:
+(`tilelang_sparse_mla.py`) and can take its backward from NVIDIA's cuDNN frontend (`cudnn_sparse_mla.py`),
+both used where installed: `pip install .[gpu]`. `DSA_KERNELS` picks:
   auto (default)  for CUDA tensors whose shapes a kernel supports: TileLang's sparse MLA on a Hopper GPU with
-                  bf16 inputs and at least 64 heads, Triton for the rest; else the reference
+                  bf16 inputs and at least 64 heads, Triton for the rest, with cuDNN's sparse MLA backward
+                  where it runs (Hopper, bf16, d_qk 576 = latent 512 + rope 64); else the reference
   reference       always the reference
   triton          Triton wherever the shapes allow, CPU tensors included (tests: TRITON_INTERPRET=1)
-  tilelang        TileLang's sparse MLA (CUDA, bf16), Triton for the other ops
+  tilelang        TileLang's sparse MLA, forward and backward (CUDA, bf16), Triton for the other ops
+  cudnn           as auto, and an error where cuDNN's sparse MLA backward cannot run
 Shapes the kernels take: power-of-two head dims >= 16 (the main attention's d_qk may be two such parts,
 192 = 128 + 64), since their tiles need them; anything else runs the reference. Head counts are free (tiles
 pad them and mask or drop the rest). Top-k, the warm-up KL and dense attention take queries that sit past the
@@ -20,7 +23,7 @@ import os
 
 import torch
 
-from train.ops import reference
+from train.ops import cudnn_sparse_mla, reference
 from train.ops.autograd import AbsorbedSparseMLA, absorbed_query
 from train.ops.reference import dense_attention, indexer_logits
 
@@ -29,19 +32,29 @@ try:
 except ImportError:  # no triton: the reference serves every op
     triton_indexer_kl = triton_sparse_mla = triton_topk = triton_warmup_kl = None
 
-BACKENDS = ("auto", "reference", "triton", "tilelang")
+BACKENDS = ("auto", "reference", "triton", "tilelang", "cudnn")
 _TILELANG: list = []  # the TileLang module once imported (None: not installed), imported on first use
+_CUDNN: dict = {}  # "importable": whether cuDNN's backward imports; a forward module -> it with that backward
 
 
 def backend() -> str:
     name = os.environ.get("DSA_KERNELS", "auto")
     if name not in BACKENDS:
         raise ValueError(f"DSA_KERNELS={name!r}; allowed: {', '.join(BACKENDS)}")
-    if name in ("triton", "tilelang") and triton_topk is None:
+    if name in ("triton", "tilelang", "cudnn") and triton_topk is None:
         raise ValueError(f"DSA_KERNELS={name}, but triton is not installed; pip install triton")
     if name == "tilelang" and _tilelang() is None:
         raise ValueError("DSA_KERNELS=tilelang, but tilelang is not installed; pip install .[gpu] (Hopper GPUs)")
+    if name == "cudnn" and not _cudnn_importable():
+        raise ValueError("DSA_KERNELS=cudnn, but NVIDIA's cuDNN frontend does not import here; pip install .[gpu] "
+                         "(Hopper GPUs)")
     return name
+
+
+def _cudnn_importable() -> bool:
+    if "importable" not in _CUDNN:
+        _CUDNN["importable"] = cudnn_sparse_mla.importable()
+    return _CUDNN["importable"]
 
 
 def _tilelang():
@@ -57,10 +70,10 @@ def _tilelang():
 def _use_tilelang(q: torch.Tensor, kv: torch.Tensor, supported: bool) -> bool:
     """TileLang's sparse MLA: bf16 CUDA tensors on a Hopper GPU (DSA_KERNELS auto or tilelang)."""
     name = backend()
-    if name not in ("auto", "tilelang") or not supported or not q.is_cuda:
+    if name not in ("auto", "tilelang", "cudnn") or not supported or not q.is_cuda:
         return False
     fits = q.dtype == kv.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device)[0] == 9
-    if name == "auto" and q.shape[2] < 64:
+    if name != "tilelang" and q.shape[2] < 64:
         return False  # below 64 heads a program cannot fill a warpgroup's wgmma rows: Triton was faster there
     if name == "tilelang" and not fits:
         raise ValueError(f"DSA_KERNELS=tilelang with {q.dtype} tensors on {torch.cuda.get_device_name(q.device)}: "
@@ -104,14 +117,34 @@ def sparse_mla(q_BLHD: torch.Tensor, kv_BLD: torch.Tensor, idx_BLK: torch.Tensor
 
 
 def _sparse_mla_kernels(q: torch.Tensor, kv_BLD: torch.Tensor, v_dim: int):
-    """The sparse MLA kernel module for these tensors (TileLang, Triton), or None for the twin; the latent rows
-    [v_dim | rope] set the dims the kernels must take."""
+    """The sparse MLA kernels for these tensors (TileLang's, Triton's, either with cuDNN's backward), or None for
+    the twin; the latent rows [v_dim | rope] set the dims the kernels must take."""
     rope = kv_BLD.shape[-1] - v_dim
     if _use_tilelang(q, kv_BLD, v_dim >= 32 and rope >= 32 and _pow2(v_dim, rope)):
-        return _tilelang()
-    if _use_triton(q, _pow2(v_dim, rope) and q.dtype == kv_BLD.dtype):
-        return triton_sparse_mla
-    return None
+        kernels = _tilelang()
+    elif _use_triton(q, _pow2(v_dim, rope) and q.dtype == kv_BLD.dtype):
+        kernels = triton_sparse_mla
+    else:
+        kernels = None
+    if not _use_cudnn(q, kv_BLD, v_dim, kernels is not None):
+        return kernels
+    if kernels not in _CUDNN:
+        _CUDNN[kernels] = cudnn_sparse_mla.WithCudnnBackward(kernels)
+    return _CUDNN[kernels]
+
+
+def _use_cudnn(q: torch.Tensor, kv: torch.Tensor, v_dim: int, forward_kernels: bool) -> bool:
+    """cuDNN's sparse MLA backward: DSA_KERNELS auto or cudnn, a kernel for the forward, and tensors it takes."""
+    name = backend()
+    if name not in ("auto", "cudnn"):
+        return False
+    fits = forward_kernels and cudnn_sparse_mla.fits(q, kv, v_dim)
+    if name == "cudnn" and not fits:
+        where = torch.cuda.get_device_name(q.device) if q.is_cuda else str(q.device)
+        raise ValueError(f"DSA_KERNELS=cudnn with {q.dtype} tensors of d_qk {q.shape[-1]}, d_v {v_dim} on {where}: "
+                         "cuDNN's sparse MLA backward takes bf16 on Hopper GPUs with d_qk 576 and d_v 512; "
+                         "allowed: DSA_KERNELS=auto, tilelang or triton")
+    return fits and _cudnn_importable()
 
 
 # Absorbed queries a chunk of `absorbed_sparse_mla` may hold (elements; 2**29: 1 GiB in bf16).
