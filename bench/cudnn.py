@@ -1,7 +1,8 @@
 """NVIDIA cuDNN frontend's DeepSeek-sparse-attention backward (`nvidia-cudnn-frontend`, its Hopper CuTe-DSL kernel),
-timed beside ours on the same inputs: `python -m bench --sections sparse_mla --cudnn`. It is not a dependency of
-the project: without the option these rows are left out, and where the package does not import, one error row says
-why.
+called directly and timed beside ours on the same inputs: `python -m bench --sections sparse_mla --cudnn`. The
+training path calls the same kernel through `train/ops/cudnn_sparse_mla.py` (an optional dependency, the `gpu`
+extra); this row times the kernel alone, as `bench/public.py` does for the public TileLang kernels. Where the
+package does not import, one error row says why.
 
 Their contract, adapted here: flat tensors without the batch axis (q [L, H, 576], latent rows [L, 576], out and its
 gradient [L, H, 512]), our natural-log log-sum-exp as is, selections as int32 [L, k] (entries outside the rows, our

@@ -141,8 +141,9 @@ def _use_cudnn(q: torch.Tensor, kv: torch.Tensor, v_dim: int, forward_kernels: b
     fits = forward_kernels and cudnn_sparse_mla.fits(q, kv, v_dim)
     if name == "cudnn" and not fits:
         where = torch.cuda.get_device_name(q.device) if q.is_cuda else str(q.device)
-        raise ValueError(f"DSA_KERNELS=cudnn with {q.dtype} tensors of d_qk {q.shape[-1]}, d_v {v_dim} on {where}: "
-                         "cuDNN's sparse MLA backward takes bf16 on Hopper GPUs with d_qk 576 and d_v 512; "
+        raise ValueError(f"DSA_KERNELS=cudnn with {q.dtype} tensors, latent rows of {kv.shape[-1]}, d_v {v_dim} on "
+                         f"{where}: cuDNN's sparse MLA backward takes bf16 on Hopper GPUs with latent rows of 576 "
+                         "(d_qk) and d_v 512; "
                          "allowed: DSA_KERNELS=auto, tilelang or triton")
     return fits and _cudnn_importable()
 

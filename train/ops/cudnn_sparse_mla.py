@@ -38,9 +38,11 @@ def importable() -> bool:
 
 
 def fits(q: torch.Tensor, kv: torch.Tensor, v_dim: int) -> bool:
-    """The shapes and tensors the kernel takes (the package aside)."""
-    return (q.is_cuda and q.dtype == kv.dtype == torch.bfloat16 and q.shape[-1] == kv.shape[-1] == D_QK
-            and v_dim == D_V and q.shape[2] >= 2 and torch.cuda.get_device_capability(q.device)[0] == 9)
+    """The shapes and tensors the kernel takes (the package aside): latent rows kv [B, S, 576] with v_dim 512;
+    q [B, L, H, ...] gives the heads and the dtype (the absorbed path passes its query parts, not the 576-wide
+    absorbed queries)."""
+    return (q.is_cuda and q.dtype == kv.dtype == torch.bfloat16 and kv.shape[-1] == D_QK and v_dim == D_V
+            and q.shape[2] >= 2 and torch.cuda.get_device_capability(q.device)[0] == 9)
 
 
 def flat_selection(idx: torch.Tensor, rows_per_sequence: int) -> torch.Tensor:
