@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from train import checkpoint
+from train import checkpoint, ops
 from train import engine as eng
 from train.checkpoint import TrainState
 from train.config import TrainConfig
@@ -54,7 +54,8 @@ def print_plan(cfg: TrainConfig, world_size: int, model) -> None:
            if cfg.deepspeed.context_parallel > 1 else "")
         + f", micro batch {s.micro_batch}, gradient accumulation {cfg.grad_accum(world_size)}"
         f"\n[plan] indexer: {model.index_n_heads} heads x {model.index_head_dim}, top-{model.index_topk} of "
-        f"{cfg.data.seq_len:,}"
+        f"{cfg.data.seq_len:,}\n"
+        f"[plan] kernels: DSA_KERNELS={ops.backend()}; sparse MLA: {model.layers[0].self_attn.sparse_mla_kernels()}"
     )
 
 

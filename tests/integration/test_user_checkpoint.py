@@ -40,6 +40,7 @@ def test_readme_conversion_of_a_users_bf16_moe_checkpoint(tmp_path):
                          text=True, timeout=900)
     assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     assert "[plan] preset paper" in out.stdout and "top-64 of 256" in out.stdout
+    assert "[plan] kernels: DSA_KERNELS=auto; sparse MLA: reference" in out.stdout  # CPU: the twins
     assert "[summary] sparse" in out.stdout
 
     run = repo / "checkpoints" / "mine"

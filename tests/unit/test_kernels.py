@@ -457,6 +457,12 @@ def test_cudnn_backend_choice(monkeypatch):
         ops.sparse_mla(q, kv, idx, 0.1, 32)
     monkeypatch.setenv("DSA_KERNELS", "auto")  # auto never asks for it where it cannot run
     assert ops._sparse_mla_kernels(q, kv, 32) in (None, triton_sparse_mla)
+    # the plan's log line names what runs
+    assert ops.sparse_mla_kernels_name(q, kv, 32) == ("triton" if DEVICE == "cuda" else "reference")
+    monkeypatch.setenv("DSA_KERNELS", "triton")
+    assert ops.sparse_mla_kernels_name(q, kv, 32) == "triton"
+    monkeypatch.setattr(ops, "_use_cudnn", lambda *args: True)
+    assert ops.sparse_mla_kernels_name(q, kv, 32) == "triton, cudnn backward"
 
 
 @CUDNN

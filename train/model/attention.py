@@ -148,6 +148,14 @@ class DSAAttention(nn.Module):
             stats = AttentionStats(kl_BL=kl_BL, recall_BL=recall_BL)
         return out_BLHV, stats
 
+    def sparse_mla_kernels(self) -> str:
+        """The kernels this layer's sparse attention runs, as the dispatch point picks them for its shapes, dtype
+        and device (the plan's log line)."""
+        w = self.kv_b_proj.weight
+        q_nope = w.new_empty(1, 1, self.num_heads, self.nope_dim)
+        return ops.sparse_mla_kernels_name(q_nope, w.new_empty(1, 1, self.latent_dim + self.rope_dim),
+                                           self.latent_dim)
+
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head into W_UK [H, N, A] (absorbed into q) and W_UV [H, V, A] (applied after)."""
         w_HXA = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)

@@ -148,6 +148,21 @@ def _use_cudnn(q: torch.Tensor, kv: torch.Tensor, v_dim: int, forward_kernels: b
     return fits and _cudnn_importable()
 
 
+def sparse_mla_kernels_name(q: torch.Tensor, kv_BLD: torch.Tensor, v_dim: int) -> str:
+    """Which kernels sparse MLA runs for tensors like these (for the plan's log line): "tilelang", "triton",
+    either with ", cudnn backward", or "reference"."""
+    kernels = _sparse_mla_kernels(q, kv_BLD, v_dim)
+    if kernels is None:
+        return "reference"
+    if isinstance(kernels, cudnn_sparse_mla.WithCudnnBackward):
+        return f"{_kernels_name(kernels.forward)}, cudnn backward"
+    return _kernels_name(kernels)
+
+
+def _kernels_name(module) -> str:
+    return module.__name__.rsplit(".", 1)[-1].split("_")[0]  # train.ops.tilelang_sparse_mla -> tilelang
+
+
 # Absorbed queries a chunk of `absorbed_sparse_mla` may hold (elements; 2**29: 1 GiB in bf16).
 ABSORBED_CHUNK_ELEMS = 1 << 29
 
@@ -198,4 +213,5 @@ __all__ = [
     "indexer_topk",
     "sparse_indexer_kl",
     "sparse_mla",
+    "sparse_mla_kernels_name",
 ]
