@@ -4,10 +4,8 @@ training path calls the same kernel through `train/ops/cudnn_sparse_mla.py` (an 
 extra); this row times the kernel alone, as `bench/public.py` does for the public TileLang kernels. Where the
 package does not import, one error row says why.
 
-Their contract, adapted here: flat tensors without the batch axis (q [L, H, 576], latent rows [L, 576], out and its
-gradient [L, H, 512]), our natural-log log-sum-exp as is, selections as int32 [L, k] (entries outside the rows, our
--1, are skipped), and an attention sink per head that we do not have: -inf, whose probability is 0. The wrapper
-returns dq and the latent rows' gradient in bf16, as ours does."""
+The inputs are adapted to its flat contract as `train/ops/cudnn_sparse_mla.py` describes (one sequence here, so
+no shifted selections)."""
 
 from __future__ import annotations
 
@@ -16,13 +14,14 @@ import math
 import torch
 
 from bench.common import DV, failed_row, guarded, rel_diff, sparse_mla_flops
+from train.ops import cudnn_sparse_mla
 
 
 def bench_cudnn(ours, q, kv, idx, scale: float, iters: int) -> list[dict]:
     """Rows: cuDNN's backward of our forward's output (ours' backward row on the same inputs is the main table's),
     with the relative differences of dq and the latent rows' gradient from ours."""
     try:
-        from cudnn.deepseek_sparse_attention import sparse_attention_backward_wrapper as backward
+        backward = cudnn_sparse_mla._flat_backward()
     except Exception as e:  # noqa: BLE001 -- not installed, or a build this machine cannot load: record it
         return [failed_row("sparse_mla cudnn bwd", e)]
     B, L, heads, _ = q.shape

@@ -442,16 +442,18 @@ def test_cudnn_flat_selection():
     flat = cudnn_sparse_mla.flat_selection(idx, rows_per_sequence=5)
     assert flat.dtype == torch.int32 and flat.shape == (2, 64)
     assert flat[:, :3].tolist() == [[0, 2, -1], [6, -1, 5]] and (flat[:, 3:] == -1).all()
+    one = torch.randint(-1, 5, (1, 3, 64), dtype=torch.int32)  # one sequence of whole key blocks: as it is
+    assert torch.equal(cudnn_sparse_mla.flat_selection(one, rows_per_sequence=5), one[0])
 
 
 def test_cudnn_backend_choice(monkeypatch):
     from train import ops
 
     monkeypatch.setenv("DSA_KERNELS", "cudnn")
-    monkeypatch.setattr(ops, "_CUDNN", {"importable": False})
+    monkeypatch.setattr(ops, "_cudnn_importable", lambda: False)
     with pytest.raises(ValueError, match="DSA_KERNELS=cudnn, but NVIDIA's cuDNN frontend does not import here"):
         ops.backend()
-    monkeypatch.setattr(ops, "_CUDNN", {"importable": True})
+    monkeypatch.setattr(ops, "_cudnn_importable", lambda: True)
     q, kv, idx = _sparse_inputs(1, 8, 4, 32, 16, 4, torch.float32)
     with pytest.raises(ValueError, match="DSA_KERNELS=cudnn with torch.float32 tensors, latent rows of 48, d_v 32 on "):
         ops.sparse_mla(q, kv, idx, 0.1, 32)

@@ -19,6 +19,7 @@ start of their keys (`q_offset`: a rank's piece of a context-parallel sequence).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -34,7 +35,6 @@ except ImportError:  # no triton: the reference serves every op
 
 BACKENDS = ("auto", "reference", "triton", "tilelang", "cudnn")
 _TILELANG: list = []  # the TileLang module once imported (None: not installed), imported on first use
-_CUDNN: dict = {}  # "importable": whether cuDNN's backward imports; a forward module -> it with that backward
 
 
 def backend() -> str:
@@ -51,10 +51,8 @@ def backend() -> str:
     return name
 
 
-def _cudnn_importable() -> bool:
-    if "importable" not in _CUDNN:
-        _CUDNN["importable"] = cudnn_sparse_mla.importable()
-    return _CUDNN["importable"]
+_cudnn_importable = functools.cache(cudnn_sparse_mla.importable)  # tried once, on first use
+_with_cudnn_backward = functools.cache(cudnn_sparse_mla.WithCudnnBackward)  # one per forward module
 
 
 def _tilelang():
@@ -126,11 +124,7 @@ def _sparse_mla_kernels(q: torch.Tensor, kv_BLD: torch.Tensor, v_dim: int):
         kernels = triton_sparse_mla
     else:
         kernels = None
-    if not _use_cudnn(q, kv_BLD, v_dim, kernels is not None):
-        return kernels
-    if kernels not in _CUDNN:
-        _CUDNN[kernels] = cudnn_sparse_mla.WithCudnnBackward(kernels)
-    return _CUDNN[kernels]
+    return _with_cudnn_backward(kernels) if _use_cudnn(q, kv_BLD, v_dim, kernels is not None) else kernels
 
 
 def _use_cudnn(q: torch.Tensor, kv: torch.Tensor, v_dim: int, forward_kernels: bool) -> bool:

@@ -50,6 +50,8 @@ def flat_selection(idx: torch.Tensor, rows_per_sequence: int) -> torch.Tensor:
     padded with -1 to whole key blocks."""
     B, L, K = idx.shape
     pad = -K % KEY_BLOCK
+    if B == 1 and pad == 0 and idx.dtype == torch.int32:  # already flat (top-2048 of one sequence): no copy
+        return idx.reshape(L, K)
     flat = torch.full((B, L, K + pad), -1, dtype=torch.int32, device=idx.device)
     flat[..., :K] = idx
     if B > 1:
