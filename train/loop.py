@@ -55,7 +55,7 @@ def print_plan(cfg: TrainConfig, world_size: int, model) -> None:
         + f", micro batch {s.micro_batch}, gradient accumulation {cfg.grad_accum(world_size)}"
         f"\n[plan] indexer: {model.index_n_heads} heads x {model.index_head_dim}, top-{model.index_topk} of "
         f"{cfg.data.seq_len:,}\n"
-        f"[plan] kernels: DSA_KERNELS={ops.backend()}; sparse MLA: {model.layers[0].self_attn.sparse_mla_kernels()}"
+        f"[plan] kernels: DSA_KERNELS={ops.backend()}; {model.layers[0].self_attn.sparse_kernels()}"
     )
 
 

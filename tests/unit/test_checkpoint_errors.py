@@ -41,8 +41,23 @@ def test_not_a_directory_and_no_config(tmp_path):
 
 def test_wrong_model_type(v3_dir):
     cfg = json.loads((v3_dir / "config.json").read_text())
+    (v3_dir / "config.json").write_text(json.dumps(cfg | {"model_type": "gemma3"}))
+    _fails(v3_dir, "config.json", "'model_type'", "'gemma3'", "deepseek_v3", "deepseek_v2", "qwen3", "llama",
+           "Sliding-window")
+    # a supported family whose weights are another's: the first foreign key is named
     (v3_dir / "config.json").write_text(json.dumps(cfg | {"model_type": "llama"}))
-    _fails(v3_dir, "config.json", "'model_type'", "'llama'", "deepseek_v3")
+    _fails(v3_dir, "model.safetensors", "unexpected key", "kv_a_layernorm", "llama")
+
+
+def test_sliding_window_sources_are_refused(v3_dir):
+    cfg = {"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "sliding_window": 4096}
+    (v3_dir / "config.json").write_text(json.dumps(cfg))
+    _fails(v3_dir, "sliding-window", "'sliding_window' is 4096", "sliding_window null")
+    (v3_dir / "config.json").write_text(json.dumps(cfg | {"model_type": "qwen2", "use_sliding_window": True}))
+    _fails(v3_dir, "sliding-window", "use_sliding_window false")
+    (v3_dir / "config.json").write_text(json.dumps(cfg | {"sliding_window": None, "num_key_value_heads": 3}))
+    _fails(v3_dir, "'num_key_value_heads' is 3", "num_attention_heads=4")
 
 
 def test_mismatched_shape_names_file_and_key(v3_dir):
@@ -72,7 +87,7 @@ def test_cli_writes_nothing_on_error(v3_dir, tmp_path, capsys):
     (v3_dir / "config.json").write_text(json.dumps(cfg | {"q_lora_rank": None}))
     out = tmp_path / "out"
     assert export_main(["--source", str(v3_dir), "--out", str(out)]) == 2
-    assert "'q_lora_rank'" in capsys.readouterr().err
+    assert "unexpected key 'model.layers.0.self_attn.q_a_layernorm.weight'" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 

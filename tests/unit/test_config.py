@@ -62,10 +62,15 @@ def test_stage_files_hold_no_sizes():
 def test_indexer_defaults_scale_with_the_model():
     from train.model.surgery import ModelConfig, index_config
 
-    v3 = dict(num_attention_heads=128, qk_nope_head_dim=128, qk_rope_head_dim=64)
-    small = dict(num_attention_heads=4, qk_nope_head_dim=32, qk_rope_head_dim=16)
+    v3 = dict(model_type="deepseek_v3", num_attention_heads=128, qk_nope_head_dim=128, qk_rope_head_dim=64)
+    small = dict(model_type="deepseek_v3", num_attention_heads=4, qk_nope_head_dim=32, qk_rope_head_dim=16)
     assert index_config(v3, ModelConfig()) == {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
     assert index_config(small, ModelConfig()) == {"index_n_heads": 2, "index_head_dim": 32, "index_topk": 2048}
+    # GQA: half the query heads (at most 64) of the attention's own head dim (Qwen3-32B: 64 x 128, hidden 5120)
+    qwen3_32b = dict(model_type="qwen3", num_attention_heads=64, num_key_value_heads=8, head_dim=128, hidden_size=5120)
+    assert index_config(qwen3_32b, ModelConfig()) == {"index_n_heads": 32, "index_head_dim": 128, "index_topk": 2048}
+    llama = dict(model_type="llama", num_attention_heads=16, num_key_value_heads=4, hidden_size=1024)
+    assert index_config(llama, ModelConfig())["index_head_dim"] == 64
     # an export's own indexer wins over the defaults, and top-k may be overridden
     export = {**small, "index_n_heads": 3, "index_head_dim": 16, "index_topk": 64}
     assert index_config(export, ModelConfig()) == {"index_n_heads": 3, "index_head_dim": 16, "index_topk": 64}

@@ -1,11 +1,13 @@
-"""MLA attention with a lightning indexer, run in one of two modes chosen by the stage: dense or sparse.
+"""Attention with a lightning indexer, run in one of two modes chosen by the stage: dense or sparse.
 
-Dense: the source model's MLA (per-head, non-absorbed), optionally with the warm-up indexer loss.
-Sparse: each query attends to its layer's top-k tokens, in MLA's absorbed (MQA) form, where one gathered
-latent row serves all heads; optionally with the sparse-stage indexer loss over the selected set.
+Two source forms: DeepSeek's MLA (`DSAAttention`) and grouped-query / multi-head attention (`GQAAttention`).
+Dense: the source model's attention (MLA per-head, non-absorbed), optionally with the warm-up indexer loss.
+Sparse: each query attends to its layer's top-k tokens, one selection for all heads: MLA in its absorbed (MQA)
+form, where one gathered latent row serves all heads; GQA with each key head's rows serving its query heads;
+optionally with the sparse-stage indexer loss over the selected set.
 
 Dimension legend: B batch, L sequence, C hidden, H heads, N qk_nope_head_dim, R qk_rope_head_dim,
-V v_head_dim, A kv_lora_rank (latent), K selected tokens, G indexer heads.
+V v_head_dim, A kv_lora_rank (latent), K selected tokens, G indexer heads; GQA: J key heads, D head dim.
 Under context parallelism (`mode.cp`) L is the rank's tokens for queries and the whole sequence for keys: the
 latent, the rope key and the indexer key are gathered over the group, and each piece of the rank's queries runs
 at its global offset.
@@ -20,7 +22,7 @@ import torch.nn as nn
 
 from train import ops
 from train.model.context import ContextParallel
-from train.model.indexer import Indexer, rope_interleaved
+from train.model.indexer import Indexer, rope_interleaved, rope_non_interleaved
 
 
 @dataclass(frozen=True)
@@ -81,29 +83,75 @@ class CheckpointSlot:
         return lse_BLH
 
 
-class DSAAttention(nn.Module):
-    """DeepSeek-V3 MLA plus a lightning indexer. Parameter names match transformers' DeepseekV32Attention."""
+class IndexedAttention(nn.Module):
+    """What every attention with a lightning indexer shares: its side outputs and the top-k selection (kept for the
+    checkpoint recomputation)."""
 
-    def __init__(self, *, q_a_proj: nn.Module, q_a_layernorm: nn.Module, q_b_proj: nn.Module,
+    def __init__(self, indexer: Indexer):
+        super().__init__()
+        self.indexer = indexer
+        self.stats = AttentionStats()
+        self.slot: CheckpointSlot | None = None  # set by the model around checkpointed runs
+
+    def _select(self, qi_BLGD, ki_BSD, wi_BLG, topk: int, cp: ContextParallel) -> torch.Tensor:
+        slot = self.slot
+        topk_BLK = slot.take() if slot is not None and slot.replay else None
+        if topk_BLK is None:
+            qi_BLGD, ki_BSD, wi_BLG = qi_BLGD.detach(), ki_BSD.detach(), wi_BLG.detach()
+            topk_BLK = _by_piece(cp.chunks(ki_BSD.shape[1]), lambda lo, g, n: ops.indexer_topk(
+                qi_BLGD[:, lo : lo + n], ki_BSD, wi_BLG[:, lo : lo + n], topk, q_offset=g))
+            if slot is not None and not slot.replay:
+                slot.keep(topk_BLK)
+        return topk_BLK
+
+    def _lse(self) -> torch.Tensor | None:
+        """The forward's log-sum-exp during the checkpoint recomputation, else None."""
+        slot = self.slot
+        return slot.take_lse() if slot is not None and slot.replay else None
+
+    def _keep_lse(self, lse_BLH: torch.Tensor) -> None:
+        if self.slot is not None and not self.slot.replay:
+            self.slot.lse_BLH = lse_BLH
+
+    def _set_stats(self, stats: AttentionStats) -> None:
+        if self.slot is None or not self.slot.replay:
+            self.stats = stats
+
+    def external_weights(self) -> list[nn.Parameter]:
+        """Weights of submodules this module reads directly (sharding engines gather them for its forward)."""
+        return []
+
+
+class DSAAttention(IndexedAttention):
+    """DeepSeek MLA plus a lightning indexer. Parameter names match transformers' DeepseekV32Attention (and, without
+    a query latent, DeepseekV2Attention's `q_proj`). With a query latent (V3) the indexer reads it; without one
+    (V2, V2-Lite) it reads the attention's input."""
+
+    def __init__(self, *, q_a_proj: nn.Module | None = None, q_a_layernorm: nn.Module | None = None,
+                 q_b_proj: nn.Module | None = None, q_proj: nn.Module | None = None,
                  kv_a_proj_with_mqa: nn.Module, kv_a_layernorm: nn.Module, kv_b_proj: nn.Module,
                  o_proj: nn.Module, indexer: Indexer, num_heads: int, qk_nope_head_dim: int,
                  qk_rope_head_dim: int, v_head_dim: int, kv_lora_rank: int, softmax_scale: float):
-        super().__init__()
-        self.q_a_proj, self.q_a_layernorm, self.q_b_proj = q_a_proj, q_a_layernorm, q_b_proj
+        super().__init__(indexer)
+        if q_proj is None:
+            self.q_a_proj, self.q_a_layernorm, self.q_b_proj = q_a_proj, q_a_layernorm, q_b_proj
+        else:
+            self.q_proj = q_proj
         self.kv_a_proj_with_mqa, self.kv_a_layernorm, self.kv_b_proj = kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj
         self.o_proj = o_proj
-        self.indexer = indexer
         self.num_heads, self.nope_dim, self.rope_dim = num_heads, qk_nope_head_dim, qk_rope_head_dim
         self.v_dim, self.latent_dim, self.softmax_scale = v_head_dim, kv_lora_rank, softmax_scale
-        self.stats = AttentionStats()
-        self.slot: CheckpointSlot | None = None  # set by the model around checkpointed runs
 
     def forward(self, x_BLC: torch.Tensor, cos_BLR: torch.Tensor, sin_BLR: torch.Tensor,
                 mode: AttentionMode) -> torch.Tensor:
         B, L, _ = x_BLC.shape
         H, N, R = self.num_heads, self.nope_dim, self.rope_dim
-        qr_BLQ = self.q_a_layernorm(self.q_a_proj(x_BLC))
-        q_BLHD = self.q_b_proj(qr_BLQ).view(B, L, H, N + R)
+        if hasattr(self, "q_proj"):
+            qr_BLQ = x_BLC  # no query latent: the indexer reads the attention's input
+            q_BLHD = self.q_proj(x_BLC).view(B, L, H, N + R)
+        else:
+            qr_BLQ = self.q_a_layernorm(self.q_a_proj(x_BLC))
+            q_BLHD = self.q_b_proj(qr_BLQ).view(B, L, H, N + R)
         q_nope_BLHN = q_BLHD[..., :N]
         q_rope_BLHR = rope_interleaved(q_BLHD[..., N:], cos_BLR[:, :, None], sin_BLR[:, :, None])
         latent_BLA, k_rope_BLR = self.kv_a_proj_with_mqa(x_BLC).split([self.latent_dim, R], dim=-1)
@@ -123,8 +171,7 @@ class DSAAttention(nn.Module):
                 latent_BLA, k_rope_BLR = kv_BSD.split([self.latent_dim, R], dim=-1)
             out_BLHV, stats = self._dense(q_nope_BLHN, q_rope_BLHR, latent_BLA, k_rope_BLR, mode,
                                           (qi_BLGD, ki_BLD, wi_BLG) if mode.indexer_loss else None)
-        if self.slot is None or not self.slot.replay:
-            self.stats = stats
+        self._set_stats(stats)
         return self.o_proj(out_BLHV.reshape(B, L, H * self.v_dim))
 
     def _dense(self, q_nope_BLHN, q_rope_BLHR, latent_BSA, k_rope_BSR, mode, indexer_out):
@@ -148,42 +195,98 @@ class DSAAttention(nn.Module):
             stats = AttentionStats(kl_BL=kl_BL, recall_BL=recall_BL)
         return out_BLHV, stats
 
-    def sparse_mla_kernels(self) -> str:
+    def sparse_kernels(self) -> str:
         """The kernels this layer's sparse attention runs, as the dispatch point picks them for its shapes, dtype
         and device (the plan's log line)."""
         w = self.kv_b_proj.weight
         q_nope = w.new_empty(1, 1, self.num_heads, self.nope_dim)
-        return ops.sparse_mla_kernels_name(q_nope, w.new_empty(1, 1, self.latent_dim + self.rope_dim),
-                                           self.latent_dim)
+        name = ops.sparse_mla_kernels_name(q_nope, w.new_empty(1, 1, self.latent_dim + self.rope_dim), self.latent_dim)
+        return f"sparse MLA: {name}"
+
+    def external_weights(self) -> list[nn.Parameter]:
+        return [self.kv_b_proj.weight]  # sparse attention's absorbed kv_b_proj
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head into W_UK [H, N, A] (absorbed into q) and W_UV [H, V, A] (applied after)."""
         w_HXA = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)
         return w_HXA[:, : self.nope_dim], w_HXA[:, self.nope_dim :]
 
-    def _select(self, qi_BLGD, ki_BSD, wi_BLG, topk: int, cp: ContextParallel) -> torch.Tensor:
-        slot = self.slot
-        topk_BLK = slot.take() if slot is not None and slot.replay else None
-        if topk_BLK is None:
-            qi_BLGD, ki_BSD, wi_BLG = qi_BLGD.detach(), ki_BSD.detach(), wi_BLG.detach()
-            topk_BLK = _by_piece(cp.chunks(ki_BSD.shape[1]), lambda lo, g, n: ops.indexer_topk(
-                qi_BLGD[:, lo : lo + n], ki_BSD, wi_BLG[:, lo : lo + n], topk, q_offset=g))
-            if slot is not None and not slot.replay:
-                slot.keep(topk_BLK)
-        return topk_BLK
-
     def _sparse(self, q_nope_BLHN, q_rope_BLHR, kv_BLD, qi_BLGD, ki_BLD, wi_BLG, mode):
         topk_BLK = self._select(qi_BLGD, ki_BLD, wi_BLG, mode.topk or self.indexer.topk, mode.cp)
         w_uk_HNA, w_uv_HVA = self.absorbed_weights()
-        slot = self.slot
-        replay = slot is not None and slot.replay
         out_BLHV, p_BLK, lse_BLH = ops.absorbed_sparse_mla(q_nope_BLHN, q_rope_BLHR, kv_BLD, topk_BLK, w_uk_HNA,
-                                                           w_uv_HVA, self.softmax_scale,
-                                                           slot.take_lse() if replay else None)
-        if slot is not None and not replay:
-            slot.lse_BLH = lse_BLH
+                                                           w_uv_HVA, self.softmax_scale, self._lse())
+        self._keep_lse(lse_BLH)
         kl_BL = ops.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, topk_BLK, p_BLK) if mode.indexer_loss else None
         return out_BLHV, AttentionStats(kl_BL=kl_BL, topk_BLK=topk_BLK if mode.keep_topk else None)
+
+
+class GQAAttention(IndexedAttention):
+    """Grouped-query (or multi-head) attention of the Llama layout plus a lightning indexer that reads the
+    attention's input. Parameter names are the source family's (`q_proj`, `k_proj`, `v_proj`, `o_proj`, Qwen3's
+    `q_norm` / `k_norm`; biases live in the projections). RoPE is rotate-half on the first R dims of each head.
+    One selection per query serves all heads, as in DeepSeek's MQA form: the indexer's top-k costs the same
+    whatever the group count, and the warm-up target is the attention summed over all query heads."""
+
+    def __init__(self, *, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, o_proj: nn.Module,
+                 q_norm: nn.Module | None, k_norm: nn.Module | None, indexer: Indexer, num_heads: int,
+                 num_kv_heads: int, head_dim: int, rope_dim: int, softmax_scale: float):
+        super().__init__(indexer)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        if q_norm is not None:
+            self.q_norm, self.k_norm = q_norm, k_norm
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rope_dim, self.softmax_scale = rope_dim, softmax_scale
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        R = self.rope_dim
+        if R == x.shape[-1]:
+            return rope_non_interleaved(x, cos, sin)
+        return torch.cat((rope_non_interleaved(x[..., :R], cos, sin), x[..., R:]), dim=-1)
+
+    def forward(self, x_BLC: torch.Tensor, cos_BLR: torch.Tensor, sin_BLR: torch.Tensor,
+                mode: AttentionMode) -> torch.Tensor:
+        B, L, _ = x_BLC.shape
+        H, J, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q_BLHD = self.q_proj(x_BLC).view(B, L, H, D)
+        k_BLJD = self.k_proj(x_BLC).view(B, L, J, D)
+        v_BLJD = self.v_proj(x_BLC).view(B, L, J, D)
+        if hasattr(self, "q_norm"):
+            q_BLHD, k_BLJD = self.q_norm(q_BLHD), self.k_norm(k_BLJD)
+        q_BLHD = self._rope(q_BLHD, cos_BLR[:, :, None], sin_BLR[:, :, None])
+        k_BLJD = self._rope(k_BLJD, cos_BLR[:, :, None], sin_BLR[:, :, None])
+        if mode.sparse or mode.indexer_loss:
+            qi_BLGD, ki_BLD, wi_BLG = self.indexer(x_BLC.detach(), x_BLC.detach(), cos_BLR, sin_BLR)
+            ki_BLD = mode.cp.gather(ki_BLD)
+        k_BSJD, v_BSJD = k_BLJD, v_BLJD
+        if mode.cp.size > 1:  # the whole sequence's keys and values: one gather
+            k_BSJD, v_BSJD = mode.cp.gather(torch.cat((k_BLJD, v_BLJD), dim=-1).flatten(2)).unflatten(
+                -1, (J, 2 * D)).split([D, D], dim=-1)
+        if mode.sparse:
+            topk_BLK = self._select(qi_BLGD, ki_BLD, wi_BLG, mode.topk or self.indexer.topk, mode.cp)
+            out_BLHD, p_BLK, lse_BLH = ops.sparse_gqa(q_BLHD, k_BSJD, v_BSJD, topk_BLK, self.softmax_scale,
+                                                      self._lse())
+            self._keep_lse(lse_BLH)
+            kl_BL = ops.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, topk_BLK, p_BLK) if mode.indexer_loss else None
+            stats = AttentionStats(kl_BL=kl_BL, topk_BLK=topk_BLK if mode.keep_topk else None)
+        else:
+            pieces = mode.cp.chunks(k_BSJD.shape[1])
+            out_BLHD = _by_piece(pieces, lambda lo, g, n: ops.dense_attention(
+                q_BLHD[:, lo : lo + n], k_BSJD, v_BSJD, self.softmax_scale, q_offset=g))
+            stats = AttentionStats()
+            if mode.indexer_loss:
+                kl_BL, recall_BL = _by_piece(pieces, lambda lo, g, n: ops.dense_indexer_kl(
+                    qi_BLGD[:, lo : lo + n], ki_BLD, wi_BLG[:, lo : lo + n], q_BLHD[:, lo : lo + n].detach(),
+                    k_BSJD.detach(), self.softmax_scale, mode.topk or self.indexer.topk, q_offset=g))
+                stats = AttentionStats(kl_BL=kl_BL, recall_BL=recall_BL)
+        self._set_stats(stats)
+        return self.o_proj(out_BLHD.reshape(B, L, H * D))
+
+    def sparse_kernels(self) -> str:
+        w = self.q_proj.weight
+        q = w.new_empty(1, 1, self.num_heads, self.head_dim)
+        kv = w.new_empty(1, 1, self.num_kv_heads, self.head_dim)
+        return f"sparse GQA: {ops.sparse_gqa_kernels_name(q, kv, kv)}"
 
 
 def _by_piece(pieces: list[tuple[int, int, int]], fn):

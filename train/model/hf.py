@@ -12,17 +12,76 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
 from train.files import atomic_directory, safetensors_weight_map, write_shard_index
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v32")
+# The source families a conversion starts from. MLA: DeepSeek-V3 / V3.2 (a query latent, which the indexer reads)
+# and DeepSeek-V2 / V2-Lite (q_lora_rank null: the indexer reads the attention's input). GQA and MHA: the Llama
+# layout with rotate-half RoPE, Qwen3's per-head q/k norms and Qwen2's biases included. `dsa` is this project's
+# export of a family that transformers' `deepseek_v32` cannot express (the modeling code ships with it).
+MLA_FAMILIES = ("deepseek_v3", "deepseek_v32", "deepseek_v2")
+GQA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+DSA_EXPORT = "dsa"
+SUPPORTED_MODEL_TYPES = MLA_FAMILIES + GQA_FAMILIES + (DSA_EXPORT,)
+# config.json keys of a `dsa` export that are not the source family's
+DSA_KEYS = ("source_model_type", "index_n_heads", "index_head_dim", "index_rope_dim", "index_topk", "auto_map")
+MODELING_FILE = "modeling_dsa.py"  # the export's modeling code (train/model/hf_modeling_dsa.py)
+
+
+def family(config: dict) -> str:
+    """The source family of a config: its model_type, or for a `dsa` export the family it was converted from."""
+    return config.get("source_model_type") if config.get("model_type") == DSA_EXPORT else config.get("model_type")
+
+
+def is_mla(config: dict) -> bool:
+    return family(config) in MLA_FAMILIES
+
+
+def has_query_latent(config: dict) -> bool:
+    """MLA with a query latent (q_lora_rank): the indexer's queries come from it, as in DeepSeek-V3.2."""
+    return is_mla(config) and bool(config.get("q_lora_rank"))
+
+
+def exports_as_v32(config: dict) -> bool:
+    """Whether the converted model is a transformers `deepseek_v32` (DeepSeek-V3 MLA with a query latent); the
+    other families export as `dsa`."""
+    return family(config) in ("deepseek_v3", "deepseek_v32") and has_query_latent(config)
+
+
+def index_query_dim(config: dict) -> int:
+    """Width of what the indexer's `wq_b` reads: MLA's query latent, or the attention's input (hidden size)."""
+    return config["q_lora_rank"] if has_query_latent(config) else config["hidden_size"]
+
+
+def family_config(config: dict) -> dict:
+    """The source family's own config dict (a `dsa` export's without its DSA keys)."""
+    if config.get("model_type") != DSA_EXPORT:
+        return config
+    out = {k: v for k, v in config.items() if k not in DSA_KEYS}
+    out["model_type"] = config["source_model_type"]
+    return out
+
+
+def head_dim(config: dict) -> int:
+    """The attention's per-head width of a GQA / MHA family."""
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def rope_dim(config: dict) -> int:
+    """RoPE dims of the attention's keys: MLA's decoupled rope key, or the rotated part of a GQA head."""
+    if is_mla(config):
+        return config["qk_rope_head_dim"]
+    factor = config.get("partial_rotary_factor") or (config.get("rope_parameters") or {}).get("partial_rotary_factor")
+    return int(head_dim(config) * (factor or 1.0))
+
 
 # The indexer's checkpoint keys under `model.layers.{i}.self_attn.indexer.` and their shapes .
 INDEXER_KEYS = {
-    "wq_b.weight": lambda c: (c["index_n_heads"] * c["index_head_dim"], c["q_lora_rank"]),
+    "wq_b.weight": lambda c: (c["index_n_heads"] * c["index_head_dim"], index_query_dim(c)),
     "wk.weight": lambda c: (c["index_head_dim"], c["hidden_size"]),
     "k_norm.weight": lambda c: (c["index_head_dim"],),
     "k_norm.bias": lambda c: (c["index_head_dim"],),
@@ -51,45 +110,74 @@ def read_config(path: str | os.PathLike) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
     model_type = config.get("model_type")
+    families = ", ".join(MLA_FAMILIES + GQA_FAMILIES)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
-            f"{cfg_file}: key 'model_type' is {model_type!r}; allowed: {', '.join(SUPPORTED_MODEL_TYPES)} "
-            "(a DeepSeek-V3-architecture MLA checkpoint)"
+            f"{cfg_file}: key 'model_type' is {model_type!r}; allowed: {families} (and this project's own "
+            f"'{DSA_EXPORT}' exports). Sliding-window and hybrid-attention families (Gemma, Qwen3-Next, ...) are "
+            "refused: DSA replaces full causal attention"
         )
-    if not config.get("q_lora_rank"):
-        raise CheckpointError(
-            f"{cfg_file}: key 'q_lora_rank' is {config.get('q_lora_rank')!r}; DSA's indexer reads MLA's query "
-            "latent, so it must be a positive integer"
-        )
+    if model_type == DSA_EXPORT and config.get("source_model_type") not in MLA_FAMILIES + GQA_FAMILIES:
+        raise CheckpointError(f"{cfg_file}: key 'source_model_type' is {config.get('source_model_type')!r}; "
+                              f"allowed: {families}")
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method")
         raise CheckpointError(
             f"{cfg_file}: key 'quantization_config' ({method}): the weights are quantised and training runs in "
             f"bf16; write a bf16 copy first (FP8: `make dequantize SRC={directory} DST=<new dir>`) and use that"
         )
-    if model_type == "deepseek_v3" and config.get("rope_interleave", True) is not True:
-        raise CheckpointError(
-            f"{cfg_file}: key 'rope_interleave' is {config['rope_interleave']!r}; only the interleaved MLA RoPE "
-            "layout (true) exports to deepseek_v32"
-        )
+    _check_family(config, cfg_file)
     return config
 
 
+def _check_family(config: dict, where) -> None:
+    """What DSA needs of a supported family's config; raises CheckpointError naming the key."""
+    kind = family(config)
+    if kind == "deepseek_v3" and config.get("rope_interleave", True) is not True:
+        raise CheckpointError(f"{where}: key 'rope_interleave' is {config['rope_interleave']!r}; only the "
+                              "interleaved MLA RoPE layout (true) is supported")
+    if kind in GQA_FAMILIES:
+        window = config.get("sliding_window") if kind == "mistral" or config.get("use_sliding_window") else None
+        types = set(config.get("layer_types") or ["full_attention"])
+        if window or types != {"full_attention"}:
+            raise CheckpointError(f"{where}: sliding-window attention (key 'sliding_window' is {window!r}, "
+                                  f"'layer_types' {sorted(types)}); allowed: full causal attention in every layer "
+                                  "(sliding_window null, use_sliding_window false)")
+        heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads") or \
+            config.get("num_attention_heads")
+        if not heads or heads % kv_heads:
+            raise CheckpointError(f"{where}: key 'num_key_value_heads' is {kv_heads}; it must divide "
+                                  f"num_attention_heads={heads}")
+
+
 def source_config(path: str | None, arch: dict) -> dict:
-    """The config dict of the model a stage starts from: `path`'s config.json (checked), or the DeepseekV3Config
-    of `arch` (with transformers' defaults filled in)."""
+    """The config dict of the model a stage starts from: `path`'s config.json (checked), or the transformers config
+    of `arch` (its `model_type`, default deepseek_v3, with transformers' defaults filled in)."""
     if path is not None:
         return read_config(path)
-    from transformers import DeepseekV3Config
+    return arch_config(arch)
 
-    return DeepseekV3Config(**arch).to_dict()
+
+def arch_config(arch: dict) -> dict:
+    """The full config dict of an architecture given by `model.arch` (its `model_type`, default deepseek_v3)."""
+    from transformers import AutoConfig
+
+    fields = dict(arch)
+    model_type = fields.pop("model_type", "deepseek_v3")
+    if model_type not in MLA_FAMILIES + GQA_FAMILIES:
+        raise CheckpointError(f"model.arch.model_type={model_type!r}; allowed: "
+                              f"{', '.join(MLA_FAMILIES + GQA_FAMILIES)}")
+    config = AutoConfig.for_model(model_type, **fields).to_dict()
+    _check_family(config, "model.arch")
+    return config
 
 
 def meta_model(config: dict):
-    """A transformers model of this config on the meta device (shapes only, no memory)."""
+    """A transformers model of this config on the meta device (shapes only, no memory): the source family's model
+    (without indexers) for a `dsa` config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf_config = AutoConfig.for_model(**config)
+    hf_config = AutoConfig.for_model(**family_config(config))
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(hf_config)
 
@@ -112,6 +200,9 @@ def disk_shapes(config: dict) -> dict[str, tuple[int, ...]]:
                 shapes[f"{m.group(1)}.{e}.down_proj.weight"] = (rows, cols)
     if config.get("tie_word_embeddings"):
         shapes.pop("lm_head.weight", None)
+    if config.get("model_type") == DSA_EXPORT:
+        for i in range(config["num_hidden_layers"]):
+            shapes.update({INDEXER_PREFIX.format(i=i) + key: shape_of(config) for key, shape_of in INDEXER_KEYS.items()})
     return shapes
 
 
@@ -176,6 +267,15 @@ def validate_checkpoint(path: str | os.PathLike) -> dict:
     return config
 
 
+def read_indexers(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every indexer tensor (`model.layers.{i}.self_attn.indexer.*`) of a checkpoint directory, by key."""
+    directory, out = Path(path), {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with _open_safetensors(file) as f:
+            out.update({key: f.get_tensor(key) for key in f.keys() if ".indexer." in key})
+    return out
+
+
 def v32_config(source_config: dict, index_n_heads: int, index_head_dim: int, index_topk: int):
     """The DeepseekV32Config of a converted model: the source architecture plus the DSA fields."""
     from transformers import DeepseekV32Config
@@ -185,6 +285,20 @@ def v32_config(source_config: dict, index_n_heads: int, index_head_dim: int, ind
     kwargs.update(index_n_heads=index_n_heads, index_head_dim=index_head_dim, index_topk=index_topk)
     config = DeepseekV32Config(**kwargs)
     config.architectures = ["DeepseekV32ForCausalLM"]
+    return config
+
+
+def _dsa_config(source, model) -> dict:
+    """config.json of a `dsa` export: the family's config (`source`, a transformers config), the indexer's sizes
+    and where the modeling code is."""
+    indexer = model.layers[0].self_attn.indexer
+    config = source.to_dict() | {
+        "model_type": DSA_EXPORT, "source_model_type": source.model_type, "architectures": ["DSAForCausalLM"],
+        "index_n_heads": indexer.num_heads, "index_head_dim": indexer.head_dim, "index_rope_dim": indexer.rope_dim,
+        "index_topk": indexer.topk,
+        "auto_map": {"AutoConfig": "modeling_dsa.DSAConfig", "AutoModelForCausalLM": "modeling_dsa.DSAForCausalLM"},
+    }
+    config.pop("transformers_version", None)
     return config
 
 
@@ -277,22 +391,30 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
     the model's for every key outside the indexers (the warm-up's frozen backbone, byte for byte, whatever
     dtype training computed in); shapes are checked.
     """
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV32ForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
 
-    if dense_only:
-        fields = {f.name for f in dataclasses.fields(DeepseekV3Config)} - _NOT_EXPORTED
-        config = DeepseekV3Config(**{k: v for k, v in model.source_config.items() if k in fields})
-        config.architectures = ["DeepseekV3ForCausalLM"]
-        model_class = DeepseekV3ForCausalLM
+    source = family_config(model.source_config)
+    as_dsa = not dense_only and not exports_as_v32(model.source_config)
+    if dense_only or as_dsa:
+        config = AutoConfig.for_model(**{k: v for k, v in source.items()
+                                         if k not in ("architectures", "transformers_version", "dtype")})
+        config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
+        model_class = AutoModelForCausalLM.from_config
     else:
         config = v32_config(model.source_config, model.index_n_heads, model.index_head_dim, model.index_topk)
         model_class = DeepseekV32ForCausalLM
     with torch.device("meta"):
         hf_model = model_class(config)
-    expected = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}  # our names are V3.2's by design
+    expected = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}  # our names are the family's
     if getattr(config, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
+    dsa_config = None
+    if as_dsa:  # the family's keys plus the indexers' (shapes from our model's own indexers)
+        dsa_config = _dsa_config(config, model)
+        for i in range(config.num_hidden_layers):
+            expected.update({INDEXER_PREFIX.format(i=i) + key: shape_of(dsa_config)
+                             for key, shape_of in INDEXER_KEYS.items()})
     if groups is None:
         state = model.state_dict()
         groups = ({k: state[k] for k in keys} for keys in layer_groups(state))
@@ -313,7 +435,8 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
                 first_dtype = first_dtype or tensor.dtype
                 part[key] = tensor.cpu()
             seen.update(part)
-            part = revert_weight_conversion(hf_model, part)
+            indexers = {k: part.pop(k) for k in [k for k in part if ".indexer." in k]} if as_dsa else {}
+            part = revert_weight_conversion(hf_model, part) | indexers
             if backbone_from is not None:
                 part = _from_source(part, Path(backbone_from), source_map)
             writer.add(part)
@@ -322,7 +445,12 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
             raise RuntimeError(f"export: {len(missing)} weights never came, e.g. {missing[0]!r}")
         writer.finish()
         config.dtype = first_dtype
-        config.save_pretrained(tmp)
+        if as_dsa:
+            dsa_config["dtype"] = str(first_dtype).removeprefix("torch.")
+            (tmp / "config.json").write_text(json.dumps(dsa_config, indent=2, sort_keys=True) + "\n")
+            shutil.copyfile(Path(__file__).with_name("hf_modeling_dsa.py"), tmp / MODELING_FILE)
+        else:
+            config.save_pretrained(tmp)
         hf_model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -1,8 +1,9 @@
-"""Model surgery: the one step that turns a transformers DeepSeek-V3 model into our DSA model.
+"""Model surgery: the one step that turns a transformers model of a supported family (DeepSeek-V3 / V3.2 / V2
+MLA; Llama, Mistral, Qwen2, Qwen3 GQA) into our DSA model.
 
 This is the only module that knows transformers' module paths. Backbone modules are moved over as they
 are (weights unchanged, not copied); each layer gains a lightning indexer, fresh for a dense source or
-copied (shapes asserted) from a `deepseek_v32` source such as our own warm-up export.
+copied (shapes asserted) from a `deepseek_v32` or `dsa` source such as our own warm-up export.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 from train.model import hf
-from train.model.attention import DSAAttention
+from train.model.attention import DSAAttention, GQAAttention
 from train.model.indexer import Indexer
 from train.model.transformer import DSABackbone, DSADecoderLayer, DSAForCausalLM
 
@@ -25,7 +27,8 @@ class ModelConfig:
     """Where the model comes from and the DSA fields it gains."""
 
     path: str | None = None                 # local HF directory (deepseek_v3 source or deepseek_v32 export)
-    arch: dict[str, Any] = field(default_factory=dict)  # DeepseekV3Config fields when path is null
+    arch: dict[str, Any] = field(default_factory=dict)  # config fields when path is null (`model_type`: its
+                                                        # family, default deepseek_v3)
     index_n_heads: int | None = None        # null: the checkpoint's (deepseek_v32), else scaled to the model
     index_head_dim: int | None = None       # null: the checkpoint's (deepseek_v32), else scaled to the model
     index_topk: int | None = None           # null: the checkpoint's (deepseek_v32), else 2048
@@ -45,58 +48,100 @@ class ModelConfig:
 
 
 def build_source_model(cfg: ModelConfig):
-    """The transformers model the conversion starts from: loaded from `cfg.path`, or built from `cfg.arch`."""
-    from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+    """(the transformers model the conversion starts from, its indexers' tensors by checkpoint key or None): loaded
+    from `cfg.path`, or built from `cfg.arch`. A `dsa` export (this project's, for families transformers'
+    `deepseek_v32` cannot express) loads as its source family's model; its indexers come from its files."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = DTYPES[cfg.dtype] if cfg.dtype else None
     if cfg.path is not None:
-        hf.validate_checkpoint(cfg.path)  # clear errors before transformers' own (which may only warn)
-        return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype or "auto")
+        config = hf.validate_checkpoint(cfg.path)  # clear errors before transformers' own (which may only warn)
+        if config["model_type"] != hf.DSA_EXPORT:
+            return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype or "auto"), None
+        family = AutoConfig.for_model(**hf.family_config(config))
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, config=family, dtype=dtype or "auto")
+        return model, hf.read_indexers(cfg.path)
     torch.manual_seed(cfg.init_seed)
-    return DeepseekV3ForCausalLM(DeepseekV3Config(**cfg.arch)).to(dtype or torch.float32)
+    config = AutoConfig.for_model(**hf.arch_config(cfg.arch))
+    return AutoModelForCausalLM.from_config(config).to(dtype or torch.float32), None
 
 
-def convert_to_dsa(source, cfg: ModelConfig) -> DSAForCausalLM:
-    """Builds the DSA model from a DeepseekV3ForCausalLM or DeepseekV32ForCausalLM (consumed: modules move)."""
-    src_cfg = source.config
-    if src_cfg.model_type == "deepseek_v3" and not getattr(src_cfg, "rope_interleave", True):
-        raise ValueError("source config rope_interleave=False: only the interleaved MLA layout exports to deepseek_v32")
-    if not src_cfg.q_lora_rank:
-        raise ValueError(f"source config q_lora_rank={src_cfg.q_lora_rank!r}: DSA needs MLA's query latent")
-    index = index_config(src_cfg.to_dict(), cfg)
+def convert_to_dsa(source, cfg: ModelConfig, indexers: dict[str, torch.Tensor] | None = None) -> DSAForCausalLM:
+    """Builds the DSA model from a transformers model of a supported family (consumed: modules move). Indexers come
+    from `indexers` (checkpoint keys, a `dsa` export's), from the source's own (`deepseek_v32`), or fresh."""
+    src = source.config.to_dict()
+    hf._check_family(src, "source config")
+    index = index_config(src, cfg)
     n_heads, head_dim = index["index_n_heads"], index["index_head_dim"]
     dtype = next(source.parameters()).dtype
     generator = torch.Generator().manual_seed(cfg.init_seed + 1)
+    rope = hf.rope_dim(src)
     layers = []
     for i, src_layer in enumerate(source.model.layers):
         a = src_layer.self_attn
-        indexer = Indexer(src_cfg.hidden_size, src_cfg.q_lora_rank, n_heads, head_dim, src_cfg.qk_rope_head_dim,
-                          index["index_topk"], init_std=src_cfg.initializer_range).to(dtype)
+        indexer = Indexer(src["hidden_size"], hf.index_query_dim(src), n_heads, head_dim, rope, index["index_topk"],
+                          init_std=src.get("initializer_range", 0.02)).to(dtype)
         if hasattr(a, "indexer"):
-            _copy_indexer(a.indexer, indexer, i, src_cfg.to_dict() | index)
+            indexers = {hf.INDEXER_PREFIX.format(i=i) + k: v for k, v in a.indexer.state_dict().items()}
+        if indexers is not None:
+            _copy_indexer(indexers, indexer, i, src | index)
         else:
             indexer.reset_parameters(generator)
-        attn = DSAAttention(
-            q_a_proj=a.q_a_proj, q_a_layernorm=a.q_a_layernorm, q_b_proj=a.q_b_proj,
-            kv_a_proj_with_mqa=a.kv_a_proj_with_mqa, kv_a_layernorm=a.kv_a_layernorm, kv_b_proj=a.kv_b_proj,
-            o_proj=a.o_proj, indexer=indexer, num_heads=src_cfg.num_attention_heads,
-            qk_nope_head_dim=src_cfg.qk_nope_head_dim, qk_rope_head_dim=src_cfg.qk_rope_head_dim,
-            v_head_dim=src_cfg.v_head_dim, kv_lora_rank=src_cfg.kv_lora_rank, softmax_scale=a.scaling,
-        )
+        attn = _mla_attention(src, a, indexer) if hf.is_mla(src) else _gqa_attention(src, a, indexer)
         layers.append(DSADecoderLayer(src_layer.input_layernorm, attn, src_layer.post_attention_layernorm,
                                       src_layer.mlp))
-    backbone = DSABackbone(source.model.embed_tokens, layers, source.model.norm, source.model.rotary_emb)
-    source_config = {k: v for k, v in src_cfg.to_dict().items() if not k.startswith("index_")}
+    rotary = source.model.rotary_emb
+    if hf.family(src) == "deepseek_v2":
+        rotary = ComplexRotary(rotary)
+    backbone = DSABackbone(source.model.embed_tokens, layers, source.model.norm, rotary)
+    source_config = {k: v for k, v in hf.family_config(src).items() if not k.startswith("index_")}
     return DSAForCausalLM(backbone, source.lm_head, source_config)
+
+
+def _mla_attention(src: dict, a, indexer: Indexer) -> DSAAttention:
+    q = dict(q_proj=a.q_proj) if not src.get("q_lora_rank") else dict(
+        q_a_proj=a.q_a_proj, q_a_layernorm=a.q_a_layernorm, q_b_proj=a.q_b_proj)
+    return DSAAttention(
+        **q, kv_a_proj_with_mqa=a.kv_a_proj_with_mqa, kv_a_layernorm=a.kv_a_layernorm, kv_b_proj=a.kv_b_proj,
+        o_proj=a.o_proj, indexer=indexer, num_heads=src["num_attention_heads"],
+        qk_nope_head_dim=src["qk_nope_head_dim"], qk_rope_head_dim=src["qk_rope_head_dim"],
+        v_head_dim=src["v_head_dim"], kv_lora_rank=src["kv_lora_rank"], softmax_scale=a.scaling,
+    )
+
+
+def _gqa_attention(src: dict, a, indexer: Indexer) -> GQAAttention:
+    heads = src["num_attention_heads"]
+    return GQAAttention(
+        q_proj=a.q_proj, k_proj=a.k_proj, v_proj=a.v_proj, o_proj=a.o_proj, q_norm=getattr(a, "q_norm", None),
+        k_norm=getattr(a, "k_norm", None), indexer=indexer, num_heads=heads,
+        num_kv_heads=src.get("num_key_value_heads") or heads, head_dim=hf.head_dim(src), rope_dim=hf.rope_dim(src),
+        softmax_scale=a.scaling,
+    )
+
+
+class ComplexRotary(nn.Module):
+    """DeepSeek-V2's rotary module gives complex frequencies; the model takes (cos, sin) [B, L, R] laid out as
+    cat(f, f), as DeepSeek-V3's and Llama's modules give them."""
+
+    def __init__(self, rotary: nn.Module):
+        super().__init__()
+        self.rotary = rotary
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = self.rotary(x, position_ids)
+        cos, sin = freqs.real.to(x.dtype), freqs.imag.to(x.dtype)
+        return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
 
 
 def new_indexer_dims(source: dict) -> tuple[int, int]:
     """(heads, head dim) of a fresh indexer, scaled to the model the way DeepSeek-V3.2 sized its own: half the
-    attention heads (64 of 128) and the attention's no-RoPE head dim (128), each at most DeepSeek's. A 7168-wide
-    model gets DeepSeek's 64 x 128; a small model a proportionally small indexer."""
+    attention heads (64 of 128), each at most DeepSeek's 64. Head dim: MLA's no-RoPE head dim (128), at most 128
+    and at least the rope dims; GQA / MHA: the attention's own head dim, whose RoPE the indexer's keys take over
+    whole. A 7168-wide DeepSeek-V3 gets DeepSeek's 64 x 128, Qwen3-32B (64 heads of 128) 32 x 128."""
     heads = max(1, min(64, source["num_attention_heads"] // 2))
-    head_dim = max(source["qk_rope_head_dim"], min(128, source["qk_nope_head_dim"]))
-    return heads, head_dim
+    if hf.is_mla(source):
+        return heads, max(source["qk_rope_head_dim"], min(128, source["qk_nope_head_dim"]))
+    return heads, hf.head_dim(source)
 
 
 def index_config(source: dict, cfg: ModelConfig) -> dict[str, int]:
@@ -114,19 +159,21 @@ def index_config(source: dict, cfg: ModelConfig) -> dict[str, int]:
     return out
 
 
-def _copy_indexer(src, dst: Indexer, layer: int, config: dict) -> None:
-    src_state = src.state_dict()
+def _copy_indexer(tensors: dict[str, torch.Tensor], dst: Indexer, layer: int, config: dict) -> None:
     prefix = hf.INDEXER_PREFIX.format(i=layer)
+    state = {}
     for key, shape_of in hf.INDEXER_KEYS.items():
         expected = shape_of(config)
-        if key not in src_state:
+        if prefix + key not in tensors:
             raise ValueError(f"source indexer of layer {layer} lacks {prefix}{key}")
-        if tuple(src_state[key].shape) != expected:
-            raise ValueError(f"{prefix}{key}: shape {list(src_state[key].shape)}, expected {list(expected)}")
-    dst.load_state_dict(src_state, strict=True)
+        if tuple(tensors[prefix + key].shape) != expected:
+            raise ValueError(f"{prefix}{key}: shape {list(tensors[prefix + key].shape)}, expected {list(expected)}")
+        state[key] = tensors[prefix + key]
+    dst.load_state_dict(state, strict=True)
 
 
 def build_model(cfg: ModelConfig) -> DSAForCausalLM:
     """The DSA model described by `cfg`: source built or loaded, then converted."""
     cfg.validate()
-    return convert_to_dsa(build_source_model(cfg), cfg)
+    source, indexers = build_source_model(cfg)
+    return convert_to_dsa(source, cfg, indexers)

@@ -1,7 +1,9 @@
-"""The DSA model: a DeepSeek-V3 decoder whose attention layers carry lightning indexers.
+"""The DSA model: a pre-norm decoder (DeepSeek's, Llama's, Qwen's, ...) whose attention layers carry lightning
+indexers.
 
-Plain single-device PyTorch. Parameter names equal transformers' DeepseekV32ForCausalLM state dict, so
-export is a renaming-free hand-over (train/model/hf.py). Built only by train/model/surgery.py.
+Plain single-device PyTorch. Parameter names equal the source family's transformers state dict plus the indexers'
+(`deepseek_v32`'s for DeepSeek-V3), so export is a renaming-free hand-over (train/model/hf.py). Built only by
+train/model/surgery.py.
 
 Dimension legend: B batch, L sequence, C hidden, E vocab.
 """
@@ -17,12 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from train.model.attention import AttentionMode, AttentionStats, CheckpointSlot, DSAAttention
+from train.model.attention import AttentionMode, AttentionStats, CheckpointSlot, IndexedAttention
 from train.model.context import ContextParallel
 
 
 @contextmanager
-def _in_slot(attn: DSAAttention, slot: CheckpointSlot, replay: bool):
+def _in_slot(attn: IndexedAttention, slot: CheckpointSlot, replay: bool):
     attn.slot, slot.replay = slot, replay
     try:
         yield
@@ -30,14 +32,14 @@ def _in_slot(attn: DSAAttention, slot: CheckpointSlot, replay: bool):
         attn.slot = None
 
 
-def _slot_contexts(attn: DSAAttention, keep_topk: bool):
+def _slot_contexts(attn: IndexedAttention, keep_topk: bool):
     """checkpoint's context_fn: (around the forward, around the recomputation), sharing one CheckpointSlot."""
     slot = CheckpointSlot(keep_topk)
     return _in_slot(attn, slot, replay=False), _in_slot(attn, slot, replay=True)
 
 
 class DSADecoderLayer(nn.Module):
-    def __init__(self, input_layernorm: nn.Module, self_attn: DSAAttention, post_attention_layernorm: nn.Module,
+    def __init__(self, input_layernorm: nn.Module, self_attn: IndexedAttention, post_attention_layernorm: nn.Module,
                  mlp: nn.Module):
         super().__init__()
         self.input_layernorm, self.self_attn = input_layernorm, self_attn
@@ -91,8 +93,8 @@ class DSAForCausalLM(nn.Module):
 
     def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
         """(module, parameter) pairs where the module reads a submodule's weight directly (sharding engines
-        must gather it for that module's forward): sparse attention's absorbed kv_b_proj."""
-        return [(layer.self_attn, layer.self_attn.kv_b_proj.weight) for layer in self.layers]
+        must gather it for that module's forward): MLA's sparse attention reads kv_b_proj absorbed."""
+        return [(layer.self_attn, w) for layer in self.layers for w in layer.self_attn.external_weights()]
 
     def layer_stats(self) -> list[AttentionStats]:
         return [layer.self_attn.stats for layer in self.layers]

@@ -1,7 +1,9 @@
 """The one dispatch point for DSA's hot paths: model code calls these names, never a backend directly.
 
 Each op has a chunked PyTorch reference (`reference.py`, any device: the oracle) and, where written, a
-Triton kernel with the same contract (`triton_*.py`); sparse MLA also has a TileLang kernel for Hopper GPUs
+Triton kernel with the same contract (`triton_*.py`). Sparse attention comes in two forms: MLA's absorbed form
+(`sparse_mla`: one latent row per key serves every head) and grouped-query attention (`sparse_gqa`: keys and
+values per key head; MHA is the case of one query head per key head); sparse MLA also has a TileLang kernel for Hopper GPUs
 (`tilelang_sparse_mla.py`) and can take its backward from NVIDIA's cuDNN frontend (`cudnn_sparse_mla.py`),
 both used where installed: `pip install .[gpu]`. `DSA_KERNELS` picks:
   auto (default)  for CUDA tensors whose shapes a kernel supports: TileLang's sparse MLA on a Hopper GPU with
@@ -29,9 +31,9 @@ from train.ops.autograd import AbsorbedSparseMLA, absorbed_query
 from train.ops.reference import dense_attention, indexer_logits
 
 try:
-    from train.ops import triton_indexer_kl, triton_sparse_mla, triton_topk, triton_warmup_kl
+    from train.ops import triton_indexer_kl, triton_sparse_gqa, triton_sparse_mla, triton_topk, triton_warmup_kl
 except ImportError:  # no triton: the reference serves every op
-    triton_indexer_kl = triton_sparse_mla = triton_topk = triton_warmup_kl = None
+    triton_indexer_kl = triton_sparse_gqa = triton_sparse_mla = triton_topk = triton_warmup_kl = None
 
 BACKENDS = ("auto", "reference", "triton", "tilelang", "cudnn")
 _TILELANG: list = []  # the TileLang module once imported (None: not installed), imported on first use
@@ -180,6 +182,25 @@ def absorbed_sparse_mla(q_nope_BLHN: torch.Tensor, q_rope_BLHR: torch.Tensor, kv
                                    lse_BLH, chunk)
 
 
+def sparse_gqa(q_BLHD: torch.Tensor, k_BSJD: torch.Tensor, v_BSJV: torch.Tensor, idx_BLK: torch.Tensor,
+               scale: float, lse_BLH: torch.Tensor | None = None):
+    """Sparse grouped-query attention, one selection per query for all heads (see `reference.sparse_gqa`):
+    (out, p, lse)."""
+    return (_sparse_gqa_kernels(q_BLHD, k_BSJD, v_BSJV) or reference).sparse_gqa(q_BLHD, k_BSJD, v_BSJV, idx_BLK,
+                                                                                 scale, lse_BLH)
+
+
+def _sparse_gqa_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Triton's sparse GQA for tensors it takes (power-of-two head dims >= 16, one dtype), else None (the twin)."""
+    fits = _pow2(q.shape[-1], v.shape[-1]) and q.dtype == k.dtype == v.dtype
+    return triton_sparse_gqa if _use_triton(q, fits) else None
+
+
+def sparse_gqa_kernels_name(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """Which kernels sparse GQA runs for tensors like these (the plan's log line): "triton" or "reference"."""
+    return "triton" if _sparse_gqa_kernels(q, k, v) is not None else "reference"
+
+
 def dense_indexer_kl(qi_BLGD: torch.Tensor, ki_BSD: torch.Tensor, wi_BLG: torch.Tensor, qa_BLHD: torch.Tensor,
                      ka_BSHD: torch.Tensor, scale: float, topk: int, q_offset: int = 0):
     """Warm-up indexer KL over the full causal span, and recall (see `reference.dense_indexer_kl`); queries at
@@ -206,6 +227,8 @@ __all__ = [
     "indexer_logits",
     "indexer_topk",
     "sparse_indexer_kl",
+    "sparse_gqa",
+    "sparse_gqa_kernels_name",
     "sparse_mla",
     "sparse_mla_kernels_name",
 ]

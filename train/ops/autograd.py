@@ -1,4 +1,4 @@
-"""The autograd wrapper every sparse MLA backend shares: which kernels run in forward, recomputation and backward."""
+"""The autograd wrappers every sparse attention backend shares: which kernels run in forward, recomputation and backward."""
 
 from __future__ import annotations
 
@@ -33,6 +33,35 @@ def sparse_mla_function(kernels):
             return dq, dkv, None, None, None, None
 
     return SparseMLA
+
+
+def sparse_gqa_function(kernels):
+    """The torch.autograd.Function over a sparse GQA backend's four kernels (the contract of
+    `reference.sparse_gqa`), with the same passes as `sparse_mla_function`: (out, lse), then p; (out, p) in one
+    pass given an earlier lse; (dq, dk, dv) from the saved out and lse."""
+
+    class SparseGQA(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, idx, scale, lse):
+            q, k, v, idx = q.contiguous(), k.contiguous(), v.contiguous(), idx.contiguous()
+            if lse is None:
+                out, lse = kernels.sparse_gqa_forward(q, k, v, idx, scale)
+                p = kernels.sparse_gqa_probs(q, k, v, idx, lse, scale)
+            else:
+                lse = lse.clone()
+                out, p = kernels.sparse_gqa_forward_given_lse(q, k, v, idx, lse, scale)
+            ctx.save_for_backward(q, k, v, idx, out, lse)
+            ctx.scale = scale
+            ctx.mark_non_differentiable(p, lse)
+            return out, p, lse
+
+        @staticmethod
+        def backward(ctx, grad_out, _grad_p, _grad_lse):
+            q, k, v, idx, out, lse = ctx.saved_tensors
+            dq, dk, dv = kernels.sparse_gqa_backward(q, k, v, idx, out, lse, grad_out, ctx.scale)
+            return dq, dk, dv, None, None, None
+
+    return SparseGQA
 
 
 def absorbed_query(q_nope_BLHN: torch.Tensor, q_rope_BLHR: torch.Tensor, w_uk_HNA: torch.Tensor) -> torch.Tensor:

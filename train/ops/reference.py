@@ -152,9 +152,12 @@ def _dense_kl_block(t0, qi_BTGD, wi_BTG, qa_BTHD, ki_BSD, ka_BSHD, scale, topk):
     logq_BTS = torch.log_softmax(logits_BTS, dim=-1)
 
     with torch.no_grad():  # the target is a constant: attention inputs are detached
-        att_BHTS = torch.einsum("bthd,bshd->bhts", qa_BTHD.float(), ka_BSHD.float()) * scale
-        att_BHTS = att_BHTS.masked_fill(~visible_TS, float("-inf")).softmax(dim=-1)
-        p_BTS = att_BHTS.mean(dim=1)  # head sum, L1-normalised: each head's row sums to 1
+        B, _, H, D = qa_BTHD.shape
+        J = ka_BSHD.shape[2]  # key heads: H (MHA, MLA's per-head form) or H / group (GQA)
+        qa_BTJRD = qa_BTHD.float().view(B, T, J, H // J, D)
+        att_BJRTS = torch.einsum("btjrd,bsjd->bjrts", qa_BTJRD, ka_BSHD.float()) * scale
+        att_BJRTS = att_BJRTS.masked_fill(~visible_TS, float("-inf")).softmax(dim=-1)
+        p_BTS = att_BJRTS.mean(dim=(1, 2))  # head sum, L1-normalised: each head's row sums to 1
         k = min(topk, S)
         top_BTK = topk_stable(logits_BTS, k)[1]
         recall_BT = p_BTS.gather(-1, top_BTK).sum(-1)  # invisible picks carry p = 0
@@ -176,8 +179,9 @@ def dense_indexer_kl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Warm-up loss per query: KL(p_t || softmax(I_t)) over the full causal span, and the indexer's recall.
 
-    p_t is the head-averaged dense attention of queries `qa` over keys `ka` (per-head, non-absorbed MLA
-    form) with softmax scale `scale`; recall is the share of p_t inside the indexer's top-`topk`. Query t sits
+    p_t is the head-averaged dense attention of queries `qa` [B, L, H, D] over keys `ka` [B, S, J, D] with
+    softmax scale `scale`: J = H (MHA, MLA's per-head form) or a divisor of H (GQA: query head h reads key head
+    h // (H / J)); recall is the share of p_t inside the indexer's top-`topk`. Query t sits
     at position q_offset + t among the keys (context parallelism: a piece of a longer sequence).
     Returns (kl [B, L] fp32, differentiable w.r.t. qi, ki, wi; recall [B, L] fp32, no gradient).
     """
@@ -230,6 +234,44 @@ def sparse_mla(
     return _QueryBlocks.apply(fn, block, 2, 1, q_BLHD, idx_BLK, kv_BLD)
 
 
+def _sparse_gqa_block(t0, q_BTHD, idx_BTK, k_BSJD, v_BSJV, scale):
+    B, T, H, D = q_BTHD.shape
+    J = k_BSJD.shape[2]
+    valid_BTK = idx_BTK >= 0
+    k_BTKJD = _gather_rows(k_BSJD.flatten(2), idx_BTK).float().unflatten(-1, (J, D))
+    v_BTKJV = _gather_rows(v_BSJV.flatten(2), idx_BTK).float().unflatten(-1, (J, -1))
+    q_BTJRD = q_BTHD.float().view(B, T, J, H // J, D)
+    s_BTJRK = torch.einsum("btjrd,btkjd->btjrk", q_BTJRD, k_BTKJD) * scale
+    any_BT1 = valid_BTK.any(-1, keepdim=True)  # a query with no selection: zero output, as in `_sparse_mla_block`
+    s_BTJRK = s_BTJRK.masked_fill((~valid_BTK & any_BT1)[:, :, None, None, :], float("-inf"))
+    p_BTJRK = s_BTJRK.softmax(dim=-1).masked_fill(~valid_BTK[:, :, None, None, :], 0.0)
+    out_BTHV = torch.einsum("btjrk,btkjv->btjrv", p_BTJRK, v_BTKJV).flatten(2, 3).to(q_BTHD.dtype)
+    with torch.no_grad():
+        lse_BTH = (s_BTJRK.amax(dim=-1) - p_BTJRK.amax(dim=-1).log()).flatten(2)
+    return out_BTHV, p_BTJRK.mean(dim=(2, 3)).detach(), lse_BTH
+
+
+def sparse_gqa(
+    q_BLHD: torch.Tensor,
+    k_BSJD: torch.Tensor,
+    v_BSJV: torch.Tensor,
+    idx_BLK: torch.Tensor,
+    scale: float,
+    lse_BLH: torch.Tensor | None = None,
+    block_elems: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse grouped-query attention: query t attends to keys idx[t] (-1 = none), one selection for all heads;
+    query head h reads key and value head h // (H / J). The contract of `sparse_mla` with separate keys
+    [B, S, J, D] and values [B, S, J, V]: (out [B, L, H, V]; p [B, L, K] fp32, the head-averaged attention over the
+    selection; lse [B, L, H] fp32, +inf for a query with no selection). `lse_BLH` is accepted for the kernels'
+    one-pass recomputation and not needed here."""
+    B, L, H, D = q_BLHD.shape
+    K, J = idx_BLK.shape[-1], k_BSJD.shape[2]
+    block = query_block_size(L, B * K * max(H, J * (D + v_BSJV.shape[-1])), block_elems, q_BLHD.device)
+    fn = lambda t0, q, idx, k, v: _sparse_gqa_block(t0, q, idx, k, v, scale)  # noqa: E731
+    return _QueryBlocks.apply(fn, block, 2, 1, q_BLHD, idx_BLK, k_BSJD, v_BSJV)
+
+
 def _sparse_kl_block(t0, qi_BTGD, wi_BTG, idx_BTK, p_BTK, ki_BSD):
     valid_BTK = idx_BTK >= 0
     k_BTKD = _gather_rows(ki_BSD, idx_BTK).float()
@@ -262,11 +304,14 @@ def sparse_indexer_kl(
 def dense_attention(q_BLHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHV: torch.Tensor, scale: float,
                     q_offset: int = 0) -> torch.Tensor:
     """Causal softmax attention through SDPA (flash/memory-efficient kernels: no [L, L] tensor). Query t sits at
-    position q_offset + t among the keys (context parallelism); it sees keys 0..q_offset + t."""
+    position q_offset + t among the keys (context parallelism); it sees keys 0..q_offset + t. Keys and values
+    may have fewer heads than the queries (GQA: a divisor of them)."""
     S = q_offset + q_BLHD.shape[1]
     q, k, v = q_BLHD.transpose(1, 2), k_BSHD[:, :S].transpose(1, 2), v_BSHV[:, :S].transpose(1, 2)
+    gqa = k.shape[1] != q.shape[1]
     if q_offset == 0:
-        out_BHLV = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        out_BHLV = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     else:  # the causal mask aligned to the last key, without materialising it
-        out_BHLV = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], S), scale=scale)
+        out_BHLV = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], S), scale=scale,
+                                                  enable_gqa=gqa)
     return out_BHLV.transpose(1, 2)

@@ -41,9 +41,10 @@ def _load_qk(ptr, rows, row_mask, D1: tl.constexpr, D2: tl.constexpr):
 
 
 @triton.jit
-def _attn_lse_kernel(q_ptr, k_ptr, lse_ptr, scale, L, S, Q0, H, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_h,
+def _attn_lse_kernel(q_ptr, k_ptr, lse_ptr, scale, L, S, Q0, H, HG, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_h,
                      D1: tl.constexpr, D2: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr):
-    """Each head's log-sum-exp for query rows 0..L-1 at positions Q0.. over keys 0..S-1 (causal)."""
+    """Each head's log-sum-exp for query rows 0..L-1 at positions Q0.. over keys 0..S-1 (causal); query head h
+    reads key head h // HG."""
     pid_t = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -55,7 +56,7 @@ def _attn_lse_kernel(q_ptr, k_ptr, lse_ptr, scale, L, S, Q0, H, sq_b, sq_t, sq_h
     c = scale * 1.4426950408889634
     for s0 in range(0, Q0 + pid_t * BT + BT, BS):
         offs_s = s0 + tl.arange(0, BS)
-        ka, kb = _load_qk(k_ptr + b * sk_b + h * sk_h, offs_s.to(tl.int64) * sk_t, offs_s < S, D1, D2)
+        ka, kb = _load_qk(k_ptr + b * sk_b + (h // HG) * sk_h, offs_s.to(tl.int64) * sk_t, offs_s < S, D1, D2)
         s = tl.dot(qa, tl.trans(ka))
         if D2 > 0:
             s += tl.dot(qb, tl.trans(kb))
@@ -68,7 +69,7 @@ def _attn_lse_kernel(q_ptr, k_ptr, lse_ptr, scale, L, S, Q0, H, sq_b, sq_t, sq_h
 
 @triton.jit
 def _kl_kernel(qa_ptr, ka_ptr, lse_a_ptr, buf_ptr, lse_s_ptr, kth_ptr, g_ptr, kl_ptr, rec_ptr,
-               scale, t0, Q0, R, L, S, H, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_h, sbuf_b, sbuf_r, sr_b, sp_b, sp_r,
+               scale, t0, Q0, R, L, S, H, HG, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_h, sbuf_b, sbuf_r, sr_b, sp_b, sp_r,
                D1: tl.constexpr, D2: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, NS: tl.constexpr,
                GRAD: tl.constexpr):
     """One program: BT rows x NS key tiles of BS keys. Forward writes the rows' KL and recall sums over its
@@ -100,7 +101,7 @@ def _kl_kernel(qa_ptr, ka_ptr, lse_a_ptr, buf_ptr, lse_s_ptr, kth_ptr, g_ptr, kl
         k_rows = offs_s.to(tl.int64) * sk_t
         for h in range(H):
             qa, qb = _load_qk(qa_ptr + b * sq_b + h * sq_h, q_rows, rmask, D1, D2)
-            ka, kb = _load_qk(ka_ptr + b * sk_b + h * sk_h, k_rows, offs_s < S, D1, D2)
+            ka, kb = _load_qk(ka_ptr + b * sk_b + (h // HG) * sk_h, k_rows, offs_s < S, D1, D2)
             s = tl.dot(qa, tl.trans(ka))
             if D2 > 0:
                 s += tl.dot(qb, tl.trans(kb))
@@ -193,7 +194,8 @@ def _attn_lse(qa, ka, scale, q0=0):
     D1, D2 = _split(D)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=qa.device)
     BT, BS = 64, 64
-    _attn_lse_kernel[(triton.cdiv(L, BT), B * H)](qa, ka, lse, scale, L, ka.shape[1], q0, H, qa.stride(0),
+    _attn_lse_kernel[(triton.cdiv(L, BT), B * H)](qa, ka, lse, scale, L, ka.shape[1], q0, H, H // ka.shape[2],
+                                                  qa.stride(0),
                                                   qa.stride(1), qa.stride(2), ka.stride(0), ka.stride(1),
                                                   ka.stride(2), lse.stride(0), lse.stride(1), D1=D1, D2=D2, BT=BT,
                                                   BS=BS, num_warps=4, num_stages=2)
@@ -231,7 +233,7 @@ def _kl_launch(qa, ka, lse_a, buf, lse_s, kth, g, scale, t0, grad, config, q0=0)
         rec = torch.zeros_like(kl)
     _kl_kernel[(triton.cdiv(R, BT), chunks, B)](
         qa, ka, lse_a, buf, lse_s, kth, g, kl if kl is not None else g, rec if rec is not None else g, scale, t0,
-        q0, R, L, ka.shape[1], H, qa.stride(0), qa.stride(1), qa.stride(2), ka.stride(0), ka.stride(1), ka.stride(2),
+        q0, R, L, ka.shape[1], H, H // ka.shape[2], qa.stride(0), qa.stride(1), qa.stride(2), ka.stride(0), ka.stride(1), ka.stride(2),
         lse_a.stride(0), lse_a.stride(1), buf.stride(0), buf.stride(1), lse_s.stride(0),
         kl.stride(0) if kl is not None else 0, kl.stride(1) if kl is not None else 0,
         D1=D1, D2=D2, BT=BT, BS=BS, NS=NS, GRAD=grad, **cfg)
