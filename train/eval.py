@@ -3,7 +3,7 @@
 Reports the LM loss and perplexity in dense and in sparse mode, the indexer KL (the warm-up loss's
 definition) and recall against dense attention, and, on the synthetic corpus, the retrieval accuracy
 (next-token accuracy over the replayed half, where each token is the one `recall_distance` back) in both
-modes. A `deepseek_v3` model (no indexer) reports the dense figures only.
+modes. A dense model (no indexer: a source such as `deepseek_v3` or `qwen3`) reports the dense figures only.
 
 What to read and how comes from the run that made the export (`DIR/../config.yaml`, or `--config`): its
 sequence length and its `data.held_out` (the synthetic corpus's `valid.jsonl` by default); `--data` and
@@ -131,13 +131,14 @@ def evaluate_dir(path: str, args, settings: dict) -> dict:
     pipe = TokenPipeline(data_cfg, tokenizer)
     batches = [pipe.next_batch(args.batch) for _ in range(max(1, args.num_seqs // args.batch))]
     return {"path": path, "data": settings["data"],
-            **evaluate(model, batches, args.topk, config["model_type"] == "deepseek_v32",
+            **evaluate(model, batches, args.topk, "index_topk" in config,
                        settings.get("recall_distance"))}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="exported model directory (deepseek_v32 or deepseek_v3)")
+    p.add_argument("--model", required=True, help="model directory: a converted export (deepseek_v32 or dsa) or a "
+                   "dense source of a supported family")
     p.add_argument("--config", default=None, help="the run's config.yaml (default: the one beside --model)")
     p.add_argument("--data", default=None, help="held-out file/folder/glob (default: the run's held-out file)")
     p.add_argument("--text-column", default="text")

@@ -5,10 +5,11 @@ gradients and optimizer state under ZeRO 0-3, and training FLOPs per token of ea
 
 FLOPs per token (multiply-adds x 2), for sequence length L, top-k K, per layer unless noted:
 - matmuls: 2 x active parameters (MoE: shared + routed experts per token; the LM head; no embedding).
-- dense causal attention, per-head MLA form: 2 H (d_qk + d_v) (L+1)/2.
-- sparse attention, absorbed MQA form: 2 H (A + R + A) K (A = kv_lora_rank, R = rope dims), plus the
-  absorption matmuls 2 H N A + 2 H A V.
-- indexer: projections 2 (Q G D + C D + C G), scoring 2 G D (L+1)/2 over the causal span.
+- dense causal attention: 2 H (d_qk + d_v) (L+1)/2 (MLA per-head form: d_qk = N + R; GQA: d_qk = d_v = D).
+- sparse attention: MLA in absorbed MQA form 2 H (A + R + A) K (A = kv_lora_rank, R = rope dims), plus the
+  absorption matmuls 2 H N A + 2 H A V; GQA 2 H (D + D) K.
+- indexer: projections 2 (Q G D + C D + C G) (Q: MLA's query latent, else the hidden size C), scoring
+  2 G D (L+1)/2 over the causal span.
 Warm-up = backbone forward (dense) + indexer forward and backward (x3) + the recomputed attention target
 2 H d_qk (L+1)/2. Sparse = 3 x backbone with sparse attention (forward + backward ~ 2x) + the indexer's
 top-k scoring forward + its selected-set KL (3 x 2 G D K) and projections (x3). Base = 3 x dense backbone.
@@ -19,11 +20,11 @@ M = micro_batch x L / CP tokens of the rank's queries and S = micro_batch x L ga
 - kept per layer until its backward, sparse stage: top-k indices n M K 4 (none with stage.recompute_topk) and the
   attention's log-sum-exp n M H 4;
 - one layer's working set under recomputation, the largest of any layer:
-  - queries and their gradients: 2 M H (N + R + V) 2;
-  - keys: the gathered latent, rope key and indexer key with their gradients, 2 S (A + R + D) 2; dense stages
-    add per-head keys and the up-projection, S H (2N + R + V) 2 (twice in the base stage, whose keys get
-    gradients); the sparse stage adds three absorbed-query chunks, 3 min(M H (A + R), 2**29) 2, and the
-    selection's probabilities, M K 4;
+  - queries and their gradients: 2 M H (N + R + V) 2 (GQA: 2 M H 2D 2);
+  - keys: the gathered latent, rope key and indexer key with their gradients, 2 S (A + R + D) 2 (GQA: keys
+    and values of J heads, 2 S (2 J D_h + D) 2); MLA's dense stages add per-head keys and the up-projection,
+    S H (2N + R + V) 2 (twice in the base stage, whose keys get gradients); the sparse stage adds MLA's three
+    absorbed-query chunks, 3 min(M H (A + R), 2**29) 2, and the selection's probabilities, M K 4;
   - the indexer's queries and their gradients, 2 M G D 2;
   - the MLP: 4 M I 2 with I the widest of the dense MLP and (shared + routed per token) x the expert width;
 - the LM head's logits chunk (4096 tokens, fp32, and its gradient): 2 x 4096 x vocab x 4.
@@ -37,10 +38,10 @@ from train.engine import ZERO_STAGES, use_bf16
 
 
 def count_parameters(config: dict, index_n_heads: int, index_head_dim: int) -> dict:
-    from train.model.hf import meta_model
+    from train.model.hf import index_query_dim, meta_model
 
     meta = meta_model(config)
-    C, Q = config["hidden_size"], config["q_lora_rank"]
+    C, Q = config["hidden_size"], index_query_dim(config)
     G, D = index_n_heads, index_head_dim
     L = config["num_hidden_layers"]
     indexer = L * (G * D * Q + D * C + 2 * D + G * C)
@@ -59,20 +60,38 @@ def count_parameters(config: dict, index_n_heads: int, index_head_dim: int) -> d
     return {"backbone": total, "indexer": indexer, "total": total + indexer, "active_matmul": active}
 
 
+def attention_dims(config: dict) -> dict:
+    """The widths the attention formulas read. MLA: H heads, per-head d_qk = N + R and d_v = V, latent A; sparse
+    runs absorbed (keys d_qk' = A + R, values A, plus the absorption matmuls). GQA / MHA: H query heads over J key
+    heads of width D; sparse runs as it is."""
+    from train.model.hf import head_dim, is_mla
+
+    H = config["num_attention_heads"]
+    if is_mla(config):
+        N, R, V, A = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"], config["kv_lora_rank"]
+        return dict(H=H, qk=N + R, v=V, sparse_qk=A + R, sparse_v=A, absorb=N * A + A * V, kv_row=A + R,
+                    dense_keys=H * (2 * N + R + V), q=N + R + V, absorbed_q=A + R)
+    J, D = config.get("num_key_value_heads") or H, head_dim(config)
+    return dict(H=H, qk=D, v=D, sparse_qk=D, sparse_v=D, absorb=0, kv_row=2 * J * D, dense_keys=0, q=2 * D,
+                absorbed_q=0)
+
+
 def flops_per_token(config: dict, params: dict, seq_len: int, topk: int, index_n_heads: int,
                     index_head_dim: int) -> dict:
-    H, L = config["num_attention_heads"], config["num_hidden_layers"]
-    N, R, V = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
-    A, Q, C = config["kv_lora_rank"], config["q_lora_rank"], config["hidden_size"]
+    from train.model.hf import index_query_dim
+
+    a = attention_dims(config)
+    H, L = a["H"], config["num_hidden_layers"]
+    Q, C = index_query_dim(config), config["hidden_size"]
     G, D = index_n_heads, index_head_dim
     half_span = (seq_len + 1) / 2
     K = min(topk, seq_len)
     matmul = 2 * params["active_matmul"]
-    dense_attn = L * 2 * H * (N + R + V) * half_span
-    sparse_attn = L * (2 * H * (A + R + A) * K + 2 * H * N * A + 2 * H * A * V)
+    dense_attn = L * 2 * H * (a["qk"] + a["v"]) * half_span
+    sparse_attn = L * (2 * H * (a["sparse_qk"] + a["sparse_v"]) * K + 2 * H * a["absorb"])
     idx_proj = L * 2 * (Q * G * D + C * D + C * G)
     idx_score = L * 2 * G * D * half_span
-    target = L * 2 * H * (N + R) * half_span
+    target = L * 2 * H * a["qk"] * half_span
     return {
         "base": 3 * (matmul + dense_attn),
         "warmup": matmul + dense_attn + 3 * (idx_proj + idx_score) + target,
@@ -94,9 +113,9 @@ def memory_per_gpu(total: int, trainable: int, world: int, zero: int, bf16: bool
 def activation_bytes(config: dict, stage: str, seq_len: int, micro_batch: int, cp: int, topk: int,
                      index_head_dim: int, index_n_heads: int, keep_topk: bool = True) -> dict:
     """Activation memory per GPU by part (see the module docstring for the formulas)."""
-    H, n = config["num_attention_heads"], config["num_hidden_layers"]
-    N, R, V = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
-    A, C, E = config["kv_lora_rank"], config["hidden_size"], config["vocab_size"]
+    a = attention_dims(config)
+    H, n = a["H"], config["num_hidden_layers"]
+    C, E = config["hidden_size"], config["vocab_size"]
     G, D = index_n_heads, index_head_dim
     S = micro_batch * seq_len
     M = S // cp
@@ -105,15 +124,15 @@ def activation_bytes(config: dict, stage: str, seq_len: int, micro_batch: int, c
     inter = config["intermediate_size"] if config.get("first_k_dense_replace", n) > 0 else 0
     if config.get("first_k_dense_replace", n) < n:
         inter = max(inter, experts * config["moe_intermediate_size"])
-    keys = 2 * S * (A + R + D) * 2
+    keys = 2 * S * (a["kv_row"] + D) * 2
     if stage == "sparse":
-        keys += 3 * min(M * H * (A + R), 2**29) * 2 + M * K * 4
+        keys += 3 * min(M * H * a["absorbed_q"], 2**29) * 2 + M * K * 4
     else:
-        keys += S * H * (2 * N + R + V) * 2 * (2 if stage == "base" else 1)
+        keys += S * a["dense_keys"] * 2 * (2 if stage == "base" else 1)
     parts = {
         "layer_inputs": n * M * C * 2,
         "kept_per_layer": n * M * (K * 4 * keep_topk + H * 4) if stage == "sparse" else 0,
-        "layer_working_set": 2 * M * H * (N + R + V) * 2 + keys + 2 * M * G * D * 2 + 4 * M * inter * 2,
+        "layer_working_set": 2 * M * H * a["q"] * 2 + keys + 2 * M * G * D * 2 + 4 * M * inter * 2,
         "lm_head_chunk": 2 * 4096 * E * 4,
     }
     parts["total"] = sum(parts.values())
