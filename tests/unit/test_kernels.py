@@ -13,7 +13,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from train.ops import cudnn_sparse_mla, reference, triton_sparse_mla, triton_topk  # noqa: E402
+from train.ops import cudnn_sparse_mla, reference, triton_sparse_gqa, triton_sparse_mla, triton_topk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GPU = pytest.mark.skipif(DEVICE != "cuda", reason="real shapes need a GPU")
@@ -143,6 +143,38 @@ def test_sparse_mla_kernel_matches_twin_deepseek_shape(H):
     _check_sparse_mla(B=1, L=4096, H=H, DV=512, DR=64, K=2048, dtype=torch.bfloat16, tol=TOL)
 
 
+def _check_sparse_gqa(B, L, H, J, D, K, dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, L, H, D, generator=g).to(DEVICE, dtype).requires_grad_()
+    k = torch.randn(B, L, J, D, generator=g).to(DEVICE, dtype).requires_grad_()
+    v = torch.randn(B, L, J, D, generator=g).to(DEVICE, dtype).requires_grad_()
+    idx = _sparse_inputs(B, L, 1, 16, 16, K, dtype)[2]
+    grad = torch.randn(B, L, H, D, device=DEVICE, dtype=dtype)
+
+    def run(fn, lse=None):
+        out, p, lse_out = fn(q, k, v, idx, D**-0.5, lse)
+        return (out, p, lse_out, *torch.autograd.grad(out, (q, k, v), grad))
+
+    twin = run(reference.sparse_gqa)
+    for got in (run(triton_sparse_gqa.sparse_gqa), run(triton_sparse_gqa.sparse_gqa, twin[2])):
+        none = torch.isinf(twin[2])
+        assert none.any() and torch.equal(torch.isinf(got[2]), none)
+        got, want = [list(x) for x in (got, twin)]
+        got[2], want[2] = got[2].masked_fill(none, 0.0), want[2].masked_fill(none, 0.0)
+        _assert_close(got, want, ("out", "p", "lse", "dq", "dk", "dv"), 3, tol)
+
+
+@pytest.mark.parametrize("H, J", [(8, 2), (4, 4), (3, 1), (40, 2)])  # GQA; MHA; MQA with 3 heads; a group > 16
+def test_sparse_gqa_kernel_matches_twin_small(H, J):
+    _check_sparse_gqa(B=2, L=40, H=H, J=J, D=16, K=24, dtype=torch.float32, tol=TOL)
+
+
+@GPU
+@pytest.mark.parametrize("H, J", [(64, 8), (32, 8)])  # Qwen3-32B's attention; Llama-3-8B's
+def test_sparse_gqa_kernel_matches_twin_qwen3_shape(H, J):
+    _check_sparse_gqa(B=1, L=4096, H=H, J=J, D=128, K=2048, dtype=torch.bfloat16, tol=TOL)
+
+
 @GPU
 def test_topk_kernel_at_128k_columns():
     L, G, D, K = 131072, 64, 128, 2048
@@ -187,8 +219,9 @@ def test_sparse_indexer_kl_kernel_matches_twin_deepseek_shape(G):
     _check_sparse_indexer_kl(B=1, L=4096, G=G, D=128, K=2048, dtype=torch.bfloat16, tol=TOL)
 
 
-def _check_dense_indexer_kl(B, L, H, DA, G, D, topk, rows, dtype, tol, q0=0, n=None):
-    """Queries q0..q0+n-1 (default: all) over every key, as a context-parallel piece: kernel against twin."""
+def _check_dense_indexer_kl(B, L, H, DA, G, D, topk, rows, dtype, tol, q0=0, n=None, J=None):
+    """Queries q0..q0+n-1 (default: all) over every key, as a context-parallel piece: kernel against twin.
+    J: key heads of the attention target (default H; fewer: GQA)."""
     from train.ops import triton_warmup_kl
 
     n = n or L - q0
@@ -197,7 +230,7 @@ def _check_dense_indexer_kl(B, L, H, DA, G, D, topk, rows, dtype, tol, q0=0, n=N
     ki = torch.randn(B, L, D, generator=g).to(DEVICE, dtype).requires_grad_()
     wi = (torch.randn(B, L, G, generator=g) * (G * D) ** -0.5)[:, q0 : q0 + n].to(DEVICE).requires_grad_()
     qa = torch.randn(B, L, H, DA, generator=g)[:, q0 : q0 + n].to(DEVICE, dtype)
-    ka = torch.randn(B, L, H, DA, generator=g).to(DEVICE, dtype)
+    ka = torch.randn(B, L, J or H, DA, generator=g).to(DEVICE, dtype)
     up = torch.rand(B, n, generator=g).to(DEVICE)
     res = {}
     for name, fn in (("twin", lambda *a: reference.dense_indexer_kl(*a, q_offset=q0)),
@@ -217,6 +250,16 @@ def test_warmup_kl_kernel_matches_twin_small(rows, tiles, monkeypatch):
     da = 24 if DEVICE == "cpu" else 48  # compiled tl.dot needs dims >= 16: d_qk = 32 + 16 on a GPU
     _check_dense_indexer_kl(B=2, L=70, H=2, DA=da, G=16, D=16, topk=8, rows=rows, dtype=torch.float32,
                             tol=TOL)
+
+
+def test_warmup_kl_kernel_over_grouped_keys_matches_twin():
+    _check_dense_indexer_kl(B=2, L=70, H=4, J=2, DA=16, G=16, D=16, topk=8, rows=32, dtype=torch.float32, tol=TOL)
+
+
+@GPU
+def test_warmup_kl_kernel_matches_twin_qwen3_shape():
+    _check_dense_indexer_kl(B=1, L=4096, H=64, J=8, DA=128, G=32, D=128, topk=2048, rows=None,
+                            dtype=torch.bfloat16, tol=TOL)
 
 
 @pytest.mark.parametrize("q0, n", [(35, 35), (10, 20)])  # the zig-zag's second piece; one inside the sequence
@@ -288,10 +331,16 @@ def _assert_same_run(got, want):
     assert worst <= max(TOL, 1e-4), worst  # fp32 summation order, carried through two layers
 
 
+# A tiny Qwen3-layout GQA model (q/k norms, 4 query heads over 2 key heads of 16) whose dims the kernels take.
+GQA_ARCH = dict(model_type="qwen3", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
+
+
+@pytest.mark.parametrize("arch", ["mla", "gqa"])
 @pytest.mark.parametrize("stage_name", ["warmup", "sparse"])
-def test_model_stage_losses_and_grads_equal_with_kernels(stage_name, monkeypatch):
+def test_model_stage_losses_and_grads_equal_with_kernels(stage_name, arch, monkeypatch):
     """Through the dispatch point: a whole stage loss (all four ops) and its gradients, kernels vs twins."""
-    _, run = _stage_run(stage_name)
+    _, run = _stage_run(stage_name, KERNEL_ARCH if arch == "mla" else GQA_ARCH)
     res = {}
     for backend in ("reference", "triton"):
         monkeypatch.setenv("DSA_KERNELS", backend)

@@ -45,6 +45,42 @@ def test_sparse_mla_equals_dense_attention_masked_to_the_selection(block_elems):
 
 
 @pytest.mark.parametrize("block_elems", [64, 1 << 22])
+@pytest.mark.parametrize("H_, J", [(6, 2), (3, 3), (4, 1)])  # GQA, MHA, MQA
+def test_sparse_gqa_equals_dense_attention_masked_to_the_selection(block_elems, H_, J):
+    V, K = 10, 9
+    q, k, v = _rand(B, L, H_, D, seed=0), _rand(B, L, J, D, seed=1), _rand(B, L, J, V, seed=2)
+    idx = ops.indexer_topk(_rand(B, L, G, DI, seed=3), _rand(B, L, DI, seed=4), _rand(B, L, G, seed=5), K)
+    idx[1, L // 2] = -1  # a query with no selection: zero output, zero gradients
+    out, p, lse = reference.sparse_gqa(q, k, v, idx, 0.3, block_elems=block_elems)
+
+    selected = torch.zeros(B, L, L).scatter_add_(-1, idx.clamp(min=0), (idx >= 0).float()) > 0
+    k_h, v_h = k.repeat_interleave(H_ // J, dim=2), v.repeat_interleave(H_ // J, dim=2)  # head h reads h // (H/J)
+    scores = torch.einsum("bthd,bshd->bhts", q, k_h) * 0.3
+    probs = scores.masked_fill(~selected[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
+    want = torch.einsum("bhts,bshv->bthv", probs, v_h)
+    assert (out - want).abs().max().item() <= 1e-5
+    assert (p - probs.mean(1).gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, 0)).abs().max() <= 1e-6
+    want_lse = scores.masked_fill(~selected[:, None], float("-inf")).logsumexp(-1).transpose(1, 2)
+    assert torch.isinf(lse[1, L // 2]).all() and (lse - want_lse)[lse.isfinite()].abs().max() <= 1e-5
+
+    g = torch.randn_like(out)
+    got = _grads((out * g).sum(), [q, k, v])
+    want_g = _grads((want * g).sum(), [q, k, v])
+    for a, b in zip(got, want_g):
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_dense_indexer_kl_over_grouped_keys_equals_it_over_repeated_keys():
+    """GQA's warm-up target: query head h reads key head h // (H / J); the same as MHA over repeated keys."""
+    qi, ki, wi = _rand(B, L, G, DI, seed=5), _rand(B, L, DI, seed=6), _rand(B, L, G, seed=7)
+    qa, ka = _rand(B, L, 6, D, seed=8), _rand(B, L, 2, D, seed=9)
+    grouped = reference.dense_indexer_kl(qi, ki, wi, qa, ka, 0.4, topk=5, block_elems=64)
+    repeated = reference.dense_indexer_kl(qi, ki, wi, qa, ka.repeat_interleave(3, dim=2), 0.4, topk=5)
+    for a, b in zip(grouped, repeated):
+        assert (a - b).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("block_elems", [64, 1 << 22])
 def test_dense_indexer_kl_matches_formula_and_gradient(block_elems):
     qi, ki, wi = _rand(B, L, G, DI, seed=5), _rand(B, L, DI, seed=6), _rand(B, L, G, seed=7)
     qa, ka = _rand(B, L, H, D, seed=8), _rand(B, L, H, D, seed=9)

@@ -60,6 +60,8 @@ def build_source_model(cfg: ModelConfig):
             return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype or "auto"), None
         family = AutoConfig.for_model(**hf.family_config(config))
         model = AutoModelForCausalLM.from_pretrained(cfg.path, config=family, dtype=dtype or "auto")
+        for key in ("index_n_heads", "index_head_dim", "index_topk"):  # the indexers' sizes, as a v32 config has
+            setattr(model.config, key, config[key])
         return model, hf.read_indexers(cfg.path)
     torch.manual_seed(cfg.init_seed)
     config = AutoConfig.for_model(**hf.arch_config(cfg.arch))

@@ -1,0 +1,106 @@
+"""Sources beyond DeepSeek-V3: GQA / MHA families and MLA without a query latent. Parity with the source in dense
+mode, and the `dsa` export against the model itself in transformers (trust_remote_code), dense and sparse, with
+ties at the top-k boundary; generation with and without the cache; the export as a source again."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tests.conftest import perturb_
+from train.model import AttentionMode, ModelConfig, build_model, convert_to_dsa
+from train.model.hf import export_hf
+
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=512)
+FAMILIES = {
+    # Qwen3: per-head q/k RMSNorm, an explicit head_dim, GQA 4 -> 2
+    "qwen3": dict(COMMON, model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    # Llama 3: its rope scaling, MQA (one key head)
+    "llama": dict(COMMON, model_type="llama", num_attention_heads=4, num_key_value_heads=1,
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 64}),
+    # Qwen2: q/k/v biases, MHA, tied embeddings
+    "qwen2": dict(COMMON, model_type="qwen2", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+    "mistral": dict(COMMON, model_type="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=None),
+    # DeepSeek-V2-Lite's layout: MLA without a query latent, MoE after the first layer
+    "deepseek_v2": dict(COMMON, model_type="deepseek_v2", moe_intermediate_size=32, first_k_dense_replace=1,
+                        n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+                        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32,
+                        qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16),
+}
+
+
+def _source(arch, seed=0):
+    fields = dict(arch)
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config).eval()
+    perturb_(model, seed)
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_mode_matches_the_source(family):
+    arch = FAMILIES[family]
+    source = _source(arch)
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = source(ids, use_cache=False).logits
+        model = convert_to_dsa(source, ModelConfig(arch=arch, index_n_heads=2, index_topk=8)).eval()
+        got = model(ids, AttentionMode(sparse=False))
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dsa_export_loads_in_transformers_and_matches_the_model(family, tmp_path):
+    arch = FAMILIES[family]
+    # One indexer head: a key whose score relu clips to 0 ties with every other such key, so ties sit at the top-k
+    # boundary of many rows; the export must break them as training does (the lower position wins).
+    model = convert_to_dsa(_source(arch), ModelConfig(arch=arch, index_n_heads=1, index_topk=8)).eval()
+    perturb_(model, seed=3)
+    L, k = 48, 8
+    ids = torch.randint(0, 97, (2, L), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        sparse = model(ids, AttentionMode(sparse=True, topk=k))
+        dense = model(ids, AttentionMode(sparse=False))
+        layer = model.layers[0].self_attn
+        layer_in = model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        cos, sin = model.model.rotary_emb(layer_in, torch.arange(L)[None])
+        q, kk, w = layer.indexer(layer_in, layer_in, cos, sin)
+        from train.ops import reference
+
+        logits = reference.indexer_logits(q, kk, w, 0)
+        kth = logits.sort(dim=-1, descending=True).values[..., k - 1 : k]
+        ties = ((logits == kth).sum(-1) > 1) & (torch.arange(L) >= k)
+    assert ties.any(), "the test needs ties at the top-k boundary"
+    assert (sparse - dense).abs().max().item() > 1e-2, "selection must drop tokens at L > k"
+
+    out = export_hf(model, tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "dsa" and config["source_model_type"] == family
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_dsa.DSAForCausalLM"
+    hf, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32,
+                                                    output_loading_info=True)
+    assert type(hf).__name__ == "DSAForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    with torch.no_grad():
+        assert (hf.eval()(ids).logits - sparse).abs().max().item() <= 1e-4
+        hf.config.index_topk = L  # every query keeps all its tokens: dense attention
+        for m in hf.modules():
+            if type(m).__name__ == "DSAIndexer":
+                m.topk = L
+        assert (hf(ids).logits - dense).abs().max().item() <= 1e-4
+        for m in hf.modules():
+            if type(m).__name__ == "DSAIndexer":
+                m.topk = k
+        prompt = ids[:1, :12]  # greedy generation past k tokens: the cached indexer keys must match a fresh run
+        cached = hf.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
+        fresh = hf.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, fresh)
+
+    # The export is a source again (the sparse stage starts from the warm-up's): the indexers come back.
+    again = build_model(ModelConfig(path=str(out), index_topk=k)).eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids, AttentionMode(sparse=True, topk=k)), sparse)
