@@ -1,5 +1,6 @@
-"""A user's own checkpoint, start to finish, as the README tells it: a small MoE `DeepseekV3ForCausalLM` saved in
-bf16 with a BPE tokenizer trained on real text; the README's "Your own checkpoint" block run as written (warm-up,
+"""A user's own checkpoint, start to finish, as the README tells it: a small model of each family a user brings most
+(a MoE `DeepseekV3ForCausalLM`, a Qwen3, a DeepSeek-V2-Lite-style MLA without a query latent) saved in bf16 with a
+BPE tokenizer trained on real text; the README's "Your own checkpoint" block run as written (plan, warm-up,
 sparse, eval through make, in a scratch copy of the repository); then the README's transformers snippet on the
 export."""
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.integration.helpers import ROOT, readme_block
@@ -26,11 +28,18 @@ def _scratch_copy(dst: Path) -> Path:
     return dst
 
 
-def test_readme_conversion_of_a_users_bf16_moe_checkpoint(tmp_path):
-    user = build_user_source(tmp_path / "user")
+# (family, the plan's kernel line on CPU, the export's model_type); DeepSeek-V2's run is in the slow suite (its
+# parity and export are in the fast one, tests/unit/test_families.py)
+FAMILIES = [("deepseek_v3", "sparse MLA: reference", "deepseek_v32"), ("qwen3", "sparse GQA: reference", "dsa"),
+            pytest.param("deepseek_v2", "sparse MLA: reference", "dsa", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("family, kernels, export_type", FAMILIES)
+def test_readme_conversion_of_a_users_bf16_checkpoint(family, kernels, export_type, tmp_path):
+    user = build_user_source(tmp_path / "user", family=family)
     repo = _scratch_copy(tmp_path / "repo")
     script = readme_block("## Your own checkpoint", "bash")
-    for placeholder, value in (("/ckpt/my-v3", user["src"]), ("/data/corpus", user["corpus"]),
+    for placeholder, value in (("/ckpt/my-model", user["src"]), ("/data/corpus", user["corpus"]),
                                ("/data/held-out.jsonl", user["held_out"])):
         assert placeholder in script
         script = script.replace(placeholder, str(value))
@@ -40,7 +49,8 @@ def test_readme_conversion_of_a_users_bf16_moe_checkpoint(tmp_path):
                          text=True, timeout=900)
     assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     assert "[plan] preset paper" in out.stdout and "top-64 of 256" in out.stdout
-    assert "[plan] kernels: DSA_KERNELS=auto; sparse MLA: reference" in out.stdout  # CPU: the twins
+    assert f"[plan] kernels: DSA_KERNELS=auto; {kernels}" in out.stdout  # CPU: the twins
+    assert "[plan] training FLOPs per token" in out.stdout  # make plan, before the warm-up
     assert "[summary] sparse" in out.stdout
 
     run = repo / "checkpoints" / "mine"
@@ -55,6 +65,7 @@ def test_readme_conversion_of_a_users_bf16_moe_checkpoint(tmp_path):
     # The sparse stage ran at the export's top-k, with a selection that drops attention (recall below 1).
     sparse_cfg = json.loads((run / "sparse" / "export" / "config.json").read_text())
     assert sparse_cfg["index_topk"] == 64 and sparse_cfg["dtype"] == "bfloat16"
+    assert sparse_cfg["model_type"] == export_type
     rows = [json.loads(line) for line in (run / "sparse" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["indexer/recall"] < 1 and "eval/sparse_lm_loss" in rows[-1]
     assert (run / "sparse" / "export" / "tokenizer.json").is_file()

@@ -1,5 +1,6 @@
-"""A source checkpoint the way a user brings one: a small MoE `DeepseekV3ForCausalLM` with YaRN, saved in bf16
-with a byte-level BPE tokenizer trained by `tokenizers` on real text, and that text as a jsonl corpus."""
+"""A source checkpoint the way a user brings one: a small model of a supported family (a MoE `DeepseekV3ForCausalLM`
+with YaRN; a Qwen3 with GQA; a DeepSeek-V2-Lite-style MLA without a query latent), saved in bf16 with a byte-level
+BPE tokenizer trained by `tokenizers` on real text, and that text as a jsonl corpus."""
 
 import json
 from pathlib import Path
@@ -17,6 +18,20 @@ USER_ARCH = dict(
                   "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
     tie_word_embeddings=False,
 )
+
+# The other families a user brings most: Qwen3 (GQA 4 -> 2, q/k norms) and DeepSeek-V2-Lite's MLA without a
+# query latent (MoE after the first layer).
+USER_ARCHS = {
+    "deepseek_v3": dict(USER_ARCH, model_type="deepseek_v3"),
+    "qwen3": dict(model_type="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                  tie_word_embeddings=False),
+    "deepseek_v2": dict(model_type="deepseek_v2", vocab_size=512, hidden_size=64, intermediate_size=128,
+                        moe_intermediate_size=32, num_hidden_layers=4, first_k_dense_replace=1, n_routed_experts=4,
+                        n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, num_attention_heads=4,
+                        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
+                        qk_rope_head_dim=16, v_head_dim=16, max_position_embeddings=2048, tie_word_embeddings=False),
+}
 
 
 def documents() -> list[str]:
@@ -37,10 +52,12 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
-def build_user_source(root: Path, dtype: torch.dtype = torch.bfloat16, pretrain_steps: int = 30) -> dict:
+def build_user_source(root: Path, dtype: torch.dtype = torch.bfloat16, pretrain_steps: int = 30,
+                      family: str = "deepseek_v3") -> dict:
     """Writes `root/src` (checkpoint + tokenizer), `root/corpus/train.jsonl` and `root/held_out.jsonl`; the model
-    is pre-trained densely for a few steps on the corpus (so that its attention is not uniform)."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    (of `family`, USER_ARCHS) is pre-trained densely for a few steps on the corpus (so that its attention is not
+    uniform)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     docs = documents()
     split = len(docs) * 9 // 10
@@ -49,8 +66,9 @@ def build_user_source(root: Path, dtype: torch.dtype = torch.bfloat16, pretrain_
     (root / "held_out.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[split:]))
     tokenizer = train_tokenizer(docs[:split], USER_ARCH["vocab_size"])
     torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**USER_ARCH, eos_token_id=tokenizer.eos_token_id,
-                                                    bos_token_id=tokenizer.bos_token_id))
+    arch = dict(USER_ARCHS[family])
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        arch.pop("model_type"), **arch, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id))
     ids = torch.tensor([t for d in docs[:split] for t in tokenizer(d)["input_ids"] + [tokenizer.eos_token_id]])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     L, B = 128, 8
