@@ -15,7 +15,7 @@ import torch
 from bench.bound import bench_bound, bound_table
 from bench.common import DI, OPTIONS, G, H
 from bench.e2e import MODELS, bench_e2e
-from bench.kernels import bench_sdpa, bench_sparse_mla, bench_topk, bench_warmup_kl
+from bench.kernels import bench_sdpa, bench_sparse_gqa, bench_sparse_mla, bench_topk, bench_warmup_kl
 from bench.report import sweep_summary, table
 from bench.sweep import compiled_stats, sweep
 
@@ -132,6 +132,7 @@ def main(argv=None) -> None:
                                                     public=args.public_tilelang, backends=args.sparse_mla_backends,
                                                     cudnn=args.cudnn),
                 "sdpa": lambda L: bench_sdpa(L, args.iters),
+                "sparse_gqa": lambda L: bench_sparse_gqa(L, args.iters),
                 "warmup_kl": lambda L: bench_warmup_kl(L, args.iters, args.twin_max)}
     # --public-tilelang over several lengths: the sparse MLA rows of each length in its own process
     own_process = bool(args.public_tilelang) and len(args.lengths) > 1 and "sparse_mla" in args.sections

@@ -9,6 +9,9 @@
                                  recall, the indexer's gradient), and its twin (lengths <= 8K)
   indexer_topk                   indexer logits + top-k, the chunked twin, and plain PyTorch (all-head einsum
                                  + topk; it runs out of memory past 16K)
+  sparse_gqa fwd / bwd           sparse GQA at Qwen3-32B's attention shape (64 query heads over 8 key heads of
+                                 128, top-2048), beside SDPA's dense causal GQA (FlashAttention) at that shape;
+                                 TF/s over the FLOPs each really does (sparse: valid selections only)
 """
 
 from __future__ import annotations
@@ -127,6 +130,45 @@ def bench_sdpa(L: int, iters: int, heads: int = H, label: str = "") -> list[dict
         o.backward(torch.ones_like(o))
     return [guarded(f"sdpa fwd{label}", sdpa_fwd, iters, sdpa_flops),
             guarded(f"sdpa fwd+bwd{label}", sdpa_fwd_bwd, iters, 3.5 * sdpa_flops)]
+
+
+# Qwen3-32B's attention: 64 query heads over 8 key heads, head dim 128.
+GQA_H, GQA_J, GQA_D = 64, 8, 128
+
+
+def bench_sparse_gqa(L: int, iters: int) -> list[dict]:
+    from train.ops import triton_sparse_gqa
+
+    dev, dt = "cuda", torch.bfloat16
+    q = torch.randn(1, L, GQA_H, GQA_D, device=dev, dtype=dt)
+    k = torch.randn(1, L, GQA_J, GQA_D, device=dev, dtype=dt)
+    v = torch.randn(1, L, GQA_J, GQA_D, device=dev, dtype=dt)
+    idx = causal_selection(L, TOPK, dev)
+    fwd_flops = 2 * GQA_H * int((idx >= 0).sum()) * 2 * GQA_D
+    scale = GQA_D**-0.5
+    out, lse = triton_sparse_gqa.sparse_gqa_forward(q, k, v, idx, scale)
+    g = torch.randn_like(out)
+    rows = [guarded("sparse_gqa triton fwd", lambda: triton_sparse_gqa.sparse_gqa_forward(q, k, v, idx, scale), iters,
+                    fwd_flops),
+            guarded("sparse_gqa triton probs", lambda: triton_sparse_gqa.sparse_gqa_probs(q, k, v, idx, lse, scale),
+                    iters, fwd_flops / 2),
+            guarded("sparse_gqa triton bwd",
+                    lambda: triton_sparse_gqa.sparse_gqa_backward(q, k, v, idx, out, lse, g, scale), iters,
+                    2.5 * fwd_flops)]
+    del out, lse, g
+    qd, kd, vd = (x.transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    dense_flops = 2 * GQA_H * (L * (L + 1) / 2) * 2 * GQA_D
+
+    def sdpa_fwd():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
+
+    def sdpa_fwd_bwd():
+        o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
+        o.backward(torch.ones_like(o))
+    rows += [guarded("sparse_gqa sdpa dense fwd", sdpa_fwd, iters, dense_flops),
+             guarded("sparse_gqa sdpa dense fwd+bwd", sdpa_fwd_bwd, iters, 3.5 * dense_flops)]
+    return rows
 
 
 def bench_topk(L: int, iters: int, twin_max: int, plain_max: int) -> list[dict]:
