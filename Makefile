@@ -13,11 +13,16 @@ TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 EXTRAS ?= $(if $(HAS_GPU),test$(comma)gpu,test)
 comma := ,
 
-BASE_EXPORT := checkpoints/base/base/export/config.json
-# The default model is the one `make base` trains; a command line that names another model skips it.
-NEEDS_BASE := $(if $(filter model=% model.path=% stage.init_from=%,$(HYDRA_ARGS)),,$(BASE_EXPORT))
-EVAL_MODEL ?= checkpoints/default/sparse/export
-EVAL_BASELINE ?= checkpoints/base/base/export
+# `make base` trains the embedded default's dense model (model=synthetic, into checkpoints/base/), or another of
+# its shapes (model=synthetic_llama, into checkpoints/base-synthetic_llama/); a command line that names any other
+# model, a model.path or a stage.init_from skips it.
+BASE_MODEL := $(or $(patsubst model=%,%,$(filter model=synthetic%,$(HYDRA_ARGS))),synthetic)
+BASE_RUN := $(if $(filter synthetic,$(BASE_MODEL)),base,base-$(BASE_MODEL))
+BASE_EXPORT := checkpoints/$(BASE_RUN)/base/export/config.json
+NEEDS_BASE := $(if $(filter model.path=% stage.init_from=%,$(HYDRA_ARGS))$(filter-out model=synthetic%,$(filter model=%,$(HYDRA_ARGS))),,$(BASE_EXPORT))
+RUN_NAME := $(or $(patsubst run.name=%,%,$(lastword $(filter run.name=%,$(HYDRA_ARGS)))),default)
+EVAL_MODEL ?= checkpoints/$(RUN_NAME)/sparse/export
+EVAL_BASELINE ?= checkpoints/$(BASE_RUN)/base/export
 
 .PHONY: setup test test-all base warmup sparse eval plan bench dequantize report
 
@@ -41,8 +46,9 @@ test-all: setup
 # The embedded default's dense source model (cached: delete checkpoints/base/ to retrain).
 base: setup $(BASE_EXPORT)
 $(BASE_EXPORT):
-	PYTHON="$(PYTHON)" NPROC=$(NPROC) launch/local.sh stage=base run.name=base $(if $(filter base,$(MAKECMDGOALS)),$(HYDRA_ARGS))
-	$(PYTHON) -m train.eval --model checkpoints/base/base/export --out checkpoints/base/base/eval.json
+	PYTHON="$(PYTHON)" NPROC=$(NPROC) launch/local.sh stage=base run.name=$(BASE_RUN) model=$(BASE_MODEL) \
+		$(if $(filter base,$(MAKECMDGOALS)),$(filter-out model=% run.name=%,$(HYDRA_ARGS)))
+	$(PYTHON) -m train.eval --model checkpoints/$(BASE_RUN)/base/export --out checkpoints/$(BASE_RUN)/base/eval.json
 
 # Stage 1: dense warm-up of the indexers.
 warmup: setup $(NEEDS_BASE)

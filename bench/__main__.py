@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="end to end: indexer heads (DeepSeek's 64 by default)")
     ap.add_argument("--e2e-index-dim", type=int, default=DI, help="end to end: indexer head dim")
     ap.add_argument("--e2e-models", nargs="*", default=["v3-attention", "1b"], choices=sorted(MODELS),
-                    help="end to end: DeepSeek-V3's attention shape in 2 layers, and/or the ~1B model")
+                    help="end to end: DeepSeek-V3's or Qwen3-32B's attention shape in 2 layers, and/or the ~1B model")
     ap.add_argument("--recompute-topk", action="store_true",
                     help="end to end: recompute each layer's top-k in backward (stage.recompute_topk=true)")
     ap.add_argument("--sweep", nargs="*", choices=["warmup_kl", "sparse_mla", "tilelang_sparse_mla"],

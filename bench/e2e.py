@@ -1,4 +1,4 @@
-"""Whole training steps of a DeepSeek-V3-architecture model (bf16 weights, AdamW, activation checkpointing):
+"""Whole training steps of a DeepSeek-V3-architecture or Qwen3 (GQA) model (bf16 weights, AdamW, activation checkpointing):
 time, tokens/s and peak memory of a dense step (all parameters), a warm-up step (indexer only, KL over the full
 span) and a sparse step (top-k attention, LM loss + the sparse indexer KL), through the training code's own
 `compute_loss`."""
@@ -22,7 +22,13 @@ V3_ATTENTION = dict(vocab_size=32768, hidden_size=7168, intermediate_size=18432,
                     num_experts_per_tok=2, n_group=1, topk_group=1, num_attention_heads=128,
                     num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
                     qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=163840, tie_word_embeddings=False)
-MODELS = {"1b": ONE_B, "v3-attention": V3_ATTENTION}
+# Qwen3-32B's attention shape (hidden 5120, 64 query heads over 8 key heads of 128, q/k norms) in two layers with
+# its MLP (25600), vocab 32,768: what a GQA conversion costs per layer. Its indexer is sized as a conversion sizes
+# it (32 x 128), not by --e2e-index-heads / --e2e-index-dim, which are DeepSeek's.
+QWEN3_ATTENTION = dict(model_type="qwen3", vocab_size=32768, hidden_size=5120, intermediate_size=25600,
+                       num_hidden_layers=2, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                       max_position_embeddings=163840, tie_word_embeddings=False)
+MODELS = {"1b": ONE_B, "v3-attention": V3_ATTENTION, "qwen3-attention": QWEN3_ATTENTION}
 
 STEPS = (("dense step", "base"), ("warm-up step", "warmup"), ("sparse step", "sparse"))
 
@@ -32,7 +38,9 @@ def bench_e2e(lengths: list[int], iters: int, warmup_max: int, stages: list[str]
     from train.model import ModelConfig, build_model
     from train.stages import STAGES, StageConfig, compute_loss, param_groups
 
-    model = build_model(ModelConfig(arch=arch, index_n_heads=index_heads, index_head_dim=index_dim, index_topk=TOPK,
+    gqa = arch.get("model_type", "deepseek_v3") != "deepseek_v3"
+    model = build_model(ModelConfig(arch=arch, index_n_heads=None if gqa else index_heads,
+                                    index_head_dim=None if gqa else index_dim, index_topk=TOPK,
                                     dtype="bfloat16")).cuda()
     model.activation_checkpointing = True
     model.keep_topk_for_recompute = not recompute_topk

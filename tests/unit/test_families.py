@@ -104,3 +104,19 @@ def test_dsa_export_loads_in_transformers_and_matches_the_model(family, tmp_path
     again = build_model(ModelConfig(path=str(out), index_topk=k)).eval()
     with torch.no_grad():
         assert torch.equal(again(ids, AttentionMode(sparse=True, topk=k)), sparse)
+
+
+def test_selection_probe_orders_its_recalls():
+    """bench.selection: a group's own top-k keeps at least as much of its attention as the shared one, and the
+    head-summed attention's own top-k at least as much of it as the indexer's."""
+    from bench.selection import group_recalls
+
+    arch = FAMILIES["qwen3"]
+    model = convert_to_dsa(_source(arch), ModelConfig(arch=arch, index_n_heads=2, index_topk=8)).eval()
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(4))
+    rows = group_recalls(model, ids, 8, with_indexer=True)
+    assert len(rows) == arch["num_hidden_layers"]
+    for r in rows:
+        assert 0 < r["shared_indexer"] <= r["group_oracle"] + 1e-6 and r["shared_oracle"] <= r["group_oracle"] + 1e-6
+        assert r["all_heads_indexer"] <= r["all_heads_oracle"] + 1e-6 <= 1 + 2e-6
+    assert any(r["shared_oracle"] < r["group_oracle"] - 1e-3 for r in rows), "groups attend differently"

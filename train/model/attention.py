@@ -244,8 +244,8 @@ class GQAAttention(IndexedAttention):
             return rope_non_interleaved(x, cos, sin)
         return torch.cat((rope_non_interleaved(x[..., :R], cos, sin), x[..., R:]), dim=-1)
 
-    def forward(self, x_BLC: torch.Tensor, cos_BLR: torch.Tensor, sin_BLR: torch.Tensor,
-                mode: AttentionMode) -> torch.Tensor:
+    def project(self, x_BLC: torch.Tensor, cos_BLR: torch.Tensor, sin_BLR: torch.Tensor):
+        """The attention's queries [B, L, H, D], keys and values [B, L, J, D], RoPE applied."""
         B, L, _ = x_BLC.shape
         H, J, D = self.num_heads, self.num_kv_heads, self.head_dim
         q_BLHD = self.q_proj(x_BLC).view(B, L, H, D)
@@ -255,6 +255,13 @@ class GQAAttention(IndexedAttention):
             q_BLHD, k_BLJD = self.q_norm(q_BLHD), self.k_norm(k_BLJD)
         q_BLHD = self._rope(q_BLHD, cos_BLR[:, :, None], sin_BLR[:, :, None])
         k_BLJD = self._rope(k_BLJD, cos_BLR[:, :, None], sin_BLR[:, :, None])
+        return q_BLHD, k_BLJD, v_BLJD
+
+    def forward(self, x_BLC: torch.Tensor, cos_BLR: torch.Tensor, sin_BLR: torch.Tensor,
+                mode: AttentionMode) -> torch.Tensor:
+        B, L, _ = x_BLC.shape
+        H, J, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q_BLHD, k_BLJD, v_BLJD = self.project(x_BLC, cos_BLR, sin_BLR)
         if mode.sparse or mode.indexer_loss:
             qi_BLGD, ki_BLD, wi_BLG = self.indexer(x_BLC.detach(), x_BLC.detach(), cos_BLR, sin_BLR)
             ki_BLD = mode.cp.gather(ki_BLD)

@@ -1,0 +1,95 @@
+"""`python -m bench.selection --model DIR`: under GQA, what one selection per query (shared by all key groups, as
+the conversion does) costs each group's attention, against one selection per group.
+
+For each layer, over held-out queries that see more than k tokens, the share of a key group's dense attention
+(its query heads' average) that a top-k keeps, averaged over groups:
+  group_oracle      each group's own top-k of its own attention: the best a per-group selection could do
+  shared_oracle     the top-k of the attention summed over all heads, shared by the groups: the best one shared
+                    selection could do (what the warm-up target teaches the indexer)
+  shared_indexer    the model's own indexer's top-k (a converted model; left out for a dense source)
+  all_heads_*       the same for the head-summed attention itself (the recall the training metrics report)
+group_oracle - shared_oracle bounds what per-group selections could add. CPU is fine: this is a probe on short
+sequences (it forms [H, L, L] per layer). The data and sequence length come from the run, as for `train.eval`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from train.data import DataConfig, SourceConfig, TokenPipeline, load_tokenizer
+from train.eval import run_settings
+from train.model import AttentionMode, ModelConfig, build_model
+from train.model.attention import GQAAttention
+from train.ops import reference
+
+
+def _mass(p_XTS: torch.Tensor, top_XTK: torch.Tensor) -> torch.Tensor:
+    return p_XTS.gather(-1, top_XTK.expand(*p_XTS.shape[:-2], *top_XTK.shape[-2:])).sum(-1)
+
+
+@torch.no_grad()
+def group_recalls(model, ids_BL: torch.Tensor, topk: int, with_indexer: bool) -> list[dict]:
+    """Per layer: the recalls of the module docstring, averaged over queries t >= topk of `ids_BL`."""
+    B, L = ids_BL.shape
+    h = model.model.embed_tokens(ids_BL)
+    cos, sin = model.model.rotary_emb(h, torch.arange(L)[None])
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    rows = []
+    for layer in model.layers:
+        attn = layer.self_attn
+        if not isinstance(attn, GQAAttention):
+            raise ValueError("the selection probe compares key groups: a GQA / MHA model is needed")
+        x = layer.input_layernorm(h)
+        q, k, _ = attn.project(x, cos, sin)
+        J, R = attn.num_kv_heads, attn.num_heads // attn.num_kv_heads
+        scores = torch.einsum("bthd,bshd->bhts", q.float(), k.float().repeat_interleave(R, dim=2))
+        att = (scores * attn.softmax_scale).masked_fill(~causal, float("-inf")).softmax(-1)
+        p_group = att.view(B, J, R, L, L).mean(2)  # [B, J, L, L]
+        p_all = p_group.mean(1)  # [B, L, L]
+        shared = reference.topk_stable(p_all, topk)[1][:, None]
+        row = {"group_oracle": _mass(p_group, reference.topk_stable(p_group, topk)[1]),
+               "shared_oracle": _mass(p_group, shared), "all_heads_oracle": _mass(p_all[:, None], shared)}
+        if with_indexer:
+            qi, ki, wi = attn.indexer(x, x, cos, sin)
+            picked = reference.topk_stable(reference.indexer_logits(qi, ki, wi, 0), topk)[1][:, None]
+            row |= {"shared_indexer": _mass(p_group, picked), "all_heads_indexer": _mass(p_all[:, None], picked)}
+        rows.append({name: v[..., topk:].mean().item() for name, v in row.items()})
+        h = layer(h, cos, sin, AttentionMode())
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.selection", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a GQA model directory: a dense source or a converted export")
+    p.add_argument("--config", default=None, help="the run's config.yaml (default: the one beside --model)")
+    p.add_argument("--data", default=None, help="held-out text (default: the run's)")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the run's data.seq_len")
+    p.add_argument("--num-seqs", type=int, default=16)
+    p.add_argument("--topk", type=int, required=True)
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    settings = run_settings(args.model, args.config)
+    settings.update({k: v for k, v in (("data", args.data), ("seq_len", args.seq_len)) if v})
+    model = build_model(ModelConfig(path=args.model)).float().eval()
+    data_cfg = DataConfig(sources=[SourceConfig(path=settings["data"])], seq_len=settings["seq_len"])
+    pipe = TokenPipeline(data_cfg, load_tokenizer(data_cfg, args.model))
+    ids = torch.cat([pipe.next_batch(1)["input_ids"] for _ in range(args.num_seqs)])
+    from train.model.hf import read_config
+
+    layers = group_recalls(model, ids, args.topk, "index_topk" in read_config(args.model))
+    result = {"model": args.model, "topk": args.topk, "seq_len": settings["seq_len"], "layers": layers,
+              "mean": {k: sum(r[k] for r in layers) / len(layers) for k in layers[0]}}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
