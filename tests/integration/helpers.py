@@ -21,19 +21,20 @@ TINY_DATA = [
 ]
 
 
-def tiny_overrides(root: Path) -> list[str]:
+def tiny_overrides(root: Path, model: list[str] = TINY_MODEL) -> list[str]:
     return [f"run.root={root}/ckpt", f"data.generated_dir={root}/data", f"data.cache_dir={root}/token_cache",
             "logging.wandb.mode=disabled",
-            "stage.global_batch=4", "stage.log_every=1", *TINY_MODEL, *TINY_DATA]
+            "stage.global_batch=4", "stage.log_every=1", *model, *TINY_DATA]
 
 
-def run_train(root: Path, *overrides: str, nproc: int = 1, check: bool = True, timeout: int = 600):
+def run_train(root: Path, *overrides: str, nproc: int = 1, check: bool = True, timeout: int = 600,
+              model: list[str] = TINY_MODEL):
     if nproc == 1:
         cmd = [sys.executable, "-m", "train"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd + tiny_overrides(root) + list(overrides), capture_output=True, text=True, cwd=ROOT,
+    out = subprocess.run(cmd + tiny_overrides(root, model) + list(overrides), capture_output=True, text=True, cwd=ROOT,
                          timeout=timeout, env=env)
     if check and out.returncode != 0:
         raise AssertionError(f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")

@@ -138,3 +138,24 @@ def test_a_users_bf16_moe_checkpoint_on_files_under_context_parallelism(tmp_path
         for a, b in zip(want, got, strict=True):
             for key in (*keys, "eval/sparse_lm_loss"):
                 assert _close(a[key], b[key], rel=1e-3), (stage, key, a[key], b[key])
+
+
+# A tiny Llama-shaped GQA model (4 query heads over 2 key heads of 16) in place of the MLA one
+GQA_MODEL = ["model=synthetic_llama", "model.path=${run.root}/gqa_base/base/export", "model.arch.hidden_size=32",
+             "model.arch.intermediate_size=64", "model.arch.num_attention_heads=4", "model.arch.num_key_value_heads=2",
+             "model.arch.head_dim=16", "model.index_n_heads=2", "model.index_head_dim=16", "model.index_topk=16"]
+
+
+@pytest.mark.slow
+def test_context_parallel_of_a_gqa_model_trains_what_one_rank_trains(tmp_path):
+    """GQA under context parallelism: the key heads' keys and values are gathered, the rest as for MLA."""
+    run_train(tmp_path, "stage=base", "run.name=gqa_base", "stage.steps=2", model=GQA_MODEL)
+    for name, nproc, extra in (("gqa_one", 1, ()), ("gqa_cp2", 2, ("deepspeed.context_parallel=2",))):
+        for stage in ("warmup", "sparse"):
+            run_train(tmp_path, f"stage={stage}", f"run.name={name}", "stage.steps=2", "stage.lr=1e-3", *extra,
+                      nproc=nproc, model=GQA_MODEL)
+    for stage, keys in KEYS.items():
+        want, got = metrics(tmp_path, "gqa_one", stage), metrics(tmp_path, "gqa_cp2", stage)
+        assert [r["tokens/total"] for r in got] == [r["tokens/total"] for r in want] == [512, 1024]
+        for key in keys:
+            assert all(_close(g[key], w[key], 1e-4) for g, w in zip(got, want)), (stage, key, got, want)

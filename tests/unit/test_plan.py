@@ -3,14 +3,14 @@
 from tests.unit.test_config import _cfg
 from train.plan import make_plan
 
-ARCH = dict(vocab_size=100, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-            first_k_dense_replace=2, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=16,
+ARCH = dict(model_type="deepseek_v3", vocab_size=100, hidden_size=32, intermediate_size=64,
+            moe_intermediate_size=16, num_hidden_layers=2, first_k_dense_replace=2, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=16,
             kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=4, n_routed_experts=4,
             n_group=1, topk_group=1, num_experts_per_tok=2, tie_word_embeddings=False)
 
 
-def _plan(stage, world=2, extra=(), **over):
-    arch = ARCH | over
+def _plan(stage, world=2, extra=(), arch=None, **over):
+    arch = (arch or ARCH) | over
     overrides = [f"stage={stage}", "run.dry_run=true", "model.path=null", "data.seq_len=64", "model.index_topk=8",
                  "model.index_n_heads=2", "model.index_head_dim=4", "stage.global_batch=4", "stage.steps=10",
                  "deepspeed.bf16=true", *extra]
@@ -99,3 +99,23 @@ def test_smallest_fit_is_the_fewest_gpus_then_the_smallest_context_parallel_degr
     fit = _plan("sparse", world=1, extra=[f"run.plan_gpu_memory_gb={memory / 1e9}"])["smallest_fit"]["sparse"]
     assert (fit["gpus"], fit["context_parallel"]) == (2, 2)
     assert fit["states"] + fit["activations"] == total(2, 2)
+
+
+def test_gqa_counts_and_flops_by_hand():
+    """A Llama-shaped GQA model: the indexer reads the hidden state (no query latent), attention FLOPs use the head
+    dim for keys and values, and sparse attention is 2 H (D + D) K."""
+    C, H, J, Dh, I, E, G, D, L, K = 32, 4, 2, 8, 64, 100, 2, 4, 64, 8
+    gqa = dict(model_type="llama", vocab_size=E, hidden_size=C, intermediate_size=I, num_hidden_layers=2,
+               num_attention_heads=H, num_key_value_heads=J, head_dim=Dh, tie_word_embeddings=False)
+    plan = _plan("sparse", arch=gqa)
+    p = plan["parameters"]
+    per_layer = C * H * Dh + 2 * C * J * Dh + H * Dh * C + 3 * C * I + 2 * C
+    assert p["backbone"] == 2 * per_layer + E * C + C + E * C
+    assert p["indexer"] == 2 * (G * D * C + D * C + 2 * D + G * C)
+    matmul = 2 * p["active_matmul"]
+    sparse_attn = 2 * 2 * H * (Dh + Dh) * K
+    idx_proj, idx_score = 2 * 2 * (C * G * D + C * D + C * G), 2 * 2 * G * D * (L + 1) / 2
+    f = plan["flops_per_token"]
+    assert f["sparse"] == 3 * (matmul + sparse_attn) + idx_score + 3 * (idx_proj + 2 * 2 * G * D * K)
+    assert f["base"] == 3 * (matmul + 2 * 2 * H * (Dh + Dh) * (L + 1) / 2)
+    assert plan["activation_bytes_per_gpu"]["sparse"]["kept_per_layer"] == 2 * 64 * (K * 4 + H * 4)

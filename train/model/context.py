@@ -1,8 +1,9 @@
 """Context parallelism: one sequence split over the ranks of a process group.
 
-Each rank keeps its own queries and gathers the keys. DSA's keys are shared latents (MLA's latent and rope key,
+Each rank keeps its own queries and gathers the keys. MLA's keys are shared latents (its latent and rope key,
 the indexer's key: 512 + 64 + 128 values a token at DeepSeek-V3's shape), so a rank all-gathers those, never
-per-head keys or values; the backward reduce-scatters their gradients. Top-k selection and sparse attention then
+per-head keys or values; a GQA model's are its key heads' keys and values (2 x 8 x 128 values a token at
+Qwen3-32B's shape) and the indexer's key. The backward reduce-scatters their gradients. Top-k selection and sparse attention then
 work on global positions in the gathered latent.
 
 The split is zig-zag: the sequence is cut into 2 x size equal chunks and rank r holds chunks r and
