@@ -31,6 +31,16 @@ _die_with_launcher()
 sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
 
 
+def _check_additions() -> None:
+    from train.config import check_additions
+
+    try:
+        check_additions(sys.argv[1:])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        os._exit(2)
+
+
 def _os_error(e: OSError) -> str:
     """A file-system failure in one line: the path, what happened, what to do."""
     import errno
@@ -80,4 +90,5 @@ def main(raw: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    _check_additions()
     main()

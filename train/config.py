@@ -153,6 +153,35 @@ def from_hydra(cfg: DictConfig) -> TrainConfig:
     return OmegaConf.to_object(merged)
 
 
+def check_additions(args: list[str]) -> None:
+    """Refuses `+key=value` command-line additions before Hydra sees them, with one line naming the key: the typed
+    config has every key (an unknown one is a typo; a known one is set without `+`). Free-form nodes
+    (`model.arch`, `preset`) may take new keys. Hydra itself fails with a traceback on an addition under a node
+    that is null (`+data.synthetic.x=1` with data=files)."""
+    for arg in args:
+        if not arg.startswith("+") or arg.startswith("++") or "=" not in arg:
+            continue
+        path = arg[1:].split("=", 1)[0].split(".")
+        node = OmegaConf.structured(TrainConfig)
+        for i, part in enumerate(path):
+            kind = OmegaConf.get_type(node) or node._metadata.ref_type
+            if not dataclasses.is_dataclass(kind):
+                break  # a free-form dict: `+` may add to it
+            if OmegaConf.get_type(node) is None:
+                node = OmegaConf.structured(kind)
+            if part not in node.keys():
+                raise ValueError(f"{'.'.join(path[: i + 1])}: no such key in the typed config (train/config.py); "
+                                 "check the spelling (`+key=` cannot add keys)")
+            node = node._get_node(part)
+            if not isinstance(node, DictConfig):
+                if i == len(path) - 1:
+                    raise ValueError(f"{'.'.join(path)}: the key exists; set it without `+` ({arg[1:]})")
+                raise ValueError(f"{'.'.join(path[: i + 2])}: no such key in the typed config (train/config.py); "
+                                 f"{'.'.join(path[: i + 1])} is a value")
+        else:
+            raise ValueError(f"{'.'.join(path)}: the key exists; set it without `+` ({arg[1:]})")
+
+
 def _unknown_keys(node: DictConfig, schema: DictConfig, prefix: str = "") -> list[str]:
     """Keys of `node` that the typed schema lacks (`+key=` additions), in its dataclass-typed parts."""
     out = []
@@ -163,6 +192,12 @@ def _unknown_keys(node: DictConfig, schema: DictConfig, prefix: str = "") -> lis
             out.append(prefix + str(key))
             continue
         child = schema._get_node(key)  # the node itself: reading a missing value (???) would raise
-        if isinstance(child, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
-            out += _unknown_keys(node._get_node(key), child, f"{prefix}{key}.")
+        if not isinstance(child, DictConfig):
+            continue
+        kind = OmegaConf.get_type(child) or child._metadata.ref_type  # an optional node set to null: its declared type
+        value = node._get_node(key)
+        if dataclasses.is_dataclass(kind) and isinstance(value, DictConfig) and not value._is_none():
+            if OmegaConf.get_type(child) is None:  # null in the schema: compare with the dataclass's own fields
+                child = OmegaConf.structured(kind)
+            out += _unknown_keys(value, child, f"{prefix}{key}.")
     return out

@@ -174,6 +174,9 @@ def test_ds_config_builder():
     (["stage.lr=nan"], "stage.lr=nan"),
     (["+stage.foo=1"], "stage.foo: no such key"),
     (["+data.foo=2"], "data.foo: no such key"),
+    (["+data.synthetic.foo=3"], "data.synthetic.foo: no such key"),  # inside the optional node
+    (["data=files", "data.sources.0.path=x", "+data.synthetic.foo=3"], "data.synthetic.foo: no such key"),  # null
+    (["+data.seq_len=5"], "data.seq_len: the key exists; set it without `+` (data.seq_len=5)"),
 ])
 def test_cli_bad_values_and_unknown_keys_are_one_line(args, needle):
     out = subprocess.run([sys.executable, "-m", "train", *args], capture_output=True, text=True,
@@ -212,3 +215,9 @@ def test_an_unwritable_or_full_output_directory_is_one_line(tmp_path):
         assert "Traceback" not in out.stderr
     full = _os_error(OSError(errno.ENOSPC, "No space left on device", "/ckpt/run/base/ckpt/step9"))
     assert full.startswith("/ckpt/run/base/ckpt/step9: No space left on device; the disk is full")
+
+
+def test_additions_inside_the_optional_synthetic_node_are_unknown_keys():
+    """The composed config's check (what runs after Hydra): a key added under data.synthetic is named."""
+    with pytest.raises(ValueError, match=r"data\.synthetic\.foo: no such key"):
+        _cfg("+data.synthetic.foo=1")
