@@ -25,7 +25,6 @@ from train.data.sources import DataError, SourceConfig, resolve_files
 from train.files import remove_stale_temporaries
 
 FORMAT = 1
-BATCH_DOCS = 256
 
 
 def _tokenizer_fingerprint(tokenizer) -> dict:

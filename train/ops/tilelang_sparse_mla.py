@@ -56,11 +56,6 @@ def num_threads(H: int) -> int:
     return 256 if head_block(H) >= 64 else 128
 
 
-def supported(v_dim: int, rope_dim: int) -> bool:
-    """Head dims the tiles take: powers of two, the rope part at least 32 (four warps' columns)."""
-    return all(d >= 32 and d & (d - 1) == 0 for d in (v_dim, rope_dim))
-
-
 @T.macro
 def _online_softmax_step(acc_s, acc_o, m, m_prev, alpha, den, den_blk, c):
     """One key block of the online softmax (base 2, scores scaled by c): the running max m and denominator den
