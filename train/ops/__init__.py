@@ -120,6 +120,7 @@ def _sparse_mla_kernels(q: torch.Tensor, kv_BLD: torch.Tensor, v_dim: int):
     """The sparse MLA kernels for these tensors (TileLang's, Triton's, either with cuDNN's backward), or None for
     the twin; the latent rows [v_dim | rope] set the dims the kernels must take."""
     rope = kv_BLD.shape[-1] - v_dim
+    # TileLang's tiles: power-of-two parts of at least 32 (four warps' columns)
     if _use_tilelang(q, kv_BLD, v_dim >= 32 and rope >= 32 and _pow2(v_dim, rope)):
         kernels = _tilelang()
     elif _use_triton(q, _pow2(v_dim, rope) and q.dtype == kv_BLD.dtype):
