@@ -137,25 +137,11 @@ GQA_H, GQA_J, GQA_D = 64, 8, 128
 
 
 def bench_sparse_gqa(L: int, iters: int) -> list[dict]:
-    from train.ops import triton_sparse_gqa
-
     dev, dt = "cuda", torch.bfloat16
     q = torch.randn(1, L, GQA_H, GQA_D, device=dev, dtype=dt)
     k = torch.randn(1, L, GQA_J, GQA_D, device=dev, dtype=dt)
     v = torch.randn(1, L, GQA_J, GQA_D, device=dev, dtype=dt)
-    idx = causal_selection(L, TOPK, dev)
-    fwd_flops = 2 * GQA_H * int((idx >= 0).sum()) * 2 * GQA_D
-    scale = GQA_D**-0.5
-    out, lse = triton_sparse_gqa.sparse_gqa_forward(q, k, v, idx, scale)
-    g = torch.randn_like(out)
-    rows = [guarded("sparse_gqa triton fwd", lambda: triton_sparse_gqa.sparse_gqa_forward(q, k, v, idx, scale), iters,
-                    fwd_flops),
-            guarded("sparse_gqa triton probs", lambda: triton_sparse_gqa.sparse_gqa_probs(q, k, v, idx, lse, scale),
-                    iters, fwd_flops / 2),
-            guarded("sparse_gqa triton bwd",
-                    lambda: triton_sparse_gqa.sparse_gqa_backward(q, k, v, idx, out, lse, g, scale), iters,
-                    2.5 * fwd_flops)]
-    del out, lse, g
+    rows = _sparse_gqa_rows(q, k, v, causal_selection(L, TOPK, dev), iters)
     qd, kd, vd = (x.transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
     dense_flops = 2 * GQA_H * (L * (L + 1) / 2) * 2 * GQA_D
 
@@ -166,9 +152,24 @@ def bench_sparse_gqa(L: int, iters: int) -> list[dict]:
     def sdpa_fwd_bwd():
         o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
         o.backward(torch.ones_like(o))
-    rows += [guarded("sparse_gqa sdpa dense fwd", sdpa_fwd, iters, dense_flops),
-             guarded("sparse_gqa sdpa dense fwd+bwd", sdpa_fwd_bwd, iters, 3.5 * dense_flops)]
-    return rows
+    return rows + [guarded("sparse_gqa sdpa dense fwd", sdpa_fwd, iters, dense_flops),
+                   guarded("sparse_gqa sdpa dense fwd+bwd", sdpa_fwd_bwd, iters, 3.5 * dense_flops)]
+
+
+def _sparse_gqa_rows(q, k, v, idx, iters: int) -> list[dict]:
+    """The Triton kernels' rows (their outputs freed on return, before SDPA runs)."""
+    from train.ops import triton_sparse_gqa as kernels
+
+    fwd_flops = 2 * GQA_H * int((idx >= 0).sum()) * 2 * GQA_D
+    scale = GQA_D**-0.5
+    out, lse = kernels.sparse_gqa_forward(q, k, v, idx, scale)
+    g = torch.randn_like(out)
+    return [guarded("sparse_gqa triton fwd", lambda: kernels.sparse_gqa_forward(q, k, v, idx, scale), iters,
+                    fwd_flops),
+            guarded("sparse_gqa triton probs", lambda: kernels.sparse_gqa_probs(q, k, v, idx, lse, scale), iters,
+                    fwd_flops / 2),
+            guarded("sparse_gqa triton bwd", lambda: kernels.sparse_gqa_backward(q, k, v, idx, out, lse, g, scale),
+                    iters, 2.5 * fwd_flops)]
 
 
 def bench_topk(L: int, iters: int, twin_max: int, plain_max: int) -> list[dict]:

@@ -7,30 +7,20 @@ from pathlib import Path
 
 import torch
 
+from tests.conftest import tiny
+
 TEXT = Path(__file__).resolve().parents[1] / "data" / "shakespeare.txt"
 
-USER_ARCH = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
-    first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
-    topk_group=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
-    qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, max_position_embeddings=2048,
-    rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "beta_fast": 32,
-                  "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
-    tie_word_embeddings=False,
-)
-
-# The other families a user brings most: Qwen3 (GQA 4 -> 2, q/k norms) and DeepSeek-V2-Lite's MLA without a
-# query latent (MoE after the first layer).
+# The families a user brings most, at a size that learns the corpus a little in 30 steps: a MoE DeepSeek-V3 with
+# YaRN, a Qwen3 (GQA 4 -> 2, q/k norms), DeepSeek-V2-Lite's MLA without a query latent (MoE after layer 1).
+_SIZE = dict(vocab_size=512, intermediate_size=128, num_hidden_layers=4, max_position_embeddings=2048,
+             tie_word_embeddings=False)
 USER_ARCHS = {
-    "deepseek_v3": dict(USER_ARCH, model_type="deepseek_v3"),
-    "qwen3": dict(model_type="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
-                  tie_word_embeddings=False),
-    "deepseek_v2": dict(model_type="deepseek_v2", vocab_size=512, hidden_size=64, intermediate_size=128,
-                        moe_intermediate_size=32, num_hidden_layers=4, first_k_dense_replace=1, n_routed_experts=4,
-                        n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, num_attention_heads=4,
-                        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
-                        qk_rope_head_dim=16, v_head_dim=16, max_position_embeddings=2048, tie_word_embeddings=False),
+    "deepseek_v3": tiny("deepseek_v3", **_SIZE, n_group=1, q_lora_rank=32, qk_rope_head_dim=16, rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 1.0}),
+    "qwen3": tiny("qwen3", **_SIZE),
+    "deepseek_v2": tiny("deepseek_v2", **_SIZE),
 }
 
 
@@ -64,7 +54,7 @@ def build_user_source(root: Path, dtype: torch.dtype = torch.bfloat16, pretrain_
     (root / "corpus").mkdir(parents=True, exist_ok=True)
     (root / "corpus" / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:split]))
     (root / "held_out.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[split:]))
-    tokenizer = train_tokenizer(docs[:split], USER_ARCH["vocab_size"])
+    tokenizer = train_tokenizer(docs[:split], USER_ARCHS[family]["vocab_size"])
     torch.manual_seed(0)
     arch = dict(USER_ARCHS[family])
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(

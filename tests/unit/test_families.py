@@ -6,45 +6,20 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
-from tests.conftest import perturb_
+from tests.conftest import perturb_, tiny, tiny_source
 from train.model import AttentionMode, ModelConfig, build_model, convert_to_dsa
 from train.model.hf import export_hf
 
-COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=512)
-FAMILIES = {
-    # Qwen3: per-head q/k RMSNorm, an explicit head_dim, GQA 4 -> 2
-    "qwen3": dict(COMMON, model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-    # Llama 3: its rope scaling, MQA (one key head)
-    "llama": dict(COMMON, model_type="llama", num_attention_heads=4, num_key_value_heads=1,
-                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                   "original_max_position_embeddings": 64}),
-    # Qwen2: q/k/v biases, MHA, tied embeddings
-    "qwen2": dict(COMMON, model_type="qwen2", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
-    "mistral": dict(COMMON, model_type="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=None),
-    # DeepSeek-V2-Lite's layout: MLA without a query latent, MoE after the first layer
-    "deepseek_v2": dict(COMMON, model_type="deepseek_v2", moe_intermediate_size=32, first_k_dense_replace=1,
-                        n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
-                        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32,
-                        qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16),
-}
-
-
-def _source(arch, seed=0):
-    fields = dict(arch)
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields, attn_implementation="eager")
-    model = AutoModelForCausalLM.from_config(config).eval()
-    perturb_(model, seed)
-    return model
+FAMILIES = {family: tiny(family, num_hidden_layers=2, max_position_embeddings=512)
+            for family in ("qwen3", "llama", "qwen2", "mistral", "deepseek_v2")}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dense_mode_matches_the_source(family):
     arch = FAMILIES[family]
-    source = _source(arch)
+    source = tiny_source(arch)
     ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = source(ids, use_cache=False).logits
@@ -58,7 +33,7 @@ def test_dsa_export_loads_in_transformers_and_matches_the_model(family, tmp_path
     arch = FAMILIES[family]
     # One indexer head: a key whose score relu clips to 0 ties with every other such key, so ties sit at the top-k
     # boundary of many rows; the export must break them as training does (the lower position wins).
-    model = convert_to_dsa(_source(arch), ModelConfig(arch=arch, index_n_heads=1, index_topk=8)).eval()
+    model = convert_to_dsa(tiny_source(arch), ModelConfig(arch=arch, index_n_heads=1, index_topk=8)).eval()
     perturb_(model, seed=3)
     L, k = 48, 8
     ids = torch.randint(0, 97, (2, L), generator=torch.Generator().manual_seed(2))
@@ -112,7 +87,7 @@ def test_selection_probe_orders_its_recalls():
     from bench.selection import group_recalls
 
     arch = FAMILIES["qwen3"]
-    model = convert_to_dsa(_source(arch), ModelConfig(arch=arch, index_n_heads=2, index_topk=8)).eval()
+    model = convert_to_dsa(tiny_source(arch), ModelConfig(arch=arch, index_n_heads=2, index_topk=8)).eval()
     ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(4))
     rows = group_recalls(model, ids, 8, with_indexer=True)
     assert len(rows) == arch["num_hidden_layers"]

@@ -14,6 +14,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from tests.conftest import tiny  # noqa: E402
 from train.ops import cudnn_sparse_mla, reference, triton_sparse_gqa, triton_sparse_mla, triton_topk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -292,12 +293,7 @@ def test_warmup_kl_kernel_matches_twin_deepseek_shape():
 
 
 # A tiny model whose every head dim the kernels take: d_qk 16 + 16, latent 32 + rope 16, indexer 16 x 16.
-KERNEL_ARCH = dict(
-    vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2,
-    n_group=2, topk_group=1, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16, v_head_dim=16,
-    qk_nope_head_dim=16, first_k_dense_replace=1, max_position_embeddings=1024,
-)
+KERNEL_ARCH = tiny("deepseek_v3", num_hidden_layers=2, qk_rope_head_dim=16)
 
 
 # The same with head dims TileLang's tiles take (latent 64, rope 32).
@@ -333,8 +329,7 @@ def _assert_same_run(got, want):
 
 
 # A tiny Qwen3-layout GQA model (q/k norms, 4 query heads over 2 key heads of 16) whose dims the kernels take.
-GQA_ARCH = dict(model_type="qwen3", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
+GQA_ARCH = tiny("qwen3", num_hidden_layers=2)
 
 
 @pytest.mark.parametrize("arch", ["mla", "gqa"])

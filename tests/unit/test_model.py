@@ -4,18 +4,14 @@ import json
 
 import pytest
 import torch
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM
+from transformers import DeepseekV32ForCausalLM
 
-from tests.conftest import TINY_INDEX, perturb_
+from tests.conftest import TINY_INDEX, perturb_, tiny_source
 from train.model import AttentionMode, ModelConfig, build_model, convert_to_dsa
 from train.model.hf import export_hf, v32_config
 
 
-def _source(arch, seed=0):
-    torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**arch, attn_implementation="eager")).eval()
-    perturb_(model, seed)
-    return model
+_source = tiny_source  # a DeepseekV3ForCausalLM of `tiny_arch` (no model_type: DeepSeek-V3)
 
 
 @pytest.mark.parametrize("mlp", ["moe", "dense"])
