@@ -20,6 +20,7 @@ from train.data import (
     load_tokenizer,
 )
 from train.eval import eval_sums, summarize
+from train import metrics as M
 from train.metrics import MetricsLogger, peak_memory_gib
 from train.model import ModelConfig, build_model
 from train.model.context import ContextParallel
@@ -117,8 +118,8 @@ def train_step(engine, model, stage, cfg: TrainConfig, batch: dict, lr_scale: fl
     if norm is not None:
         # on the device (no host sync); times the micro-batches, as run_stage averages over them; every rank of a
         # context-parallel group has the same norm, so each adds its share
-        totals["train/grad_norm"] = (torch.as_tensor(norm, device=engine.device).float() * len(per_micro)
-                                     / model.context_parallel.size)
+        totals[M.GRAD_NORM] = (torch.as_tensor(norm, device=engine.device).float() * len(per_micro)
+                              / model.context_parallel.size)
     if engine.was_step_applied():
         if bad:
             raise NonFiniteError(f"step {step}: non-finite {', '.join(bad)}, and the optimizer applied the update; "
@@ -184,7 +185,7 @@ def held_out_metrics(model, stage, cfg: TrainConfig, batches: list[dict]) -> dic
     sums = eval_sums(model, batches, None, with_indexer, distance)
     keys = sorted(sums)
     total = eng.all_reduce_sum(torch.stack([sums[k] for k in keys]))
-    return {f"eval/{k}": v for k, v in summarize(dict(zip(keys, total)), with_indexer).items()}
+    return {M.EVAL + k: v for k, v in summarize(dict(zip(keys, total)), with_indexer).items()}
 
 
 def log_metrics(logger: MetricsLogger, state: TrainState, totals: dict, batch: dict, n_micro: int, lr: float,
@@ -196,13 +197,13 @@ def log_metrics(logger: MetricsLogger, state: TrainState, totals: dict, batch: d
     metrics = {k: v / n_micro for k, v in zip(keys, summed.tolist())} | extra
     now = time.perf_counter()
     metrics.update({
-        "lr": lr,
-        "tokens/step": batch["global_tokens"],
-        "tokens/total": state.tokens_total,
-        "perf/tokens_per_sec": (state.tokens_total - since[1]) / max(now - since[0], 1e-9),
-        "mem/peak_gib": peak_memory_gib(),
-        "data/epoch": max(state.data.epochs),
-        "train/skipped_steps": state.skipped,
+        M.LR: lr,
+        M.TOKENS_STEP: batch["global_tokens"],
+        M.TOKENS_TOTAL: state.tokens_total,
+        M.TOKENS_PER_SEC: (state.tokens_total - since[1]) / max(now - since[0], 1e-9),
+        M.PEAK_MEMORY: peak_memory_gib(),
+        M.EPOCH: max(state.data.epochs),
+        M.SKIPPED_STEPS: state.skipped,
     })
     logger.log(state.step, metrics)
     logger.progress(state.step, metrics)

@@ -14,6 +14,24 @@ import torch
 
 WANDB_MODES = ("offline", "online", "disabled")
 
+# Every metric's name (the keys of metrics.jsonl and wandb), defined here only.
+LM_LOSS, INDEXER_KL, TOTAL_LOSS = "loss/lm", "loss/indexer_kl", "loss/total"
+RECALL, OVERLAP = "indexer/recall", "indexer/selection_overlap"
+PER_LAYER = "_per_layer/"  # a metric's per-layer curves: e.g. indexer/recall_per_layer/3
+LAYER_KL = "indexer/kl"  # the indexer KL's per-layer curves are named from this: indexer/kl_per_layer/<i>
+LR, GRAD_NORM, SKIPPED_STEPS, EPOCH = "lr", "train/grad_norm", "train/skipped_steps", "data/epoch"
+TOKENS_STEP, TOKENS_TOTAL = "tokens/step", "tokens/total"
+TOKENS_PER_SEC, PEAK_MEMORY = "perf/tokens_per_sec", "mem/peak_gib"
+EVAL = "eval/"  # held-out figures: EVAL + a key of `train.eval.summarize`
+EVAL_DENSE_LM, EVAL_SPARSE_LM = EVAL + "dense_lm_loss", EVAL + "sparse_lm_loss"
+EVAL_KL, EVAL_RECALL = EVAL + "indexer_kl", EVAL + "indexer_recall"
+HEADLINE = (LM_LOSS, INDEXER_KL, RECALL)  # the progress line's and the summary's
+
+
+def per_layer(name: str, layer: int) -> str:
+    """The name of `name`'s curve for one layer."""
+    return f"{name}{PER_LAYER}{layer}"
+
 
 @dataclass
 class WandbConfig:
@@ -82,10 +100,9 @@ class MetricsLogger:
     def progress(self, step: int, metrics: dict[str, float]) -> None:
         if not (self.enabled and self.cfg.progress):
             return
-        keys = ("loss/lm", "loss/indexer_kl", "indexer/recall")
-        shown = "  ".join(f"{k.split('/')[-1]} {metrics[k]:.4f}" for k in keys if k in metrics)
-        print(f"step {step}/{self.total_steps}  {shown}  tokens {int(metrics['tokens/total']):,}  "
-              f"{metrics['perf/tokens_per_sec']:,.0f} tok/s", flush=True)
+        shown = "  ".join(f"{k.split('/')[-1]} {metrics[k]:.4f}" for k in HEADLINE if k in metrics)
+        print(f"step {step}/{self.total_steps}  {shown}  tokens {int(metrics[TOKENS_TOTAL]):,}  "
+              f"{metrics[TOKENS_PER_SEC]:,.0f} tok/s", flush=True)
 
     def summary(self, stage: str, tokens: int, seconds: float) -> str:
         """One line for the end of a stage: each headline metric's first and last logged value (this run
@@ -93,8 +110,7 @@ class MetricsLogger:
         rows = [json.loads(r) for r in self.path.read_text().splitlines()] if self.enabled and self.path.exists() else []
         parts = [f"[summary] {stage}: {rows[-1]['step'] if rows else 0} steps, {tokens:,} tokens in "
                  f"{seconds / 60:.1f} min"]
-        for key in ("loss/lm", "loss/indexer_kl", "indexer/recall", "eval/dense_lm_loss", "eval/sparse_lm_loss",
-                    "eval/indexer_kl", "eval/indexer_recall"):
+        for key in (*HEADLINE, EVAL_DENSE_LM, EVAL_SPARSE_LM, EVAL_KL, EVAL_RECALL):
             values = [r[key] for r in rows if key in r]
             if values:
                 parts.append(f"{key} {values[0]:.4f} -> {values[-1]:.4f}")

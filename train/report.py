@@ -12,11 +12,12 @@ import re
 import sys
 from pathlib import Path
 
-LINES = (("loss/lm", "LM loss"), ("loss/indexer_kl", "indexer KL"), ("indexer/recall", "indexer recall"),
-         ("lr", "learning rate"), ("perf/tokens_per_sec", "tokens/s"), ("mem/peak_gib", "peak memory (GiB)"))
-EVAL = {"loss/lm": ("eval/sparse_lm_loss", "eval/dense_lm_loss"), "loss/indexer_kl": ("eval/indexer_kl",),
-        "indexer/recall": ("eval/indexer_recall",)}
-HEATMAPS = (("indexer/kl_per_layer/", "indexer KL per layer"), ("indexer/recall_per_layer/", "recall per layer"))
+from train import metrics as M
+
+LINES = ((M.LM_LOSS, "LM loss"), (M.INDEXER_KL, "indexer KL"), (M.RECALL, "indexer recall"), (M.LR, "learning rate"),
+         (M.TOKENS_PER_SEC, "tokens/s"), (M.PEAK_MEMORY, "peak memory (GiB)"))
+EVAL = {M.LM_LOSS: (M.EVAL_SPARSE_LM, M.EVAL_DENSE_LM), M.INDEXER_KL: (M.EVAL_KL,), M.RECALL: (M.EVAL_RECALL,)}
+HEATMAPS = ((M.LAYER_KL + M.PER_LAYER, "indexer KL per layer"), (M.RECALL + M.PER_LAYER, "recall per layer"))
 
 
 def stage_dirs(path: Path) -> list[Path]:

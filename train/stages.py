@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import MISSING
 
+from train import metrics as M
 from train.model import AttentionMode, DSAForCausalLM
 
 
@@ -103,7 +104,7 @@ def compute_loss(model: DSAForCausalLM, stage: Stage, cfg: StageConfig, input_id
         lm_sum, count = forward(input_ids, mode, labels_BL=labels)
         lm = lm_sum / cp.sum(count)
         loss = loss + lm
-        metrics["loss/lm"] = lm.detach()
+        metrics[M.LM_LOSS] = lm.detach()
     else:
         forward(input_ids, mode, head=False)  # the warm-up needs no LM head
     if stage.indexer_loss:
@@ -111,15 +112,15 @@ def compute_loss(model: DSAForCausalLM, stage: Stage, cfg: StageConfig, input_id
         kl_layers = torch.stack([cp.token_mean(s.kl_BL.float()) for s in stats])
         kl = kl_layers.mean()
         loss = loss + (cfg.indexer_loss_coef if stage.lm_loss else 1.0) * kl
-        metrics["loss/indexer_kl"] = kl.detach()
+        metrics[M.INDEXER_KL] = kl.detach()
         for i, v in enumerate(kl_layers.detach()):
-            metrics[f"indexer/kl_per_layer/{i}"] = v
+            metrics[M.per_layer(M.LAYER_KL, i)] = v
         recalls = [cp.token_mean(s.recall_BL.float()) for s in stats if s.recall_BL is not None]
         if recalls:
-            metrics["indexer/recall"] = torch.stack(recalls).mean()
+            metrics[M.RECALL] = torch.stack(recalls).mean()
             for i, v in enumerate(recalls):
-                metrics[f"indexer/recall_per_layer/{i}"] = v
-    metrics["loss/total"] = loss.detach()
+                metrics[M.per_layer(M.RECALL, i)] = v
+    metrics[M.TOTAL_LOSS] = loss.detach()
     return loss, metrics
 
 
@@ -142,15 +143,15 @@ def alignment_probe(model: DSAForCausalLM, stage: Stage, probe_ids: torch.Tensor
     if previous_topk is not None:
         # the same figure on every rank of a context-parallel group: each adds its share
         overlaps = [selection_overlap(p, t) / cp.size for p, t in zip(previous_topk, topk)]
-        metrics["indexer/selection_overlap"] = torch.stack(overlaps).mean()
+        metrics[M.OVERLAP] = torch.stack(overlaps).mean()
         for i, v in enumerate(overlaps):
-            metrics[f"indexer/selection_overlap_per_layer/{i}"] = v
+            metrics[M.per_layer(M.OVERLAP, i)] = v
     if stage.sparse:  # the warm-up measures recall on every training batch already
         model.hidden_states(probe_ids, AttentionMode(sparse=False, indexer_loss=True))
         recalls = [cp.token_mean(s.recall_BL.float()) for s in model.layer_stats()]
-        metrics["indexer/recall"] = torch.stack(recalls).mean()
+        metrics[M.RECALL] = torch.stack(recalls).mean()
         for i, v in enumerate(recalls):
-            metrics[f"indexer/recall_per_layer/{i}"] = v
+            metrics[M.per_layer(M.RECALL, i)] = v
     return metrics, topk
 
 
