@@ -25,6 +25,7 @@ from train.metrics import MetricsLogger, peak_memory_gib
 from train.model import ModelConfig, build_model
 from train.model.context import ContextParallel
 from train.model.hf import export_hf, layer_groups
+from train.run_dir import RunDir
 from train.stages import STAGES, alignment_probe, compute_loss, param_groups
 
 
@@ -248,19 +249,6 @@ def export(engine, model, stage, tokenizer, out_dir: Path, source: str | None) -
             pass
 
 
-def claim(run_dir: Path):
-    """Rank 0 locks the run directory (one job per directory); every rank stops with its message if it cannot."""
-    lock, error = None, ""
-    if eng.is_rank0():
-        try:
-            lock = checkpoint.claim_run_dir(run_dir)
-        except ValueError as e:
-            error = str(e)
-    if eng.all_reduce_sum(torch.tensor([float(bool(error))], device=eng.device())).item():
-        raise ValueError(error or f"{run_dir} is in use by another job (see rank 0)")
-    return lock
-
-
 def run_stage(cfg: TrainConfig, raw_cfg) -> None:
     """Build, resume, train until the stage's limit, export."""
     rank, world, local_rank = eng.init_distributed()
@@ -269,21 +257,11 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
     cfg.validate(world)
     cfg.check_source()
     stage = STAGES[cfg.stage.name]
-    run_dir = Path(cfg.run.root) / cfg.run.name / stage.name
-    ckpt_dir = run_dir / "ckpt"
-    lock = claim(run_dir)  # noqa: F841 -- held until the process ends
-    if not cfg.run.resume and eng.is_rank0():
-        old = checkpoint.set_aside(run_dir)
-        if old is not None:
-            eng.print0(f"[start] run.resume=false: the previous run in {run_dir} was set aside as {old}")
-    config = OmegaConf.to_container(raw_cfg, resolve=True)
-    saved = run_dir / "config.yaml"
-    if cfg.run.resume and (ckpt_dir / checkpoint.LATEST).is_file() and saved.is_file():
-        changes = checkpoint.config_changes(OmegaConf.to_container(OmegaConf.load(saved), resolve=True), config)
-        if changes and not cfg.run.allow_config_change:
-            raise ValueError(f"resuming {run_dir}, but settings that change what a step means differ from its "
-                             f"config.yaml: {'; '.join(changes)}; relaunch with the saved values, start over with "
-                             "run.resume=false (the old run is set aside), or set run.allow_config_change=true")
+    run = RunDir.of(cfg.run.root, cfg.run.name, stage.name)
+    run_dir, ckpt_dir = run.path, run.ckpt
+    lock = run.claim()  # noqa: F841 -- held until the process ends
+    run.start(cfg.run.resume, cfg.run.allow_config_change, OmegaConf.to_container(raw_cfg, resolve=True),
+              (ckpt_dir / checkpoint.LATEST).is_file())
     eng.barrier()
     torch.manual_seed(cfg.run.seed)
     engine, model, tokenizer, data, groups = build(cfg, stage, rank, world, local_rank)
@@ -297,11 +275,7 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
                            OmegaConf.to_container(raw_cfg, resolve=True), enabled=eng.is_rank0(),
                            total_steps=cfg.stage.steps)
     logger.truncate_after(state.step)
-    if eng.is_rank0():  # the config of every launch is kept; config.yaml is the latest
-        (run_dir / "configs").mkdir(parents=True, exist_ok=True)
-        text = OmegaConf.to_yaml(raw_cfg, resolve=True)
-        (run_dir / "configs" / f"{time.strftime('%Y%m%d-%H%M%S')}-step{state.step}.yaml").write_text(text)
-        (run_dir / "config.yaml").write_text(text)
+    run.keep_config(raw_cfg, state.step)
     print_plan(cfg, world, model)
     trainable = sum(p.numel() for g in groups for p in g["params"])
     eng.print0(f"[model] {sum(p.numel() for p in model.parameters()):,} parameters, {trainable:,} trained "
@@ -333,9 +307,8 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
             checkpoint.save(engine, ckpt_dir, state, keep_last=cfg.stage.keep_last)
     logger.close()
     eng.print0(logger.summary(stage.name, state.tokens_total - started[1], time.perf_counter() - started[0]))
-    export(engine, model, stage, tokenizer, run_dir / "export", cfg.model_path())
-    eng.print0(f"[done] {stage.name}: {state.step} steps, {state.tokens_total:,} tokens; export in "
-               f"{run_dir / 'export'}")
+    export(engine, model, stage, tokenizer, run.export, cfg.model_path())
+    eng.print0(f"[done] {stage.name}: {state.step} steps, {state.tokens_total:,} tokens; export in {run.export}")
     if eng.is_rank0():
         write_report(run_dir)
     eng.barrier()
