@@ -7,8 +7,9 @@ For each layer, over held-out queries that see more than k tokens, the share of 
   shared_oracle     the top-k of the attention summed over all heads, shared by the groups: the best one shared
                     selection could do (what the warm-up target teaches the indexer)
   shared_indexer    the model's own indexer's top-k (a converted model; left out for a dense source)
-  all_heads_*       the same for the head-summed attention itself (the recall the training metrics report)
-group_oracle - shared_oracle bounds what per-group selections could add. CPU is fine: this is a probe on short
+The shared figures are also the recall of the head-summed attention that training reports (the mean over groups
+of a group's share is the head-summed attention's share). group_oracle - shared_oracle bounds what per-group
+selections could add. CPU is fine: this is a probe on short
 sequences (it forms [H, L, L] per layer). The data and sequence length come from the run, as for `train.eval`.
 """
 
@@ -21,7 +22,7 @@ import sys
 import torch
 
 from train.data import DataConfig, SourceConfig, TokenPipeline, load_tokenizer
-from train.eval import run_settings
+from train.evaluation import run_settings
 from train.model import AttentionMode, ModelConfig, build_model
 from train.model.attention import GQAAttention
 from train.ops import reference
@@ -52,11 +53,11 @@ def group_recalls(model, ids_BL: torch.Tensor, topk: int, with_indexer: bool) ->
         p_all = p_group.mean(1)  # [B, L, L]
         shared = reference.topk_stable(p_all, topk)[1][:, None]
         row = {"group_oracle": _mass(p_group, reference.topk_stable(p_group, topk)[1]),
-               "shared_oracle": _mass(p_group, shared), "all_heads_oracle": _mass(p_all[:, None], shared)}
+               "shared_oracle": _mass(p_group, shared)}
         if with_indexer:
             qi, ki, wi = attn.indexer(x, x, cos, sin)
             picked = reference.topk_stable(reference.indexer_logits(qi, ki, wi, 0), topk)[1][:, None]
-            row |= {"shared_indexer": _mass(p_group, picked), "all_heads_indexer": _mass(p_all[:, None], picked)}
+            row["shared_indexer"] = _mass(p_group, picked)
         rows.append({name: v[..., topk:].mean().item() for name, v in row.items()})
         h = layer(h, cos, sin, AttentionMode())
     return rows

@@ -19,7 +19,7 @@ from train.data import (
     ensure_generated,
     load_tokenizer,
 )
-from train.eval import eval_sums, summarize
+from train.evaluation import eval_sums, summarize
 from train import metrics as M
 from train.metrics import MetricsLogger, peak_memory_gib
 from train.model import ModelConfig, build_model
