@@ -63,7 +63,7 @@ def group_recalls(model, ids_BL: torch.Tensor, topk: int, with_indexer: bool) ->
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.selection", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a GQA model directory: a dense source or a converted export")
     p.add_argument("--config", default=None, help="the run's config.yaml (default: the one beside --model)")
@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-seqs", type=int, default=16)
     p.add_argument("--topk", type=int, required=True)
     p.add_argument("--out", default=None, help="also write the JSON here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     settings = run_settings(args.model, args.config)
     settings.update({k: v for k, v in (("data", args.data), ("seq_len", args.seq_len)) if v})
     model = build_model(ModelConfig(path=args.model)).float().eval()

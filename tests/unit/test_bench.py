@@ -129,3 +129,36 @@ def test_cudnn_rows_without_the_package_are_one_error_row():
                        1.0, 1)
     assert len(rows) == 1 and rows[0]["name"] == "sparse_mla cudnn bwd"
     assert rows[0]["error"].startswith("ModuleNotFoundError")
+
+
+def _doc_commands(module: str) -> list[str]:
+    """Every `python -m <module> ...` command written in the README and docs/ (inside backticks, perhaps wrapped)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    texts = [(root / "README.md").read_text()] + [p.read_text() for p in sorted((root / "docs").glob("*.md"))]
+    found = []
+    for text in texts:
+        for m in re.finditer(r"`python -m (bench(?:\.selection)?)((?: [^`]*)?)`", text):
+            if m.group(1) == module:
+                found.append(" ".join(m.group(2).split()))
+    return found
+
+
+@pytest.mark.parametrize("module", ["bench", "bench.selection"])
+def test_every_bench_command_in_the_docs_parses(module):
+    """The docs' commands are runnable as written: each parses with the bench's own argument parser."""
+    import shlex
+
+    from bench.__main__ import parse_args as bench_args
+    from bench.selection import parse_args as selection_args
+
+    commands = _doc_commands(module)
+    assert len(commands) >= (5 if module == "bench" else 1), commands
+    for args in commands:
+        try:
+            (bench_args if module == "bench" else selection_args)(shlex.split(args))
+        except SystemExit as e:
+            if e.code:  # --help exits with 0
+                pytest.fail(f"`python -m {module} {args}` does not parse")
