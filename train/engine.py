@@ -121,6 +121,25 @@ def context_parallel_group(size: int):
     return sp.get_sequence_parallel_group(), sp.get_sequence_parallel_rank(), rank // size
 
 
+class GroupCollectives:
+    """The collectives context parallelism runs on its group, handed to the model's `ContextParallel` (model code
+    never imports torch.distributed)."""
+
+    _all_gather = staticmethod(getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)
+    _reduce_scatter = staticmethod(getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)
+
+    def all_gather(self, out: torch.Tensor, x: torch.Tensor, group) -> None:
+        """out [size * B, ...] <- every rank's x [B, ...], rank-major."""
+        self._all_gather(out, x, group=group)
+
+    def reduce_scatter(self, out: torch.Tensor, x: torch.Tensor, group) -> None:
+        """out <- this rank's slice of the sum over ranks of x (rank-major along dim 0)."""
+        self._reduce_scatter(out, x, group=group)
+
+    def all_reduce(self, x: torch.Tensor, group) -> None:
+        dist.all_reduce(x, group=group)
+
+
 def context_parallel_loss_scale(engine, size: int) -> float:
     """What each rank's loss is multiplied by before `engine.backward`, so that the gradient DeepSpeed keeps is the
     sum of the context-parallel shares averaged over data-parallel ranks. ZeRO-1/2 divide the summed gradients

@@ -24,7 +24,7 @@ from train import metrics as M
 from train.metrics import MetricsLogger, peak_memory_gib
 from train.model import ModelConfig, build_model
 from train.model.context import ContextParallel
-from train.model.hf import export_hf, layer_groups
+from train.export import export_stage
 from train.run_dir import RunDir
 from train.stages import STAGES, alignment_probe, compute_loss, param_groups
 
@@ -150,7 +150,7 @@ def build(cfg: TrainConfig, stage, rank: int, world: int, local_rank: int):
     # Context parallelism: the ranks of a group read the same sequences and each computes its share of them.
     cp = cfg.deepspeed.context_parallel
     cp_group, cp_rank, dp_rank = eng.context_parallel_group(cp)
-    model.context_parallel = ContextParallel(cp_group, cp_rank, cp)
+    model.context_parallel = ContextParallel(cp_group, cp_rank, cp, eng.GroupCollectives())
     tokenizer = load_tokenizer(cfg.data, model_cfg.path)
     check_tokenizer_fits(tokenizer, model.source_config["vocab_size"], cfg.data.tokenizer or model_cfg.path)
     data = TokenPipeline(cfg.data, tokenizer, rank=dp_rank, world_size=cfg.data_parallel(world))
@@ -236,19 +236,6 @@ def count_skip(state: TrainState, was_skipped: bool, totals: dict, cfg: TrainCon
                              "check the data, then relaunch")
 
 
-def export(engine, model, stage, tokenizer, out_dir: Path, source: str | None) -> None:
-    """The stage's Hugging Face export, in the checkpoint's own dtype; under ZeRO-3 every rank takes part in
-    gathering each layer. The warm-up never changes the backbone, so its export writes the source's backbone
-    tensors as they are (bit-identical even where training computed in another dtype)."""
-    weights = eng.state_dict_groups(engine, layer_groups)
-    if eng.is_rank0():
-        export_hf(model, out_dir, dtype=model.weights_dtype, tokenizer=tokenizer, dense_only=stage.name == "base",
-                  groups=weights, log=eng.print0, backbone_from=source if not stage.trains_backbone else None)
-    else:
-        for _ in weights:
-            pass
-
-
 def run_stage(cfg: TrainConfig, raw_cfg) -> None:
     """Build, resume, train until the stage's limit, export."""
     rank, world, local_rank = eng.init_distributed()
@@ -307,7 +294,7 @@ def run_stage(cfg: TrainConfig, raw_cfg) -> None:
             checkpoint.save(engine, ckpt_dir, state, keep_last=cfg.stage.keep_last)
     logger.close()
     eng.print0(logger.summary(stage.name, state.tokens_total - started[1], time.perf_counter() - started[0]))
-    export(engine, model, stage, tokenizer, run.export, cfg.model_path())
+    export_stage(engine, model, stage, tokenizer, run.export, cfg.model_path())
     eng.print0(f"[done] {stage.name}: {state.step} steps, {state.tokens_total:,} tokens; export in {run.export}")
     if eng.is_rank0():
         write_report(run_dir)

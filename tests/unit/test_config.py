@@ -174,9 +174,7 @@ def test_ds_config_builder():
     (["stage.lr=nan"], "stage.lr=nan"),
     (["+stage.foo=1"], "stage.foo: no such key"),
     (["+data.foo=2"], "data.foo: no such key"),
-    (["+data.synthetic.foo=3"], "data.synthetic.foo: no such key"),  # inside the optional node
     (["data=files", "data.sources.0.path=x", "+data.synthetic.foo=3"], "data.synthetic.foo: no such key"),  # null
-    (["+data.seq_len=5"], "data.seq_len: the key exists; set it without `+` (data.seq_len=5)"),
 ])
 def test_cli_bad_values_and_unknown_keys_are_one_line(args, needle):
     out = subprocess.run([sys.executable, "-m", "train", *args], capture_output=True, text=True,
@@ -221,3 +219,18 @@ def test_additions_inside_the_optional_synthetic_node_are_unknown_keys():
     """The composed config's check (what runs after Hydra): a key added under data.synthetic is named."""
     with pytest.raises(ValueError, match=r"data\.synthetic\.foo: no such key"):
         _cfg("+data.synthetic.foo=1")
+
+
+@pytest.mark.parametrize("arg, needle", [
+    ("+data.synthetic.foo=3", "data.synthetic.foo: no such key"),
+    ("+data.seq_len=5", "data.seq_len: the key exists; set it without `+` (data.seq_len=5)"),
+    ("+data.seq_len.x=1", "data.seq_len.x: no such key in the typed config (train/config.py); data.seq_len is a value"),
+    ("+deepspeed=zero2", "deepspeed: the key exists"),
+])
+def test_additions_are_refused_before_hydra(arg, needle):
+    from train.config import check_additions
+
+    with pytest.raises(ValueError) as e:
+        check_additions(["stage=warmup", arg])
+    assert needle in str(e.value)
+    check_additions(["+model.arch.rope_scaling.factor=4", "++data.seq_len=5"])  # free-form nodes; forced sets

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import perturb_, tiny, tiny_source
 from train.model import AttentionMode, ModelConfig, build_model, convert_to_dsa
-from train.model.hf import export_hf
+from train.export import export_hf
 
 FAMILIES = {family: tiny(family, num_hidden_layers=2, max_position_embeddings=512)
             for family in ("qwen3", "llama", "qwen2", "mistral", "deepseek_v2")}

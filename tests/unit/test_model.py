@@ -8,7 +8,7 @@ from transformers import DeepseekV32ForCausalLM
 
 from tests.conftest import TINY_INDEX, perturb_, tiny_source
 from train.model import AttentionMode, ModelConfig, build_model, convert_to_dsa
-from train.model.hf import export_hf, v32_config
+from train.export import export_hf, v32_config
 
 
 _source = tiny_source  # a DeepseekV3ForCausalLM of `tiny_arch` (no model_type: DeepSeek-V3)
@@ -82,7 +82,7 @@ def test_streamed_export_equals_save_pretrained_in_shards(tiny_arch, tmp_path):
     disk are exactly what `save_pretrained` writes for the same weights, and the sharded directory loads."""
     from safetensors.torch import load_file
 
-    from train.model.hf import layer_groups
+    from train.export import layer_groups
 
     model = convert_to_dsa(_source(tiny_arch), ModelConfig(arch=tiny_arch, **TINY_INDEX))
     perturb_(model, seed=5)

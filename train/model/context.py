@@ -11,7 +11,8 @@ The split is zig-zag: the sequence is cut into 2 x size equal chunks and rank r 
 attention and the indexer logits grow with position; sparse attention costs k keys wherever a query sits).
 
 The model takes whole sequences (every rank of a group reads the same ones) and keeps its rank's tokens
-(`shard`). Model code takes the group from here and never imports DeepSpeed.
+(`shard`). Model code takes the group and its collectives from here and never imports DeepSpeed or
+torch.distributed (train/engine.py hands them in).
 
 Dimension legend: B batch, L sequence (whole), M the rank's tokens (L / size), D features.
 """
@@ -21,16 +22,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 
 @dataclass(frozen=True)
 class ContextParallel:
-    """The context-parallel group of this rank (`group` None and size 1: no split)."""
+    """The context-parallel group of this rank (`group` None and size 1: no split). `comm` runs the collectives on
+    the group (train/engine.py: GroupCollectives): the model itself never imports torch.distributed."""
 
     group: object = None
     rank: int = 0
     size: int = 1
+    comm: object = None
 
     def chunks(self, L: int) -> list[tuple[int, int, int]]:
         """(local start, global start, length) of the rank's pieces of a length-L sequence, in local order."""
@@ -62,7 +64,7 @@ class ContextParallel:
         if self.size == 1:
             return x
         x = x.detach().clone()
-        dist.all_reduce(x, group=self.group)
+        self.comm.all_reduce(x, group=self.group)
         return x
 
     def token_mean(self, x_BM: torch.Tensor) -> torch.Tensor:
@@ -71,10 +73,6 @@ class ContextParallel:
         if self.size == 1:
             return x_BM.mean()
         return x_BM.sum() / (x_BM.numel() * self.size)
-
-
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _to_global(parts_PBMD: torch.Tensor, cp: ContextParallel, L: int) -> torch.Tensor:
@@ -89,7 +87,7 @@ def _to_global(parts_PBMD: torch.Tensor, cp: ContextParallel, L: int) -> torch.T
 def _gather(x_BMD: torch.Tensor, cp: ContextParallel) -> torch.Tensor:
     x_BMD = x_BMD.contiguous()
     parts = x_BMD.new_empty(cp.size * x_BMD.shape[0], *x_BMD.shape[1:])  # rank-major along dim 0
-    _all_gather(parts, x_BMD, group=cp.group)
+    cp.comm.all_gather(parts, x_BMD, group=cp.group)
     return _to_global(parts.view(cp.size, *x_BMD.shape), cp, x_BMD.shape[1] * cp.size)
 
 
@@ -104,5 +102,5 @@ class _Gather(torch.autograd.Function):
         cp = ctx.cp
         parts = torch.cat([ContextParallel(rank=r, size=cp.size).shard(grad_BLD) for r in range(cp.size)])
         out = grad_BLD.new_empty(grad_BLD.shape[0], grad_BLD.shape[1] // cp.size, *grad_BLD.shape[2:])
-        _reduce_scatter(out, parts.contiguous(), group=cp.group)
+        cp.comm.reduce_scatter(out, parts.contiguous(), group=cp.group)
         return out, None

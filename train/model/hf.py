@@ -1,23 +1,21 @@
-"""Hugging Face checkpoints: the key table, validation of a checkpoint directory, and the DeepSeek-V3.2 export.
+"""Hugging Face checkpoints: the supported families, the key table, and validation of a checkpoint directory (the
+export that writes them is train/export.py).
 
 On disk, DeepSeek checkpoints keep one tensor per expert (`mlp.experts.{e}.gate_proj.weight`); transformers
-fuses them in memory (`mlp.experts.gate_up_proj`). Our model uses the in-memory names; `disk_shapes`
-maps between the two, and export goes through transformers' own reverse conversion, shard by shard, so
-that the files are what `save_pretrained` would write and transformers, vLLM and SGLang read.
+fuses them in memory (`mlp.experts.gate_up_proj`). Our model uses the in-memory names; `disk_shapes` maps between
+the two (the export goes through transformers' own reverse conversion, so that its files are what
+`save_pretrained` would write).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
-from train.files import atomic_directory, safetensors_weight_map, write_shard_index
 
 # The source families a conversion starts from. MLA: DeepSeek-V3 / V3.2 (a query latent, which the indexer reads)
 # and DeepSeek-V2 / V2-Lite (q_lora_rank null: the indexer reads the attention's input). GQA and MHA: the Llama
@@ -89,16 +87,12 @@ INDEXER_KEYS = {
 }
 INDEXER_PREFIX = "model.layers.{i}.self_attn.indexer."
 
-# Source config keys that DeepseekV32Config derives itself or that do not describe the architecture.
-_NOT_EXPORTED = {"architectures", "transformers_version", "head_dim", "mlp_layer_types", "layer_types", "dtype"}
-
-
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be used; the message names the file and the key."""
 
 
 def read_config(path: str | os.PathLike) -> dict:
-    """config.json of a DeepSeek-V3(.2) checkpoint directory, checked for what DSA needs."""
+    """config.json of a checkpoint directory of a supported family (or an export), checked for what DSA needs."""
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"model.path={str(path)!r}: not a directory (expected a Hugging Face checkpoint)")
@@ -274,184 +268,3 @@ def read_indexers(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         with _open_safetensors(file) as f:
             out.update({key: f.get_tensor(key) for key in f.keys() if ".indexer." in key})
     return out
-
-
-def v32_config(source_config: dict, index_n_heads: int, index_head_dim: int, index_topk: int):
-    """The DeepseekV32Config of a converted model: the source architecture plus the DSA fields."""
-    from transformers import DeepseekV32Config
-
-    fields = {f.name for f in dataclasses.fields(DeepseekV32Config)} - _NOT_EXPORTED
-    kwargs = {k: v for k, v in source_config.items() if k in fields}
-    kwargs.update(index_n_heads=index_n_heads, index_head_dim=index_head_dim, index_topk=index_topk)
-    config = DeepseekV32Config(**kwargs)
-    config.architectures = ["DeepseekV32ForCausalLM"]
-    return config
-
-
-def _dsa_config(source, model) -> dict:
-    """config.json of a `dsa` export: the family's config (`source`, a transformers config), the indexer's sizes
-    and where the modeling code is."""
-    indexer = model.layers[0].self_attn.indexer
-    config = source.to_dict() | {
-        "model_type": DSA_EXPORT, "source_model_type": source.model_type, "architectures": ["DSAForCausalLM"],
-        "index_n_heads": indexer.num_heads, "index_head_dim": indexer.head_dim, "index_rope_dim": indexer.rope_dim,
-        "index_topk": indexer.topk,
-        "auto_map": {"AutoConfig": "modeling_dsa.DSAConfig", "AutoModelForCausalLM": "modeling_dsa.DSAForCausalLM"},
-    }
-    config.pop("transformers_version", None)
-    return config
-
-
-def layer_groups(keys) -> list[list[str]]:
-    """State-dict keys grouped for streaming: one group per decoder layer (`model.layers.{i}.`), one for each
-    key outside the layers; in model order."""
-    groups: dict[str, list[str]] = {}
-    for key in keys:
-        parts = key.split(".")
-        group = ".".join(parts[:3]) if parts[:2] == ["model", "layers"] and len(parts) > 3 else key
-        groups.setdefault(group, []).append(key)
-    return list(groups.values())
-
-
-class _ShardWriter:
-    """Safetensors shards of at most `max_bytes` (a larger single group gets a shard of its own), named and
-    indexed the way `save_pretrained` names them."""
-
-    def __init__(self, folder: Path, max_bytes: int, log=None):
-        self.folder, self.max_bytes, self.log = folder, max_bytes, log
-        self.files: list[list[str]] = []
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = self.total_bytes = 0
-
-    def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending.update(tensors)
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if self.pending:
-            save_file({k: v.contiguous() for k, v in self.pending.items()},
-                      str(self.folder / f"part-{len(self.files)}.safetensors"), metadata={"format": "pt"})
-            self.files.append(list(self.pending))
-            self.pending, self.pending_bytes = {}, 0
-            if self.log:
-                done = self.total_bytes  # flush runs before the next group is added: all of it is written
-                size = f"{done / 2**30:.2f} GiB" if done >= 2**30 else f"{done / 2**20:.1f} MiB"
-                self.log(f"[export] shard {len(self.files)} written ({size} so far)")
-
-    def finish(self) -> None:
-        self.flush()
-        n = len(self.files)
-        if n == 1:
-            os.replace(self.folder / "part-0.safetensors", self.folder / "model.safetensors")
-            return
-        weight_map = {}
-        for i, keys in enumerate(self.files):
-            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.folder / f"part-{i}.safetensors", self.folder / name)
-            weight_map.update({k: name for k in keys})
-        write_shard_index(self.folder, weight_map, self.total_bytes)
-
-
-def _from_source(part: dict[str, torch.Tensor], source: Path, weight_map: dict[str, str]) -> dict:
-    """`part` (on-disk names) with every tensor outside the indexers read from the checkpoint `source`."""
-    from safetensors import safe_open
-
-    out = dict(part)
-    for key, tensor in part.items():
-        if ".indexer." in key:
-            continue
-        if key not in weight_map:
-            raise RuntimeError(f"export: {key!r} is in no *.safetensors file of {source}")
-        with safe_open(str(source / weight_map[key]), framework="pt") as f:
-            out[key] = f.get_tensor(key)
-        if out[key].shape != tensor.shape:
-            raise RuntimeError(f"export: {key!r} of {source} has shape {list(out[key].shape)}, the model's "
-                               f"{list(tensor.shape)}")
-    return out
-
-
-def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = None, tokenizer=None,
-              dense_only: bool = False, groups=None, max_shard_bytes: int = 5 * 2**30, log=None,
-              backbone_from: str | os.PathLike | None = None) -> Path:
-    """Writes `model` (a DSAForCausalLM) as a `deepseek_v32` Hugging Face directory, atomically.
-
-    `dense_only` writes the backbone alone as `deepseek_v3` (a dense source, e.g. `make base`'s model).
-    `groups`: the weights, as an iterable of partial state dicts (default: `model.state_dict()` one decoder
-    layer at a time; training passes CPU copies gathered layer by layer, `engine.state_dict_groups`). They are
-    written as they come, in shards of at most `max_shard_bytes`, in the on-disk layout transformers'
-    `save_pretrained` writes (its own reverse weight conversion: experts un-fused), so no more than one shard
-    is ever held. `log` (e.g. print) gets a line per shard written. The files (and the tokenizer, if given)
-    appear under `out_dir` only once complete. `backbone_from`: a checkpoint whose tensors are written instead of
-    the model's for every key outside the indexers (the warm-up's frozen backbone, byte for byte, whatever
-    dtype training computed in); shapes are checked.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV32ForCausalLM
-    from transformers.core_model_loading import revert_weight_conversion
-
-    source = family_config(model.source_config)
-    as_dsa = not dense_only and not exports_as_v32(model.source_config)
-    if dense_only or as_dsa:
-        config = AutoConfig.for_model(**{k: v for k, v in source.items()
-                                         if k not in ("architectures", "transformers_version", "dtype")})
-        config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
-        model_class = AutoModelForCausalLM.from_config
-    else:
-        config = v32_config(model.source_config, model.index_n_heads, model.index_head_dim, model.index_topk)
-        model_class = DeepseekV32ForCausalLM
-    with torch.device("meta"):
-        hf_model = model_class(config)
-    expected = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}  # our names are the family's
-    if getattr(config, "tie_word_embeddings", False):
-        expected.pop("lm_head.weight", None)
-    dsa_config = None
-    if as_dsa:  # the family's keys plus the indexers' (shapes from our model's own indexers)
-        dsa_config = _dsa_config(config, model)
-        for i in range(config.num_hidden_layers):
-            expected.update({INDEXER_PREFIX.format(i=i) + key: shape_of(dsa_config)
-                             for key, shape_of in INDEXER_KEYS.items()})
-    if groups is None:
-        state = model.state_dict()
-        groups = ({k: state[k] for k in keys} for keys in layer_groups(state))
-    source_map = safetensors_weight_map(backbone_from) if backbone_from is not None else {}
-    with atomic_directory(out_dir) as tmp:
-        writer, seen, first_dtype = _ShardWriter(tmp, max_shard_bytes, log), set(), None
-        for group in groups:
-            part = {}
-            for key, tensor in group.items():
-                if (dense_only and ".indexer." in key) or (key == "lm_head.weight" and key not in expected):
-                    continue  # the dense export has no indexers; a tied head is the embedding
-                if key not in expected or tuple(tensor.shape) != expected[key]:
-                    raise RuntimeError(f"export: {key!r} of shape {list(tensor.shape)} is not in the "
-                                       f"{config.model_type} layout (expected {expected.get(key)})")
-                tensor = tensor.detach()
-                if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                first_dtype = first_dtype or tensor.dtype
-                part[key] = tensor.cpu()
-            seen.update(part)
-            indexers = {k: part.pop(k) for k in [k for k in part if ".indexer." in k]} if as_dsa else {}
-            part = revert_weight_conversion(hf_model, part) | indexers
-            if backbone_from is not None:
-                part = _from_source(part, Path(backbone_from), source_map)
-            writer.add(part)
-        missing = sorted(set(expected) - seen)
-        if missing:
-            raise RuntimeError(f"export: {len(missing)} weights never came, e.g. {missing[0]!r}")
-        writer.finish()
-        config.dtype = first_dtype
-        if as_dsa:
-            dsa_config["dtype"] = str(first_dtype).removeprefix("torch.")
-            (tmp / "config.json").write_text(json.dumps(dsa_config, indent=2, sort_keys=True) + "\n")
-            shutil.copyfile(Path(__file__).with_name("hf_modeling_dsa.py"), tmp / MODELING_FILE)
-        else:
-            config.save_pretrained(tmp)
-        hf_model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
