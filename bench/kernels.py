@@ -102,12 +102,12 @@ def bench_warmup_kl(L: int, iters: int, twin_max: int, config: dict | None = Non
     wi = (torch.randn(1, L, G, device=dev) * (G * DI) ** -0.5).requires_grad_()
     qa = torch.randn(1, L, H, 192, device=dev, dtype=torch.bfloat16)
     ka = torch.randn(1, L, H, 192, device=dev, dtype=torch.bfloat16)
-    from train.ops import triton_warmup_kl
+    from train.ops import triton_dense_indexer_kl
 
     def run(fn, **kw):
         kl, _ = fn(qi, ki, wi, qa, ka, 192 ** -0.5, TOPK, **kw)
         torch.autograd.grad(kl.mean(), (qi, ki, wi))
-    rows = [guarded(label, lambda: run(triton_warmup_kl.dense_indexer_kl, config=config), iters)]
+    rows = [guarded(label, lambda: run(triton_dense_indexer_kl.dense_indexer_kl, config=config), iters)]
     if L <= min(twin_max, 8192):  # the twin loops over 16-row blocks in Python: minutes past 8K
         rows.append(guarded("warmup_kl twin fwd+bwd", lambda: run(reference.dense_indexer_kl), max(1, iters // 3)))
     return rows

@@ -193,7 +193,7 @@ def test_topk_kernel_at_128k_columns():
 
 
 def _check_sparse_indexer_kl(B, L, G, D, K, dtype, tol):
-    from train.ops import triton_indexer_kl
+    from train.ops import triton_sparse_indexer_kl
 
     g = torch.Generator().manual_seed(3)
     qi = torch.randn(B, L, G, D, generator=g).to(DEVICE, dtype).requires_grad_()
@@ -204,7 +204,7 @@ def _check_sparse_indexer_kl(B, L, G, D, K, dtype, tol):
     p = p / p.sum(-1, keepdim=True)
     up = torch.rand(B, L, generator=g).to(DEVICE)
     res = {}
-    for name, fn in (("twin", reference.sparse_indexer_kl), ("kernel", triton_indexer_kl.sparse_indexer_kl)):
+    for name, fn in (("twin", reference.sparse_indexer_kl), ("kernel", triton_sparse_indexer_kl.sparse_indexer_kl)):
         kl = fn(qi, ki, wi, idx, p)
         res[name] = (kl, *torch.autograd.grad(kl, (qi, ki, wi), up))
     _assert_close(res["kernel"], res["twin"], ("kl", "dqi", "dki", "dwi"), 1, tol)
@@ -224,7 +224,7 @@ def test_sparse_indexer_kl_kernel_matches_twin_deepseek_shape(G):
 def _check_dense_indexer_kl(B, L, H, DA, G, D, topk, rows, dtype, tol, q0=0, n=None, J=None):
     """Queries q0..q0+n-1 (default: all) over every key, as a context-parallel piece: kernel against twin.
     J: key heads of the attention target (default H; fewer: GQA)."""
-    from train.ops import triton_warmup_kl
+    from train.ops import triton_dense_indexer_kl
 
     n = n or L - q0
     g = torch.Generator().manual_seed(5)
@@ -236,7 +236,7 @@ def _check_dense_indexer_kl(B, L, H, DA, G, D, topk, rows, dtype, tol, q0=0, n=N
     up = torch.rand(B, n, generator=g).to(DEVICE)
     res = {}
     for name, fn in (("twin", lambda *a: reference.dense_indexer_kl(*a, q_offset=q0)),
-                     ("kernel", lambda *a: triton_warmup_kl.dense_indexer_kl(*a, rows=rows, q_offset=q0))):
+                     ("kernel", lambda *a: triton_dense_indexer_kl.dense_indexer_kl(*a, rows=rows, q_offset=q0))):
         kl, recall = fn(qi, ki, wi, qa, ka, DA ** -0.5, topk)
         res[name] = (kl, recall, *torch.autograd.grad(kl, (qi, ki, wi), up))
     _assert_close(res["kernel"], res["twin"], ("kl", "recall", "dqi", "dki", "dwi"), 2, tol)
@@ -245,10 +245,10 @@ def _check_dense_indexer_kl(B, L, H, DA, G, D, topk, rows, dtype, tol, q0=0, n=N
 @pytest.mark.parametrize("rows", [None, 32])  # one row block, and several
 @pytest.mark.parametrize("tiles", [None, dict(BT=16, BS=16, NS=2)])  # one key chunk; several, some skipped
 def test_warmup_kl_kernel_matches_twin_small(rows, tiles, monkeypatch):
-    from train.ops import triton_warmup_kl
+    from train.ops import triton_dense_indexer_kl
 
     if tiles:
-        monkeypatch.setattr(triton_warmup_kl, "KL_CONFIG", dict(triton_warmup_kl.KL_CONFIG, **tiles))
+        monkeypatch.setattr(triton_dense_indexer_kl, "KL_CONFIG", dict(triton_dense_indexer_kl.KL_CONFIG, **tiles))
     da = 24 if DEVICE == "cpu" else 48  # compiled tl.dot needs dims >= 16: d_qk = 32 + 16 on a GPU
     _check_dense_indexer_kl(B=2, L=70, H=2, DA=da, G=16, D=16, topk=8, rows=rows, dtype=torch.float32,
                             tol=TOL)
@@ -266,9 +266,9 @@ def test_warmup_kl_kernel_matches_twin_qwen3_shape():
 
 @pytest.mark.parametrize("q0, n", [(35, 35), (10, 20)])  # the zig-zag's second piece; one inside the sequence
 def test_warmup_kl_kernel_at_a_query_offset_matches_twin(q0, n, monkeypatch):
-    from train.ops import triton_warmup_kl
+    from train.ops import triton_dense_indexer_kl
 
-    monkeypatch.setattr(triton_warmup_kl, "KL_CONFIG", dict(triton_warmup_kl.KL_CONFIG, BT=16, BS=16, NS=2))
+    monkeypatch.setattr(triton_dense_indexer_kl, "KL_CONFIG", dict(triton_dense_indexer_kl.KL_CONFIG, BT=16, BS=16, NS=2))
     da = 24 if DEVICE == "cpu" else 48
     _check_dense_indexer_kl(B=2, L=70, H=2, DA=da, G=16, D=16, topk=8, rows=16, dtype=torch.float32, tol=TOL,
                             q0=q0, n=n)

@@ -1,4 +1,5 @@
-"""The chunked reference ops against naive full-matrix formulas (small shapes only), forward and backward."""
+"""The chunked reference ops (the twins) against the naive full-matrix formulas beside them in reference.py (small
+shapes only), forward and backward."""
 
 import pytest
 import torch
@@ -13,11 +14,6 @@ def _rand(*shape, seed, scale=1.0):
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).requires_grad_()
 
 
-def _naive_logits(qi, ki, wi):
-    logits = torch.einsum("btg,btgs->bts", wi, torch.einsum("btgd,bsd->btgs", qi, ki).relu())
-    return logits.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
-
-
 def _grads(out, inputs):
     return torch.autograd.grad(out, inputs)
 
@@ -29,11 +25,7 @@ def test_sparse_mla_equals_dense_attention_masked_to_the_selection(block_elems):
     idx = ops.indexer_topk(_rand(B, L, G, DI, seed=2), _rand(B, L, DI, seed=3), _rand(B, L, G, seed=4), K)
     out, p, _ = reference.sparse_mla(q, kv, idx, 0.3, V, block_elems=block_elems)
 
-    hits = torch.zeros(B, L, L).scatter_add_(-1, idx.clamp(min=0), (idx >= 0).float())
-    selected = hits > 0
-    scores = torch.einsum("bthd,bsd->bhts", q, kv) * 0.3
-    probs = scores.masked_fill(~selected[:, None], float("-inf")).softmax(-1)
-    want = torch.einsum("bhts,bsv->bthv", probs, kv[..., :V])
+    want, probs = reference.naive_sparse_attention(q, kv[:, :, None], kv[:, :, None, :V], idx, 0.3)
     assert (out - want).abs().max().item() <= 1e-5
     assert (p - probs.mean(1).gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, 0)).abs().max() <= 1e-6
 
@@ -53,13 +45,11 @@ def test_sparse_gqa_equals_dense_attention_masked_to_the_selection(block_elems, 
     idx[1, L // 2] = -1  # a query with no selection: zero output, zero gradients
     out, p, lse = reference.sparse_gqa(q, k, v, idx, 0.3, block_elems=block_elems)
 
+    want, probs = reference.naive_sparse_attention(q, k, v, idx, 0.3)
     selected = torch.zeros(B, L, L).scatter_add_(-1, idx.clamp(min=0), (idx >= 0).float()) > 0
-    k_h, v_h = k.repeat_interleave(H_ // J, dim=2), v.repeat_interleave(H_ // J, dim=2)  # head h reads h // (H/J)
-    scores = torch.einsum("bthd,bshd->bhts", q, k_h) * 0.3
-    probs = scores.masked_fill(~selected[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
-    want = torch.einsum("bhts,bshv->bthv", probs, v_h)
     assert (out - want).abs().max().item() <= 1e-5
     assert (p - probs.mean(1).gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, 0)).abs().max() <= 1e-6
+    scores = torch.einsum("bthd,bshd->bhts", q, k.repeat_interleave(H_ // J, dim=2)) * 0.3
     want_lse = scores.masked_fill(~selected[:, None], float("-inf")).logsumexp(-1).transpose(1, 2)
     assert torch.isinf(lse[1, L // 2]).all() and (lse - want_lse)[lse.isfinite()].abs().max() <= 1e-5
 
@@ -87,12 +77,10 @@ def test_dense_indexer_kl_matches_formula_and_gradient(block_elems):
     kl, recall = reference.dense_indexer_kl(qi, ki, wi, qa, ka, 0.4, topk=5, block_elems=block_elems)
 
     causal = torch.ones(L, L, dtype=torch.bool).tril()
-    att = (torch.einsum("bthd,bshd->bhts", qa, ka) * 0.4).masked_fill(~causal, float("-inf")).softmax(-1)
-    p = att.sum(1) / att.sum(1).sum(-1, keepdim=True)  # head-summed, L1-normalised
-    logq = _naive_logits(qi, ki, wi).log_softmax(-1)
-    want = torch.where(causal, p * (p.clamp_min(1e-30).log() - logq), 0.0).sum(-1)
+    p = reference.naive_head_summed_attention(qa, ka, 0.4)
+    want = reference.naive_kl(p, reference.naive_indexer_logits(qi, ki, wi), causal.expand(B, L, L))
     assert (kl - want).abs().max().item() <= 1e-5
-    top = torch.sort(_naive_logits(qi, ki, wi), dim=-1, descending=True, stable=True).indices[..., :5]
+    top = torch.sort(reference.naive_indexer_logits(qi, ki, wi), dim=-1, descending=True, stable=True).indices[..., :5]
     assert (recall - p.gather(-1, top).sum(-1)).abs().max().item() <= 1e-5
     assert torch.all(recall[:, :5] > 1 - 1e-6), "a query with <= k causal tokens selects all of them"
 
@@ -115,10 +103,9 @@ def test_sparse_indexer_kl_over_selected_set(block_elems):
     p = p / p.sum(-1, keepdim=True)
     kl = reference.sparse_indexer_kl(qi, ki, wi, idx, p, block_elems=block_elems)
 
-    full = _naive_logits(qi, ki, wi)
+    full = reference.naive_indexer_logits(qi, ki, wi)
     sel = full.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, float("-inf"))
-    logq = sel.log_softmax(-1)
-    want = torch.where(idx >= 0, p * (p.clamp_min(1e-30).log() - logq), 0.0).sum(-1)
+    want = reference.naive_kl(p, sel, idx >= 0)
     assert (kl - want).abs().max().item() <= 1e-5
     for a, b in zip(_grads(kl.sum(), [qi, ki, wi]), _grads(want.sum(), [qi, ki, wi])):
         assert (a - b).abs().max().item() <= 1e-5

@@ -31,9 +31,15 @@ from train.ops.autograd import AbsorbedSparseMLA, absorbed_query
 from train.ops.reference import dense_attention, indexer_logits
 
 try:
-    from train.ops import triton_indexer_kl, triton_sparse_gqa, triton_sparse_mla, triton_topk, triton_warmup_kl
+    from train.ops import (
+        triton_dense_indexer_kl,
+        triton_sparse_gqa,
+        triton_sparse_indexer_kl,
+        triton_sparse_mla,
+        triton_topk,
+    )
 except ImportError:  # no triton: the reference serves every op
-    triton_indexer_kl = triton_sparse_gqa = triton_sparse_mla = triton_topk = triton_warmup_kl = None
+    triton_dense_indexer_kl = triton_sparse_gqa = triton_sparse_indexer_kl = triton_sparse_mla = triton_topk = None
 
 BACKENDS = ("auto", "reference", "triton", "tilelang", "cudnn")
 _TILELANG: list = []  # the TileLang module once imported (None: not installed), imported on first use
@@ -207,7 +213,7 @@ def dense_indexer_kl(qi_BLGD: torch.Tensor, ki_BSD: torch.Tensor, wi_BLG: torch.
     """Warm-up indexer KL over the full causal span, and recall (see `reference.dense_indexer_kl`); queries at
     q_offset + t among the keys."""
     if _use_triton(qi_BLGD, _pow2(qi_BLGD.shape[-1]) and _pow2_parts(qa_BLHD.shape[-1])):
-        return triton_warmup_kl.dense_indexer_kl(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD, ka_BSHD, scale, topk,
+        return triton_dense_indexer_kl.dense_indexer_kl(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD, ka_BSHD, scale, topk,
                                                  q_offset=q_offset)
     return reference.dense_indexer_kl(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD, ka_BSHD, scale, topk, q_offset=q_offset)
 
@@ -216,7 +222,7 @@ def sparse_indexer_kl(qi_BLGD: torch.Tensor, ki_BLD: torch.Tensor, wi_BLG: torch
                       p_BLK: torch.Tensor) -> torch.Tensor:
     """Sparse-stage indexer KL over the selected set (see `reference.sparse_indexer_kl`)."""
     if _use_triton(qi_BLGD, _pow2(qi_BLGD.shape[-1])):
-        return triton_indexer_kl.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, idx_BLK, p_BLK)
+        return triton_sparse_indexer_kl.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, idx_BLK, p_BLK)
     return reference.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, idx_BLK, p_BLK)
 
 

@@ -315,3 +315,45 @@ def dense_attention(q_BLHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHV: torch.Te
         out_BHLV = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], S), scale=scale,
                                                   enable_gqa=gqa)
     return out_BHLV.transpose(1, 2)
+
+
+# The naive formulas: whole [B, (H,) L, L] matrices, small shapes only (tests/unit/test_ops.py checks the chunked
+# twins above against them, forward and backward). Each is the definition written as directly as it can be.
+
+def naive_indexer_logits(qi_BLGD: torch.Tensor, ki_BLD: torch.Tensor, wi_BLG: torch.Tensor) -> torch.Tensor:
+    """I[b, t, s] = sum_g w[b, t, g] relu(q[b, t, g] . k[b, s]) for s <= t, else -inf: [B, L, L]."""
+    L = qi_BLGD.shape[1]
+    logits = torch.einsum("btg,btgs->bts", wi_BLG, torch.einsum("btgd,bsd->btgs", qi_BLGD, ki_BLD).relu())
+    return logits.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=logits.device).tril(), float("-inf"))
+
+
+def naive_head_summed_attention(qa_BLHD: torch.Tensor, ka_BLJD: torch.Tensor, scale: float) -> torch.Tensor:
+    """The warm-up target: causal softmax attention of every query head (head h reads key head h // (H / J)),
+    summed over heads and L1-normalised: [B, L, L]."""
+    L, H, J = qa_BLHD.shape[1], qa_BLHD.shape[2], ka_BLJD.shape[2]
+    causal = torch.ones(L, L, dtype=torch.bool, device=qa_BLHD.device).tril()
+    k_BLHD = ka_BLJD.repeat_interleave(H // J, dim=2)
+    att = (torch.einsum("bthd,bshd->bhts", qa_BLHD, k_BLHD) * scale).masked_fill(~causal, float("-inf")).softmax(-1)
+    return att.sum(1) / att.sum(1).sum(-1, keepdim=True)
+
+
+def naive_kl(p_BLS: torch.Tensor, logits_BLS: torch.Tensor, valid_BLS: torch.Tensor) -> torch.Tensor:
+    """sum over valid s of p (log p - log softmax(logits)): [B, L]."""
+    logq = logits_BLS.log_softmax(-1)
+    return torch.where(valid_BLS, p_BLS * (p_BLS.clamp_min(1e-30).log() - logq), 0.0).sum(-1)
+
+
+def naive_sparse_attention(q_BLHD: torch.Tensor, k_BLJD: torch.Tensor, v_BLJV: torch.Tensor, idx_BLK: torch.Tensor,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention masked to each query's selection (head h reads key head h // (H / J); MLA's absorbed form
+    is J = 1 with v = the latent part of k): (out [B, L, H, V], the attention [B, H, L, L]). A query with no
+    selection gets zeros."""
+    B, L, H, _ = q_BLHD.shape
+    J = k_BLJD.shape[2]
+    selected = torch.zeros(B, L, L, device=q_BLHD.device).scatter_add_(
+        -1, idx_BLK.clamp(min=0), (idx_BLK >= 0).float()) > 0
+    k_BLHD, v_BLHV = k_BLJD.repeat_interleave(H // J, dim=2), v_BLJV.repeat_interleave(H // J, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q_BLHD, k_BLHD) * scale
+    probs = scores.masked_fill(~selected[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
+    return torch.einsum("bhts,bshv->bthv", probs, v_BLHV), probs
+
