@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import DI, DR, DV, TOPK, G, H, causal_selection, guarded, sparse_mla_flops, window_selection
-from train.ops import reference
+from train.ops import common, reference
 
 
 def sparse_mla_inputs(L: int, heads: int = H, selection=causal_selection):
@@ -39,7 +39,7 @@ def sparse_mla_backends() -> dict:
         from train.ops import tilelang_sparse_mla
     except ImportError:
         return backends
-    if torch.cuda.get_device_capability()[0] == 9:
+    if common.is_hopper(torch.device("cuda")):
         backends["tilelang"] = tilelang_sparse_mla
     return backends
 

@@ -15,14 +15,21 @@ import torch
 triton = pytest.importorskip("triton")
 
 from tests.conftest import tiny  # noqa: E402
-from train.ops import cudnn_sparse_mla, reference, triton_sparse_gqa, triton_sparse_mla, triton_topk  # noqa: E402
+from train.ops import (  # noqa: E402
+    common,
+    cudnn_sparse_mla,
+    reference,
+    triton_sparse_gqa,
+    triton_sparse_mla,
+    triton_topk,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GPU = pytest.mark.skipif(DEVICE != "cuda", reason="real shapes need a GPU")
 
 
 def _tilelang_kernels():
-    if DEVICE != "cuda" or torch.cuda.get_device_capability()[0] != 9:
+    if DEVICE != "cuda" or not common.is_hopper(torch.device("cuda")):
         return None
     try:
         from train.ops import tilelang_sparse_mla
@@ -268,7 +275,8 @@ def test_warmup_kl_kernel_matches_twin_qwen3_shape():
 def test_warmup_kl_kernel_at_a_query_offset_matches_twin(q0, n, monkeypatch):
     from train.ops import triton_dense_indexer_kl
 
-    monkeypatch.setattr(triton_dense_indexer_kl, "KL_CONFIG", dict(triton_dense_indexer_kl.KL_CONFIG, BT=16, BS=16, NS=2))
+    tiles = dict(triton_dense_indexer_kl.KL_CONFIG, BT=16, BS=16, NS=2)
+    monkeypatch.setattr(triton_dense_indexer_kl, "KL_CONFIG", tiles)
     da = 24 if DEVICE == "cpu" else 48
     _check_dense_indexer_kl(B=2, L=70, H=2, DA=da, G=16, D=16, topk=8, rows=16, dtype=torch.float32, tol=TOL,
                             q0=q0, n=n)

@@ -3,9 +3,10 @@
 Each op has a chunked PyTorch reference (`reference.py`, any device: the oracle) and, where written, a
 Triton kernel with the same contract (`triton_*.py`). Sparse attention comes in two forms: MLA's absorbed form
 (`sparse_mla`: one latent row per key serves every head) and grouped-query attention (`sparse_gqa`: keys and
-values per key head; MHA is the case of one query head per key head); sparse MLA also has a TileLang kernel for Hopper GPUs
-(`tilelang_sparse_mla.py`) and can take its backward from NVIDIA's cuDNN frontend (`cudnn_sparse_mla.py`),
-both used where installed: `pip install .[gpu]`. `DSA_KERNELS` picks:
+values per key head; MHA is the case of one query head per key head). Sparse MLA also has TileLang kernels for
+Hopper GPUs (`tilelang_sparse_mla.py`, its forward and backward in `_fwd` / `_bwd`, shared parts in `_common`) and
+can take its backward from NVIDIA's cuDNN frontend (`cudnn_sparse_mla.py`), both used where installed:
+`pip install .[gpu]`. `DSA_KERNELS` picks:
   auto (default)  for CUDA tensors whose shapes a kernel supports: TileLang's sparse MLA on a Hopper GPU with
                   bf16 inputs and at least 64 heads, Triton for the rest, with cuDNN's sparse MLA backward
                   where it runs (Hopper, bf16, d_qk 576 = latent 512 + rope 64); else the reference
@@ -26,7 +27,7 @@ import os
 
 import torch
 
-from train.ops import cudnn_sparse_mla, reference
+from train.ops import common, cudnn_sparse_mla, reference
 from train.ops.autograd import AbsorbedSparseMLA, absorbed_query
 from train.ops.reference import dense_attention, indexer_logits
 
@@ -78,7 +79,7 @@ def _use_tilelang(q: torch.Tensor, kv: torch.Tensor, supported: bool) -> bool:
     name = backend()
     if name not in ("auto", "tilelang", "cudnn") or not supported or not q.is_cuda:
         return False
-    fits = q.dtype == kv.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device)[0] == 9
+    fits = q.dtype == kv.dtype == torch.bfloat16 and common.is_hopper(q.device)
     if name != "tilelang" and q.shape[2] < 64:
         return False  # below 64 heads a program cannot fill a warpgroup's wgmma rows: Triton was faster there
     if name == "tilelang" and not fits:

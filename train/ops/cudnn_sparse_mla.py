@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from train.ops import common
 from train.ops.autograd import sparse_mla_function
 
 D_QK, D_V = 576, 512
@@ -42,7 +43,7 @@ def fits(q: torch.Tensor, kv: torch.Tensor, v_dim: int) -> bool:
     q [B, L, H, ...] gives the heads and the dtype (the absorbed path passes its query parts, not the 576-wide
     absorbed queries)."""
     return (q.is_cuda and q.dtype == kv.dtype == torch.bfloat16 and kv.shape[-1] == D_QK and v_dim == D_V
-            and q.shape[2] >= 2 and torch.cuda.get_device_capability(q.device)[0] == 9)
+            and q.shape[2] >= 2 and common.is_hopper(q.device))
 
 
 def flat_selection(idx: torch.Tensor, rows_per_sequence: int) -> torch.Tensor:

@@ -21,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from train.ops import triton_topk
+from train.ops import common, triton_topk
+
+LOG2E = tl.constexpr(common.LOG2E)  # usable inside the kernels
 
 
 def _split(d: int) -> tuple[int, int]:
@@ -53,7 +55,7 @@ def _attn_lse_kernel(q_ptr, k_ptr, lse_ptr, scale, L, S, Q0, H, HG, sq_b, sq_t, 
     qa, qb = _load_qk(q_ptr + b * sq_b + h * sq_h, offs_t.to(tl.int64) * sq_t, tmask, D1, D2)
     m = tl.full([BT], float("-inf"), dtype=tl.float32)
     den = tl.zeros([BT], dtype=tl.float32)
-    c = scale * 1.4426950408889634
+    c = scale * LOG2E
     for s0 in range(0, Q0 + pid_t * BT + BT, BS):
         offs_s = s0 + tl.arange(0, BS)
         ka, kb = _load_qk(k_ptr + b * sk_b + (h // HG) * sk_h, offs_s.to(tl.int64) * sk_t, offs_s < S, D1, D2)
@@ -64,7 +66,7 @@ def _attn_lse_kernel(q_ptr, k_ptr, lse_ptr, scale, L, S, Q0, H, HG, sq_b, sq_t, 
         m_new = tl.maximum(m, tl.max(s, 1))
         den = den * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
         m = m_new
-    tl.store(lse_ptr + b * sl_b + h * sl_h + offs_t, (m + tl.log2(den)) / 1.4426950408889634, mask=tmask)
+    tl.store(lse_ptr + b * sl_b + h * sl_h + offs_t, (m + tl.log2(den)) / LOG2E, mask=tmask)
 
 
 @triton.jit
@@ -92,7 +94,7 @@ def _kl_kernel(qa_ptr, ka_ptr, lse_a_ptr, buf_ptr, lse_s_ptr, kth_ptr, g_ptr, kl
         kth = tl.load(kth_ptr + b * sr_b + offs_r, mask=rmask, other=0)
     kl = tl.zeros([BT], dtype=tl.float32)
     rec = tl.zeros([BT], dtype=tl.float32)
-    c = scale * 1.4426950408889634
+    c = scale * LOG2E
     q_rows = rows.to(tl.int64) * sq_t
     for j in range(NS):
         offs_s = s_start + j * BS + tl.arange(0, BS)
@@ -106,7 +108,7 @@ def _kl_kernel(qa_ptr, ka_ptr, lse_a_ptr, buf_ptr, lse_s_ptr, kth_ptr, g_ptr, kl
             if D2 > 0:
                 s += tl.dot(qb, tl.trans(kb))
             lse_h = tl.load(lse_a_ptr + b * sl_b + h * sl_h + rows, mask=rmask, other=0.0)
-            p += tl.exp2(s * c - lse_h[:, None] * 1.4426950408889634)
+            p += tl.exp2(s * c - lse_h[:, None] * LOG2E)
         p = tl.where(visible, p / H, 0.0)
         buf = buf_ptr + b * sbuf_b + offs_r[:, None].to(tl.int64) * sbuf_r + offs_s[None, :]
         logit = tl.load(buf, mask=visible, other=0.0)

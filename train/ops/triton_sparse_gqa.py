@@ -18,7 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
+from train.ops import common
 from train.ops.autograd import sparse_gqa_function
+
+LOG2E = tl.constexpr(common.LOG2E)  # usable inside the kernels
+
 
 @triton.jit
 def _program(L, J, R, BH: tl.constexpr):
@@ -57,7 +61,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, scale, L, K, J, R,
     m = tl.full([BH], float("-inf"), dtype=tl.float32)
     den = tl.zeros([BH], dtype=tl.float32)
     acc = tl.zeros([BH, DV], dtype=tl.float32)
-    c = scale * 1.4426950408889634  # log2(e): the online softmax runs in base 2
+    c = scale * LOG2E
     for k0 in range(0, K, BK):
         valid, _, kr, vr = _gather(k_ptr, v_ptr, idx_ptr, pid_t, b, j, k0, K, si_t, sk_b, sk_s, sk_j, sv_b, sv_s,
                                    sv_j, D, DV, BK)
@@ -71,7 +75,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, scale, L, K, J, R,
         acc = acc * alpha[:, None] + tl.dot(p.to(vr.dtype), vr)
         m = m_new
     out = acc / tl.where(den > 0, den, 1.0)[:, None]
-    lse = tl.where(den > 0, (m + tl.log2(den)) / 1.4426950408889634, float("inf"))
+    lse = tl.where(den > 0, (m + tl.log2(den)) / LOG2E, float("inf"))
     tl.store(o_ptr + pid_t * so_t + offs_h[:, None] * so_h + offs_v[None, :], out.to(o_ptr.dtype.element_ty),
              mask=hmask[:, None])
     tl.store(lse_ptr + pid_t * sl_t + offs_h, lse, mask=hmask)
@@ -191,9 +195,7 @@ def sparse_gqa_backward(q, k, v, idx, out, lse, grad_out, scale: float):
     """(dq like q, dk like k, dv like v)."""
     B, L, H, D, J, R, DV, K, BH = _dims(q, k, v, idx)
     grad_out = grad_out.contiguous()
-    delta = torch.empty(B, L, H, dtype=torch.float32, device=q.device)  # rowsum(dO * O), in slices: no fp32 copies
-    for t0 in range(0, L, 4096):
-        delta[:, t0 : t0 + 4096] = (grad_out[:, t0 : t0 + 4096].float() * out[:, t0 : t0 + 4096].float()).sum(-1)
+    delta = common.row_dot(grad_out, out, torch.empty(B, L, H, dtype=torch.float32, device=q.device))
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)

@@ -17,7 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
+from train.ops import common
 from train.ops.autograd import sparse_mla_function
+
+LOG2E = tl.constexpr(common.LOG2E)  # usable inside the kernels
+
 
 def _block_h(H: int, limit: int) -> int:
     """Heads per program: at most `limit`, at least 16 (tl.dot's smallest M; extra heads are masked)."""
@@ -75,7 +79,7 @@ def _sparse_mla_fwd_kernel(q_ptr, kv_ptr, idx_ptr, o_ptr, lse_ptr, scale, L, K, 
     m = tl.full([BH], float("-inf"), dtype=tl.float32)
     den = tl.zeros([BH], dtype=tl.float32)
     acc = tl.zeros([BH, DV], dtype=tl.float32)
-    c = scale * 1.4426950408889634  # log2(e): the online softmax runs in base 2
+    c = scale * LOG2E
     for k0 in range(0, K, BK):
         valid, _, kvn, kvr = _gather(kv_ptr, idx_ptr, pid_t, b, k0, K, si_t, skv_b, skv_s, DV, DR, BK)
         s = _scores(qn, qr, kvn, kvr) * c
@@ -88,7 +92,7 @@ def _sparse_mla_fwd_kernel(q_ptr, kv_ptr, idx_ptr, o_ptr, lse_ptr, scale, L, K, 
         acc = acc * alpha[:, None] + tl.dot(p.to(kvn.dtype), kvn)
         m = m_new
     out = acc / tl.where(den > 0, den, 1.0)[:, None]
-    lse = tl.where(den > 0, (m + tl.log2(den)) / 1.4426950408889634, float("inf"))
+    lse = tl.where(den > 0, (m + tl.log2(den)) / LOG2E, float("inf"))
     tl.store(o_ptr + pid_t * so_t + offs_h[:, None] * so_h + offs_v[None, :], out.to(o_ptr.dtype.element_ty),
              mask=hmask[:, None])
     tl.store(lse_ptr + pid_t * sl_t + offs_h, lse, mask=hmask)
@@ -227,9 +231,7 @@ def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int
     B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
     grid, BH, BK, warps, stages = _launch("bwd", B, L, H, BH, BK, warps, stages)
     grad_out = grad_out.contiguous()
-    delta = torch.empty(B, L, H, dtype=torch.float32, device=q.device)  # rowsum(dO * O), in slices: no fp32 copies
-    for t0 in range(0, L, 4096):
-        delta[:, t0 : t0 + 4096] = (grad_out[:, t0 : t0 + 4096].float() * out[:, t0 : t0 + 4096].float()).sum(-1)
+    delta = common.row_dot(grad_out, out, torch.empty(B, L, H, dtype=torch.float32, device=q.device))
     dq = torch.empty_like(q)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device) if dkv_acc is None else dkv_acc
     _sparse_mla_bwd_kernel[grid](q, kv, idx, grad_out, lse, delta, dq, dkv, scale, L, K, H, q.stride(1),
