@@ -77,13 +77,13 @@ def sweep_sparse_mla(L: int, iters: int, heads: int) -> list[dict]:
         bwd = tuple((16, BK, warps, stages) for BK in (16, 32, 64) for warps in (2, 4, 8) for stages in (1, 2))
     rows = []
     for BH, BK, warps, stages in fwd:
-        cfg = dict(BH=BH, BK=BK, warps=warps, stages=stages)
+        cfg = dict(BH=BH, BK=BK, num_warps=warps, num_stages=stages)
         rows.append({"L": L, "config": cfg, **guarded(f"sparse_mla fwd {cfg}", lambda: sm.sparse_mla_forward(
             q, kv, idx, scale, DV, **cfg), iters, fwd_flops)})
         rows.append({"L": L, "config": cfg, **guarded(f"sparse_mla probs {cfg}", lambda: sm.sparse_mla_probs(
             q, kv, idx, lse, scale, DV, **cfg), iters)})
     for BH, BK, warps, stages in bwd:
-        cfg = dict(BH=BH, BK=BK, warps=warps, stages=stages)
+        cfg = dict(BH=BH, BK=BK, num_warps=warps, num_stages=stages)
         rows.append({"L": L, "config": cfg, **guarded(f"sparse_mla bwd {cfg}", lambda: sm.sparse_mla_backward(
             q, kv, idx, out, lse, g, scale, DV, **cfg), iters, 2.5 * fwd_flops)})
     return rows

@@ -255,7 +255,7 @@ def test_warmup_kl_kernel_matches_twin_small(rows, tiles, monkeypatch):
     from train.ops import triton_dense_indexer_kl
 
     if tiles:
-        monkeypatch.setattr(triton_dense_indexer_kl, "KL_CONFIG", dict(triton_dense_indexer_kl.KL_CONFIG, **tiles))
+        monkeypatch.setitem(triton_dense_indexer_kl.CONFIGS, "kl", dict(triton_dense_indexer_kl.CONFIGS["kl"], **tiles))
     da = 24 if DEVICE == "cpu" else 48  # compiled tl.dot needs dims >= 16: d_qk = 32 + 16 on a GPU
     _check_dense_indexer_kl(B=2, L=70, H=2, DA=da, G=16, D=16, topk=8, rows=rows, dtype=torch.float32,
                             tol=TOL)
@@ -275,8 +275,8 @@ def test_warmup_kl_kernel_matches_twin_qwen3_shape():
 def test_warmup_kl_kernel_at_a_query_offset_matches_twin(q0, n, monkeypatch):
     from train.ops import triton_dense_indexer_kl
 
-    tiles = dict(triton_dense_indexer_kl.KL_CONFIG, BT=16, BS=16, NS=2)
-    monkeypatch.setattr(triton_dense_indexer_kl, "KL_CONFIG", tiles)
+    tiles = dict(triton_dense_indexer_kl.CONFIGS["kl"], BT=16, BS=16, NS=2)
+    monkeypatch.setitem(triton_dense_indexer_kl.CONFIGS, "kl", tiles)
     da = 24 if DEVICE == "cpu" else 48
     _check_dense_indexer_kl(B=2, L=70, H=2, DA=da, G=16, D=16, topk=8, rows=16, dtype=torch.float32, tol=TOL,
                             q0=q0, n=n)

@@ -1,4 +1,5 @@
-"""The autograd wrappers every sparse attention backend shares: which kernels run in forward, recomputation and backward."""
+"""The autograd wrappers every sparse attention backend shares: which kernels run in forward, recomputation and
+backward."""
 
 from __future__ import annotations
 

@@ -195,12 +195,13 @@ def _attn_lse(qa, ka, scale, q0=0):
     B, L, H, D = qa.shape
     D1, D2 = _split(D)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=qa.device)
-    BT, BS = 64, 64
+    cfg = dict(CONFIGS["lse"])
+    BT, BS = cfg.pop("BT"), cfg.pop("BS")
     _attn_lse_kernel[(triton.cdiv(L, BT), B * H)](qa, ka, lse, scale, L, ka.shape[1], q0, H, H // ka.shape[2],
                                                   qa.stride(0),
                                                   qa.stride(1), qa.stride(2), ka.stride(0), ka.stride(1),
                                                   ka.stride(2), lse.stride(0), lse.stride(1), D1=D1, D2=D2, BT=BT,
-                                                  BS=BS, num_warps=4, num_stages=2)
+                                                  BS=BS, **cfg)
     return lse
 
 
@@ -216,8 +217,12 @@ def _indexer_block(qi, ki, wi, t0, t1, topk, need_kth=True, q0=0):
     return logits, torch.logsumexp(logits, dim=-1).contiguous(), kth
 
 
-# Launch configuration of `_kl_kernel`: the fastest of `python -m bench --sweep warmup_kl` on the H200.
-KL_CONFIG = dict(BT=128, BS=64, NS=4, num_warps=8, num_stages=3)
+# Launch configurations, Triton's own names: the KL kernel's is the fastest of `python -m bench --sweep warmup_kl` on
+# the H200 (BT rows x NS tiles of BS keys a program); the others: row and key tiles of the attention's log-sum-exp
+# and of the backward's query and key sides.
+CONFIGS = {"kl": dict(BT=128, BS=64, NS=4, num_warps=8, num_stages=3),
+           "lse": dict(BT=64, BS=64, num_warps=4, num_stages=2),
+           "grad": dict(BT=64, BS=64, num_warps=4, num_stages=2)}
 
 
 def _kl_launch(qa, ka, lse_a, buf, lse_s, kth, g, scale, t0, grad, config, q0=0):
@@ -271,7 +276,8 @@ class DenseIndexerKL(torch.autograd.Function):
         dq, dw = torch.zeros_like(qi), torch.zeros_like(wi)
         dk = torch.zeros(ki.shape, dtype=torch.float32, device=ki.device)
         rows, q0, S = ctx.rows, ctx.q0, ki.shape[1]
-        BT, BS = 64, 64
+        cfg = dict(CONFIGS["grad"])
+        BT, BS = cfg.pop("BT"), cfg.pop("BS")
         for t0 in range(0, L, rows):
             t1 = min(L, t0 + rows)
             R = t1 - t0
@@ -280,12 +286,11 @@ class DenseIndexerKL(torch.autograd.Function):
             _dq_kernel[(triton.cdiv(R, BT), G, B)](qi, ki, wi, buf, dq, dw, q0 + t0, q0, R, S, qi.stride(0),
                                                    qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(1),
                                                    wi.stride(0), wi.stride(1), buf.stride(0), buf.stride(1), D=D,
-                                                   BT=BT, BS=BS, num_warps=4, num_stages=2)
+                                                   BT=BT, BS=BS, **cfg)
             _dk_kernel[(triton.cdiv(q0 + t1, BS), B)](qi, ki, wi, buf, dk, q0 + t0, q0, R, G, qi.stride(0),
                                                       qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(1),
                                                       wi.stride(0), wi.stride(1), buf.stride(0), buf.stride(1),
-                                                      dk.stride(0), dk.stride(1), D=D, BT=BT, BS=BS, num_warps=4,
-                                                      num_stages=2)
+                                                      dk.stride(0), dk.stride(1), D=D, BT=BT, BS=BS, **cfg)
         return dq, dk.to(ctx.k_dtype), dw, None, None, None, None, None, None, None
 
 
@@ -294,7 +299,7 @@ def dense_indexer_kl(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD, ka_BSHD, scale: float, to
     """Same contract as `reference.dense_indexer_kl`: (kl [B, L] fp32, recall [B, L] fp32, no gradient).
 
     `rows`: query rows per indexer-logit block (default max(256, min(L, topk))); memory 8 bytes x rows x L.
-    `config`: the KL kernel's launch configuration (keys of KL_CONFIG; default KL_CONFIG). Queries sit at
+    `config`: the KL kernel's launch configuration (the keys of CONFIGS["kl"]; default it). Queries sit at
     positions q_offset + t among the S keys (a context-parallel piece)."""
     return DenseIndexerKL.apply(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD.detach(), ka_BSHD.detach(), scale, topk, rows,
-                                config or KL_CONFIG, q_offset)
+                                config or CONFIGS["kl"], q_offset)

@@ -140,8 +140,9 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr
 
 KERNELS = (_fwd_kernel, _probs_kernel, _bwd_kernel)  # what a profile reads
 
-# Launch settings per kernel: key block and warps (stages 2 throughout); the head block is the group size R.
-CONFIGS = {"fwd": dict(BK=64, warps=4), "probs": dict(BK=64, warps=4), "bwd": dict(BK=32, warps=4)}
+# Launch configurations, Triton's own names (key block, warps, stages); the head block is the group size R.
+CONFIGS = {"fwd": dict(BK=64, num_warps=4, num_stages=2), "probs": dict(BK=64, num_warps=4, num_stages=2),
+           "bwd": dict(BK=32, num_warps=4, num_stages=2)}
 
 
 def _dims(q, k, v, idx):
@@ -163,7 +164,7 @@ def sparse_gqa_forward(q, k, v, idx, scale: float):
     cfg = CONFIGS["fwd"]
     _fwd_kernel[(B * L * J,)](q, k, v, idx, out, lse, scale, L, K, J, R, q.stride(1), q.stride(2), *_strides(k, v),
                               idx.stride(1), out.stride(1), out.stride(2), lse.stride(1), D=D, DV=DV, BH=BH,
-                              BK=cfg["BK"], num_warps=cfg["warps"], num_stages=2)
+                              **cfg)
     return out, lse
 
 
@@ -176,8 +177,7 @@ def _probs(q, k, v, idx, lse, scale: float, with_out: bool):
     cfg = CONFIGS["probs"]
     _probs_kernel[(B * L * J,)](q, k, v, idx, lse, p, o, scale, L, K, J, R, H, q.stride(1), q.stride(2),
                                 *_strides(k, v), idx.stride(1), lse.stride(1), p.stride(1), o.stride(1),
-                                o.stride(2) if with_out else 0, D=D, DV=DV, BH=BH, BK=cfg["BK"], OUT=with_out,
-                                num_warps=cfg["warps"], num_stages=2)
+                                o.stride(2) if with_out else 0, D=D, DV=DV, BH=BH, OUT=with_out, **cfg)
     return (out, p) if with_out else p
 
 
@@ -203,7 +203,7 @@ def sparse_gqa_backward(q, k, v, idx, out, lse, grad_out, scale: float):
     _bwd_kernel[(B * L * J,)](q, k, v, idx, grad_out, lse, delta, dq, dk, dv, scale, L, K, J, R, q.stride(1),
                               q.stride(2), *_strides(k, v), idx.stride(1), grad_out.stride(1), grad_out.stride(2),
                               lse.stride(1), dq.stride(1), dq.stride(2), *_strides(dk, dv), D=D, DV=DV, BH=BH,
-                              BK=cfg["BK"], num_warps=cfg["warps"], num_stages=2)
+                              **cfg)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -165,43 +165,43 @@ def _shapes(q, kv, idx, v_dim):
     return B, L, H, D, K, v_dim, D - v_dim
 
 
-# Launch configurations: the fastest of `python -m bench --sweep sparse_mla` on the H200 (d_qk 576,
-# top-2048), for DeepSeek-V3's 128 heads (at L = 16K) and for one head block of 16 (--sweep-heads 16, L = 64K:
-# the 1B model; larger key blocks, fewer warps).
+# Launch configurations, Triton's own names (head and key blocks, warps, stages): the fastest of `python -m bench
+# --sweep sparse_mla` on the H200 (d_qk 576, top-2048), for DeepSeek-V3's 128 heads (at L = 16K) and for one head
+# block of 16 (--sweep-heads 16, L = 64K: the 1B model; larger key blocks, fewer warps).
 CONFIGS = {
-    "fwd": (dict(BH=64, BK=64, warps=8, stages=2), dict(BH=16, BK=128, warps=4, stages=2)),
-    "probs": (dict(BH=64, BK=64, warps=4, stages=2), dict(BH=16, BK=64, warps=4, stages=2)),
-    "bwd": (dict(BH=32, BK=32, warps=8, stages=2), dict(BH=16, BK=16, warps=4, stages=2)),
+    "fwd": (dict(BH=64, BK=64, num_warps=8, num_stages=2), dict(BH=16, BK=128, num_warps=4, num_stages=2)),
+    "probs": (dict(BH=64, BK=64, num_warps=4, num_stages=2), dict(BH=16, BK=64, num_warps=4, num_stages=2)),
+    "bwd": (dict(BH=32, BK=32, num_warps=8, num_stages=2), dict(BH=16, BK=16, num_warps=4, num_stages=2)),
 }
 CONFIGS["fwd_given_lse"] = CONFIGS["fwd"]  # not swept separately: the forward's loop plus the probabilities' atomics
 
 
-def _launch(kind: str, B: int, L: int, H: int, BH, BK, warps, stages):
-    """(grid, BH, BK, warps, stages) for `kind` at H heads: CONFIGS' entry, the caller's non-None choices on
+def _launch(kind: str, B: int, L: int, H: int, BH, BK, num_warps, num_stages):
+    """(grid, BH, BK, num_warps, num_stages) for `kind` at H heads: CONFIGS' entry, the caller's non-None choices on
     top, BH fitted to H."""
     cfg = {**CONFIGS[kind][1 if H <= 16 else 0],
-           **{k: v for k, v in dict(BH=BH, BK=BK, warps=warps, stages=stages).items() if v is not None}}
+           **{k: v for k, v in dict(BH=BH, BK=BK, num_warps=num_warps, num_stages=num_stages).items() if v is not None}}
     BH = _block_h(H, cfg["BH"])
-    return (triton.cdiv(H, BH) * B * L,), BH, cfg["BK"], cfg["warps"], cfg["stages"]
+    return (triton.cdiv(H, BH) * B * L,), BH, cfg["BK"], cfg["num_warps"], cfg["num_stages"]
 
 
 def sparse_mla_forward(q, kv, idx, scale: float, v_dim: int, BH: int | None = None, BK: int | None = None,
-                       warps: int | None = None, stages: int | None = None):
+                       num_warps: int | None = None, num_stages: int | None = None):
     """(out [B, L, H, v_dim] in q's dtype, lse [B, L, H] fp32 natural-log)."""
     B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
-    grid, BH, BK, warps, stages = _launch("fwd", B, L, H, BH, BK, warps, stages)
+    grid, BH, BK, num_warps, num_stages = _launch("fwd", B, L, H, BH, BK, num_warps, num_stages)
     out = torch.empty(B, L, H, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
     _sparse_mla_fwd_kernel[grid](q, kv, idx, out, lse, scale, L, K, H, q.stride(1), q.stride(2), kv.stride(0),
                                  kv.stride(1), idx.stride(1), out.stride(1), out.stride(2), lse.stride(1),
-                                 DV=DV, DR=DR, BH=BH, BK=BK, num_warps=warps, num_stages=stages)
+                                 DV=DV, DR=DR, BH=BH, BK=BK, num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
 
-def _probs(kind: str, q, kv, idx, lse, scale: float, v_dim: int, with_out: bool, BH, BK, warps, stages):
+def _probs(kind: str, q, kv, idx, lse, scale: float, v_dim: int, with_out: bool, BH, BK, num_warps, num_stages):
     """p [B, L, K] fp32 from the log-sum-exp, and with `with_out` the attention output first: (out, p)."""
     B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
-    grid, BH, BK, warps, stages = _launch(kind, B, L, H, BH, BK, warps, stages)
+    grid, BH, BK, num_warps, num_stages = _launch(kind, B, L, H, BH, BK, num_warps, num_stages)
     lse = lse.contiguous()
     p = torch.zeros(B, L, K, dtype=torch.float32, device=q.device)
     out = torch.empty(B, L, H, DV, dtype=q.dtype, device=q.device) if with_out else None
@@ -209,14 +209,14 @@ def _probs(kind: str, q, kv, idx, lse, scale: float, v_dim: int, with_out: bool,
     _sparse_mla_probs_kernel[grid](q, kv, idx, lse, p, o, scale, L, K, H, q.stride(1), q.stride(2), kv.stride(0),
                                    kv.stride(1), idx.stride(1), lse.stride(1), p.stride(1), o.stride(1),
                                    o.stride(2) if with_out else 0, DV=DV, DR=DR, BH=BH, BK=BK, OUT=with_out,
-                                   num_warps=warps, num_stages=stages)
+                                   num_warps=num_warps, num_stages=num_stages)
     return (out, p) if with_out else p
 
 
 def sparse_mla_probs(q, kv, idx, lse, scale: float, v_dim: int, BH: int | None = None, BK: int | None = None,
-                     warps: int | None = None, stages: int | None = None):
+                     num_warps: int | None = None, num_stages: int | None = None):
     """Head-averaged attention probabilities over the selected set, [B, L, K] fp32 (0 where idx = -1)."""
-    return _probs("probs", q, kv, idx, lse, scale, v_dim, False, BH, BK, warps, stages)
+    return _probs("probs", q, kv, idx, lse, scale, v_dim, False, BH, BK, num_warps, num_stages)
 
 
 def sparse_mla_forward_given_lse(q, kv, idx, lse, scale: float, v_dim: int):
@@ -225,11 +225,12 @@ def sparse_mla_forward_given_lse(q, kv, idx, lse, scale: float, v_dim: int):
 
 
 def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int, BH: int | None = None,
-                        BK: int | None = None, warps: int | None = None, stages: int | None = None, dkv_acc=None):
+                        BK: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                        dkv_acc=None):
     """(dq like q, dkv like kv); given `dkv_acc` (fp32, like kv), the latent-row gradients are added into it and it
     is returned instead (a caller that runs the backward in query chunks sums them in fp32)."""
     B, L, H, D, K, DV, DR = _shapes(q, kv, idx, v_dim)
-    grid, BH, BK, warps, stages = _launch("bwd", B, L, H, BH, BK, warps, stages)
+    grid, BH, BK, num_warps, num_stages = _launch("bwd", B, L, H, BH, BK, num_warps, num_stages)
     grad_out = grad_out.contiguous()
     delta = common.row_dot(grad_out, out, torch.empty(B, L, H, dtype=torch.float32, device=q.device))
     dq = torch.empty_like(q)
@@ -237,8 +238,8 @@ def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int
     _sparse_mla_bwd_kernel[grid](q, kv, idx, grad_out, lse, delta, dq, dkv, scale, L, K, H, q.stride(1),
                                  q.stride(2), kv.stride(0), kv.stride(1), idx.stride(1), grad_out.stride(1),
                                  grad_out.stride(2), lse.stride(1), dq.stride(1), dq.stride(2), dkv.stride(0),
-                                 dkv.stride(1), DV=DV, DR=DR, BH=BH, BK=BK, num_warps=warps,
-                                 num_stages=stages)
+                                 dkv.stride(1), DV=DV, DR=DR, BH=BH, BK=BK, num_warps=num_warps,
+                                 num_stages=num_stages)
     return dq, (dkv.to(kv.dtype) if dkv_acc is None else dkv)
 
 
