@@ -285,7 +285,7 @@ def test_warmup_kl_kernel_at_a_query_offset_matches_twin(q0, n, monkeypatch):
 def test_warmup_kl_twin_of_query_pieces_equals_the_whole_sequence():
     q, k, w = _exact_indexer_inputs(1, 64, 2, 16, seed=6)
     g = torch.Generator().manual_seed(7)
-    qa, ka = torch.randn(1, 64, 2, 16, generator=g), torch.randn(1, 64, 2, 16, generator=g)
+    qa, ka = torch.randn(1, 64, 2, 16, generator=g).to(DEVICE), torch.randn(1, 64, 2, 16, generator=g).to(DEVICE)
     whole = reference.dense_indexer_kl(q, k, w, qa, ka, 0.25, 8)
     for q0, n in ((0, 16), (16, 16), (32, 32)):
         piece = reference.dense_indexer_kl(q[:, q0 : q0 + n], k, w[:, q0 : q0 + n], qa[:, q0 : q0 + n], ka, 0.25, 8,
