@@ -16,15 +16,15 @@ sequences (it forms [H, L, L] per layer). The data and sequence length come from
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
-from train.data import DataConfig, SourceConfig, TokenPipeline, load_tokenizer
-from train.evaluation import run_settings
+from train.data import DataConfig, DataError, SourceConfig, TokenPipeline, load_tokenizer
+from train.evaluation import emit_json, run_settings
 from train.model import AttentionMode, ModelConfig, build_model
 from train.model.attention import GQAAttention
+from train.model.hf import CheckpointError, read_config
 from train.ops import reference
 
 
@@ -77,23 +77,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        result = run(args)
+    except (CheckpointError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    emit_json(result, args.out)
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict:
     settings = run_settings(args.model, args.config)
     settings.update({k: v for k, v in (("data", args.data), ("seq_len", args.seq_len)) if v})
+    missing = [flag for flag, key in (("--data", "data"), ("--seq-len", "seq_len")) if key not in settings]
+    if missing:
+        raise ValueError(f"{args.model}: no run config beside it; give {' and '.join(missing)}")
     model = build_model(ModelConfig(path=args.model)).float().eval()
     data_cfg = DataConfig(sources=[SourceConfig(path=settings["data"])], seq_len=settings["seq_len"])
     pipe = TokenPipeline(data_cfg, load_tokenizer(data_cfg, args.model))
     ids = torch.cat([pipe.next_batch(1)["input_ids"] for _ in range(args.num_seqs)])
-    from train.model.hf import read_config
-
     layers = group_recalls(model, ids, args.topk, "index_topk" in read_config(args.model))
-    result = {"model": args.model, "topk": args.topk, "seq_len": settings["seq_len"], "layers": layers,
-              "mean": {k: sum(r[k] for r in layers) / len(layers) for k in layers[0]}}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return {"model": args.model, "topk": args.topk, "seq_len": settings["seq_len"], "layers": layers,
+            "mean": {k: sum(r[k] for r in layers) / len(layers) for k in layers[0]}}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ sequence length and its `data.held_out` (the synthetic corpus's `valid.jsonl` by
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from train.data import (
     TokenPipeline,
     load_tokenizer,
 )
-from train.evaluation import evaluate, run_settings
+from train.evaluation import emit_json, evaluate, run_settings
 from train.model import ModelConfig, build_model
 from train.model.hf import CheckpointError, read_config
 
@@ -79,11 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit_json(result, args.out)
     return 0
 
 

@@ -4,6 +4,7 @@ recall against dense attention, and on the synthetic corpus the retrieval accura
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -101,3 +102,12 @@ def run_settings(model_dir: str, config_file: str | None) -> dict:
     if data.get("synthetic"):
         out["recall_distance"] = data.synthetic.recall_distance
     return out
+
+
+def emit_json(result: dict, out: str | None) -> None:
+    """A command's figures as JSON on stdout, and in the file `out` too when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")

@@ -32,6 +32,7 @@ from train.model.hf import (
     CheckpointError,
     exports_as_v32,
     family_config,
+    own_export,
 )
 from train.model.surgery import DTYPES
 
@@ -238,7 +239,8 @@ def convert_checkpoint(cfg: ModelConfig, out_dir: str | Path) -> Path:
 
     model = build_model(cfg)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True,
+                                                  trust_remote_code=own_export(cfg.path))
     except (OSError, ValueError):  # a checkpoint without a tokenizer: the export has none either
         tokenizer = None
     return export_hf(model, out_dir, tokenizer=tokenizer)

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from tests.conftest import perturb_, tiny, tiny_source
 from train.model import AttentionMode, ModelConfig, build_model, convert_to_dsa
 from train.export import export_hf
+from train.model.hf import own_export
 
 FAMILIES = {family: tiny(family, num_hidden_layers=2, max_position_embeddings=512)
             for family in ("qwen3", "llama", "qwen2", "mistral", "deepseek_v2")}
@@ -56,6 +57,7 @@ def test_dsa_export_loads_in_transformers_and_matches_the_model(family, tmp_path
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "dsa" and config["source_model_type"] == family
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_dsa.DSAForCausalLM"
+    assert own_export(out) and not own_export(tmp_path)  # what the tokenizer loaders trust (no prompt)
     hf, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32,
                                                     output_loading_info=True)
     assert type(hf).__name__ == "DSAForCausalLM"

@@ -269,8 +269,10 @@ def load_tokenizer(cfg: DataConfig, model_path: str | None):
                          "set data.tokenizer to a tokenizer directory or 'synthetic'")
     from transformers import AutoTokenizer
 
+    from train.model.hf import own_export
+
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=own_export(path))
     except Exception as e:
         raise DataError(f"tokenizer at {path!r} cannot be loaded ({type(e).__name__}: {e})") from None
 

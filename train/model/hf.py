@@ -261,6 +261,16 @@ def validate_checkpoint(path: str | os.PathLike) -> dict:
     return config
 
 
+def own_export(path: str | os.PathLike) -> bool:
+    """Whether `path` holds this project's `dsa` export, whose modeling code (ours) loaders may run: transformers'
+    Auto classes read its `auto_map` even for the tokenizer, and would otherwise ask whether to trust it."""
+    cfg_file = Path(path) / "config.json"
+    try:
+        return json.loads(cfg_file.read_text()).get("model_type") == DSA_EXPORT
+    except (OSError, ValueError):
+        return False
+
+
 def read_indexers(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every indexer tensor (`model.layers.{i}.self_attn.indexer.*`) of a checkpoint directory, by key."""
     directory, out = Path(path), {}

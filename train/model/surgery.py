@@ -59,13 +59,27 @@ def build_source_model(cfg: ModelConfig):
         if config["model_type"] != hf.DSA_EXPORT:
             return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype or "auto"), None
         family = AutoConfig.for_model(**hf.family_config(config))
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, config=family, dtype=dtype or "auto")
+        model = _quietly(lambda: AutoModelForCausalLM.from_pretrained(cfg.path, config=family,
+                                                                      dtype=dtype or "auto"))
         for key in ("index_n_heads", "index_head_dim", "index_topk"):  # the indexers' sizes, as a v32 config has
             setattr(model.config, key, config[key])
         return model, hf.read_indexers(cfg.path)
     torch.manual_seed(cfg.init_seed)
     config = AutoConfig.for_model(**hf.arch_config(cfg.arch))
     return AutoModelForCausalLM.from_config(config).to(dtype or torch.float32), None
+
+
+def _quietly(load):
+    """`load()` with transformers' warnings held back: loading a `dsa` export as its family's model reports the
+    indexer tensors as unexpected keys, which they are meant to be (they are read separately, and checked)."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return load()
+    finally:
+        logging.set_verbosity(level)
 
 
 def convert_to_dsa(source, cfg: ModelConfig, indexers: dict[str, torch.Tensor] | None = None) -> DSAForCausalLM:
