@@ -119,7 +119,6 @@ class DSAForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = DSAConfig
     base_model_prefix = "model"
     _supports_sdpa = True
-    _no_split_modules = ["DecoderLayer"]
 
     def __init__(self, config: DSAConfig):
         super().__init__(config)

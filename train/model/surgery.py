@@ -97,10 +97,11 @@ def convert_to_dsa(source, cfg: ModelConfig, indexers: dict[str, torch.Tensor] |
         a = src_layer.self_attn
         indexer = Indexer(src["hidden_size"], hf.index_query_dim(src), n_heads, head_dim, rope, index["index_topk"],
                           init_std=src.get("initializer_range", 0.02)).to(dtype)
-        if hasattr(a, "indexer"):
-            indexers = {hf.INDEXER_PREFIX.format(i=i) + k: v for k, v in a.indexer.state_dict().items()}
-        if indexers is not None:
-            _copy_indexer(indexers, indexer, i, src | index)
+        tensors = indexers
+        if hasattr(a, "indexer"):  # a deepseek_v32 source: this layer's own indexer
+            tensors = {hf.INDEXER_PREFIX.format(i=i) + k: v for k, v in a.indexer.state_dict().items()}
+        if tensors is not None:
+            _copy_indexer(tensors, indexer, i, src | index)
         else:
             indexer.reset_parameters(generator)
         attn = _mla_attention(src, a, indexer) if hf.is_mla(src) else _gqa_attention(src, a, indexer)
