@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from bench.bound import bench_bound, bound_table
+from bench.breakdown import breakdown_table
 from bench.common import DI, OPTIONS, G, H
 from bench.e2e import MODELS, bench_e2e
 from bench.kernels import bench_sdpa, bench_sparse_gqa, bench_sparse_mla, bench_topk, bench_warmup_kl
@@ -42,6 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--e2e-index-dim", type=int, default=DI, help="end to end: indexer head dim")
     ap.add_argument("--e2e-models", nargs="*", default=["v3-attention", "1b"], choices=sorted(MODELS),
                     help="end to end: DeepSeek-V3's or Qwen3-32B's attention shape in 2 layers, and/or the ~1B model")
+    ap.add_argument("--e2e-index-dtype", default="auto", choices=["auto", "fp8", "bf16"],
+                    help="end to end: the indexer top-k's arithmetic (model.index_dtype; auto: fp8 on Hopper)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="end to end: split each step's GPU time by part (profiler) and give the step's bound if "
+                         "each part ran at its anchor's rate (bench/breakdown.py)")
     ap.add_argument("--recompute-topk", action="store_true",
                     help="end to end: recompute each layer's top-k in backward (stage.recompute_topk=true)")
     ap.add_argument("--sweep", nargs="*", choices=["warmup_kl", "sparse_mla", "tilelang_sparse_mla"],
@@ -151,7 +157,7 @@ def main(argv=None) -> None:
         for model in args.e2e_models:
             results["e2e"] += [{**r, "model": model} for r in bench_e2e(
                 args.e2e_lengths, e2e_iters, args.warmup_max, args.e2e_stages, args.e2e_cold_from, args.recompute_topk,
-                args.e2e_index_heads, args.e2e_index_dim, MODELS[model])]
+                args.e2e_index_heads, args.e2e_index_dim, MODELS[model], args.e2e_index_dtype, args.breakdown)]
         save()
     if args.e2e_lengths and "bound" in args.sections:
         print("[bound] the fastest possible sparse step of the 1B model against its dense step", flush=True)
@@ -161,6 +167,8 @@ def main(argv=None) -> None:
         results["bound"] = bench_bound(results["e2e"], args.iters)
         save()
     print(table(results))
+    if args.breakdown:
+        print(breakdown_table(results["e2e"]))
     if results.get("bound"):
         print(bound_table(results["bound"]))
     print(f"[bench] wrote {args.out}")

@@ -10,19 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import TOPK, measure, sparse_mla_flops
+from bench.common import TOPK, matmul_tflops, sparse_mla_flops
 from bench.e2e import ONE_B
 from bench.kernels import bench_sdpa
 
 # Sparse MLA rates (TFLOP/s, forward / backward) the bound is taken at: a target and a goal.
 RATES = {"targets": (350, 150), "goals": (450, 250)}
-
-
-def matmul_tflops(iters: int) -> float:
-    """The GPU's bf16 matmul rate, 8192^3 (the ceiling any attention kernel's tensor-core work runs under)."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    r = measure(lambda: a @ a, max(iters, 5))
-    return 2 * 8192**3 / (r["ms"] * 1e-3) / 1e12
 
 
 def sparse_bound(L: int, dense_ms: float, attention_ms: float, peak: float, layers: int, heads: int,

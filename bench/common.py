@@ -33,6 +33,13 @@ def measure(fn, iters: int, warm: bool = True) -> dict:
     return {"ms": sorted(times)[len(times) // 2], "peak_gib": (peak - base) / 2**30, "total_peak_gib": peak / 2**30}
 
 
+def matmul_tflops(iters: int) -> float:
+    """The GPU's bf16 matmul rate, 8192^3 (the ceiling any attention kernel's tensor-core work runs under)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    r = measure(lambda: a @ a, max(iters, 5))
+    return 2 * 8192**3 / (r["ms"] * 1e-3) / 1e12
+
+
 def profile(name: str, fn) -> None:
     """One extra run under torch.profiler: the GPU kernels that took the most time (`--profile`)."""
     from torch.profiler import ProfilerActivity

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import DI, TOPK, G, guarded, mark
+from bench.common import DI, TOPK, G, guarded, mark, matmul_tflops
 
 ONE_B = dict(vocab_size=32768, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
              num_hidden_layers=18, first_k_dense_replace=18, n_routed_experts=8, n_shared_experts=1,
@@ -34,19 +34,30 @@ STEPS = (("dense step", "base"), ("warm-up step", "warmup"), ("sparse step", "sp
 
 
 def bench_e2e(lengths: list[int], iters: int, warmup_max: int, stages: list[str], cold_from: int,
-              recompute_topk: bool = False, index_heads: int = G, index_dim: int = DI, arch: dict = ONE_B) -> list[dict]:
+              recompute_topk: bool = False, index_heads: int = G, index_dim: int = DI, arch: dict = ONE_B,
+              index_dtype: str = "auto", breakdown: bool = False) -> list[dict]:
+    """`index_dtype`: the indexer top-k's (`model.index_dtype`); `breakdown`: one more run of each step under the
+    profiler, its time split by part, and the step's bound (`bench/breakdown.py`)."""
+    from train import ops
     from train.model import ModelConfig, build_model
     from train.stages import STAGES, StageConfig, compute_loss, param_groups
 
     gqa = arch.get("model_type", "deepseek_v3") != "deepseek_v3"
     model = build_model(ModelConfig(arch=arch, index_n_heads=None if gqa else index_heads,
                                     index_head_dim=None if gqa else index_dim, index_topk=TOPK,
-                                    dtype="bfloat16")).cuda()
+                                    dtype="bfloat16", index_dtype=index_dtype)).cuda()
+    fp8 = ops.index_fp8(index_dtype, next(model.parameters()))
+    rates = None
+    if breakdown:
+        from bench import breakdown as bd
+
+        rates = (matmul_tflops(5), bd.fp8_matmul_tflops())
+        print(f"[e2e] matmul 8192^3: bf16 {rates[0]:.0f} TFLOP/s, fp8 {rates[1] or 0:.0f} TFLOP/s", flush=True)
     model.activation_checkpointing = True
     model.keep_topk_for_recompute = not recompute_topk
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[e2e] {n_params / 1e9:.3f}B parameters ({sum(p.numel() for p in model.indexer_parameters()) / 1e6:.0f}M"
-          " indexer)", flush=True)
+          f" indexer, top-k in {'fp8' if fp8 else 'bf16'})", flush=True)
     rows = []
     for L in lengths:
         ids = torch.randint(0, arch["vocab_size"], (1, L), device="cuda")
@@ -69,7 +80,12 @@ def bench_e2e(lengths: list[int], iters: int, warmup_max: int, stages: list[str]
             r = guarded(f"e2e {name} L={L}", step, 1 if cold else iters, warm=not cold)
             if "ms" in r:
                 r["tokens_per_sec"] = L / (r["ms"] * 1e-3)
-            rows.append({"L": L, **r})
+                if breakdown:
+                    r["breakdown"] = bd.profile_step(step)
+                    r["bound"] = bd.bound(r["breakdown"], bd.step_flops(model, L, stage_name, fp8), *rates)
+                    print(f"  breakdown: { {k: round(v, 1) for k, v in r['breakdown'].items()} }; bound "
+                          f"{r['bound']['step']:,.0f} ms", flush=True)
+            rows.append({"L": L, "index_dtype": "fp8" if fp8 else "bf16", **r})
             opt.state.clear()
             torch.cuda.empty_cache()
     rows.append({"name": "parameters", "total": n_params})

@@ -57,8 +57,16 @@ def print_plan(cfg: TrainConfig, world_size: int, model) -> None:
         + f", micro batch {s.micro_batch}, gradient accumulation {cfg.grad_accum(world_size)}"
         f"\n[plan] indexer: {model.index_n_heads} heads x {model.index_head_dim}, top-{model.index_topk} of "
         f"{cfg.data.seq_len:,}\n"
-        f"[plan] kernels: DSA_KERNELS={ops.backend()}; {model.layers[0].self_attn.sparse_kernels()}"
+        f"[plan] kernels: DSA_KERNELS={ops.backend()}; {model.layers[0].self_attn.sparse_kernels()}; "
+        f"indexer top-k: {_index_dtype(model)}"
     )
+
+
+def _index_dtype(model) -> str:
+    """The indexer top-k's arithmetic, as the dispatch point resolves `model.index_dtype` on the model's device."""
+    indexer = model.layers[0].self_attn.indexer
+    fp8 = ops.index_fp8(indexer.index_dtype, indexer.wk.weight)
+    return f"{'fp8' if fp8 else 'in the weights dtype'} (model.index_dtype={indexer.index_dtype})"
 
 
 def dry_run(cfg: TrainConfig, world_size: int) -> None:

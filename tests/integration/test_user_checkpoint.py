@@ -49,7 +49,8 @@ def test_readme_conversion_of_a_users_bf16_checkpoint(family, kernels, export_ty
                          text=True, timeout=900)
     assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     assert "[plan] preset paper" in out.stdout and "top-64 of 256" in out.stdout
-    assert f"[plan] kernels: DSA_KERNELS=auto; {kernels}" in out.stdout  # CPU: the twins
+    assert f"[plan] kernels: DSA_KERNELS=auto; {kernels}; indexer top-k: in the weights dtype (model.index_dtype=auto)" \
+        in out.stdout  # CPU: the twins; FP8 only on Hopper GPUs
     assert "[plan] training FLOPs per token" in out.stdout  # make plan, before the warm-up
     assert "[summary] sparse" in out.stdout
 

@@ -162,3 +162,45 @@ def test_every_bench_command_in_the_docs_parses(module):
         except SystemExit as e:
             if e.code:  # --help exits with 0
                 pytest.fail(f"`python -m {module} {args}` does not parse")
+
+
+def test_breakdown_gives_each_kernel_to_the_part_that_launched_it():
+    from bench.breakdown import classify
+
+    ev = "autograd::engine::evaluate_function: "
+    assert classify(["aten::mm", "aten::linear", "dsa::indexer_topk"]) == "indexer top-k"
+    assert classify(["triton_", "dsa::absorbed_sparse_mla", "CheckpointFunction"]) == "sparse attention forward"
+    assert classify(["triton_", "dsa::absorbed_sparse_mla", ev + "MmBackward0"]) == "sparse attention recomputation"
+    assert classify(["aten::bmm", ev + "AbsorbedSparseMLABackward"]) == "sparse attention backward"
+    assert classify(["aten::zeros", ev + "SparseIndexerKLBackward"]) == "indexer KL"
+    assert classify(["aten::_flash_attention_forward", "aten::_scaled_dot_product_flash_attention"]) == \
+        "dense attention"
+    assert classify(["aten::mm", ev + "MmBackward0"]) == "GEMMs: projections, MLP, LM head"
+    assert classify(["aten::add_", "Optimizer.step#AdamW.step"]) == "everything else"
+
+
+def test_breakdown_bound_takes_each_part_at_its_anchor_rate():
+    """FLOPs per part from the model's shape, and the bound: FLOPs / anchor rate, unanchored parts as measured."""
+    from bench.breakdown import ANCHORS, bound, breakdown_table, step_flops
+    from tests.conftest import tiny
+    from train.model import ModelConfig, build_model
+
+    model = build_model(ModelConfig(arch=tiny(), index_n_heads=4, index_head_dim=16, index_topk=8))
+    L = 4096
+    f = step_flops(model, L, "sparse", fp8=True)
+    linear = sum(p.numel() for p in model.parameters() if p.dim() == 2) - model.model.embed_tokens.weight.numel()
+    assert f["GEMMs: projections, MLP, LM head"] == 8 * linear * L
+    assert f["indexer top-k"] == 2 * 3 * 4 * 16 * L * (L + 1) / 2  # 3 layers, every causal pair
+    selected = 2048 * L - 2048 * 2047 / 2
+    assert f["sparse attention forward"] == 1.5 * 2 * 4 * selected * (32 + 8 + 32) * 3
+    parts = {"step": 100.0, "GEMMs: projections, MLP, LM head": 10.0, "indexer top-k": 5.0, "indexer KL": 1.0,
+             "sparse attention forward": 20.0, "sparse attention recomputation": 20.0,
+             "sparse attention backward": 30.0, "dense attention": 0.0, "everything else": 7.0, "GPU idle": 7.0}
+    b = bound(parts, f, bf16_tflops=800.0, fp8_tflops=1600.0)
+    assert b["parts"]["indexer top-k"] == f["indexer top-k"] / 1600.0 / 1e9  # FP8's rate for an FP8 top-k
+    assert b["parts"]["sparse attention forward"] == f["sparse attention forward"] / ANCHORS["sparse_mla_fwd"] / 1e9
+    assert b["parts"]["everything else"] == 7.0 and "GPU idle" not in b["parts"]
+    assert b["step"] == pytest.approx(sum(b["parts"].values()))
+    text = breakdown_table([{"model": "v3-attention", "L": L, "name": "e2e sparse step L=4096", "breakdown": parts,
+                             "bound": b}])
+    assert "| v3-attention | 4,096 | e2e sparse step L=4096: 100 ms | 10 (10%) | 5 (5%) |" in text

@@ -75,3 +75,31 @@ def test_topk_matches_full_sort_and_layout_is_pinned(tiny_arch):
         assert (top[0, t] >= 0).sum().item() == min(k, t + 1)
     differ = sum(set(top[b, t].tolist()) != set(top_interleaved[b, t].tolist()) for b in range(2) for t in range(k, L))
     assert differ > 0.25 * 2 * (L - k), f"interleaved RoPE changed only {differ} top-k sets"
+
+
+def test_fp8_index_dtype_selects_with_the_fp8_logits_and_trains_the_weights(tiny_arch):
+    """model.index_dtype=fp8: the sparse stage's selection is the FP8 indexer's top-k of the layer's own indexer
+    outputs, and its KL still gives the (full-precision) indexer weights their gradients."""
+    from train.model import AttentionMode
+
+    model = build_model(ModelConfig(arch=tiny_arch, index_dtype="fp8", **TINY_INDEX))
+    perturb_(model, seed=6)
+    attn = model.layers[1].self_attn
+    assert attn.indexer.index_dtype == "fp8"
+    ids = torch.randint(0, tiny_arch["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(4))
+    captured = {}
+    hook = attn.indexer.register_forward_hook(lambda m, args, out: captured.update(out=out))
+    model(ids, AttentionMode(sparse=True, indexer_loss=True, keep_topk=True))
+    hook.remove()
+    q, k, w = (t.detach() for t in captured["out"])
+    k_ = TINY_INDEX["index_topk"]
+    assert torch.equal(attn.stats.topk_BLK, ops.indexer_topk(q, k, w, k_, index_dtype="fp8"))
+    sum(layer.self_attn.stats.kl_BL.sum() for layer in model.layers).backward()
+    assert attn.indexer.wq_b.weight.grad.abs().sum() > 0 and attn.indexer.wk.weight.grad.abs().sum() > 0
+
+
+def test_index_dtype_is_checked():
+    import pytest
+
+    with pytest.raises(ValueError, match="model.index_dtype='fp16'; allowed: auto, fp8, bf16"):
+        ModelConfig(path="x", index_dtype="fp16").validate()

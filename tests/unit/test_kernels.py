@@ -18,6 +18,7 @@ from tests.conftest import tiny  # noqa: E402
 from train.ops import (  # noqa: E402
     common,
     cudnn_sparse_mla,
+    flashmla_sparse_mla,
     reference,
     triton_sparse_gqa,
     triton_sparse_mla,
@@ -40,6 +41,8 @@ def _tilelang_kernels():
 
 tilelang_sparse_mla = _tilelang_kernels()
 TILELANG = pytest.mark.skipif(tilelang_sparse_mla is None, reason="TileLang kernels need a Hopper GPU and tilelang")
+FLASHMLA = pytest.mark.skipif(tilelang_sparse_mla is None or not flashmla_sparse_mla.importable(),
+                              reason="FlashMLA's sparse forward needs a Hopper GPU and sgl-flash-mla")
 CUDNN = pytest.mark.skipif(tilelang_sparse_mla is None or not cudnn_sparse_mla.importable(),
                            reason="cuDNN's sparse MLA backward needs a Hopper GPU and nvidia-cudnn-frontend")
 TOL = 1e-5 if DEVICE == "cpu" else 5e-2      # gradients
@@ -105,6 +108,48 @@ def test_logit_keys_decode_to_the_twin_logits():
     keys = triton_topk.logit_keys(q, k, w, t0=0)
     assert keys.dtype == torch.int32
     assert torch.equal(triton_topk.decode_keys(keys), reference.indexer_logits(q, k, w, 0))
+
+
+def selection_overlap(got: torch.Tensor, want: torch.Tensor, L: int) -> float:
+    """Share of `want`'s valid selections (over all rows) that `got` also holds; -1 entries are none."""
+    def member(idx):
+        return torch.zeros(*idx.shape[:2], L + 1, dtype=torch.bool, device=idx.device).scatter_(-1, idx + 1, True)[..., 1:]
+
+    a, b = member(got), member(want)
+    return ((a & b).sum() / b.sum()).item()
+
+
+def _fp8_indexer_inputs(B, L, G, D, dtype, seed=8):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(B, L, G, D, generator=g), torch.randn(B, L, D, generator=g)
+    w = torch.randn(B, L, G, generator=g) * (G * D) ** -0.5
+    return q.to(DEVICE, dtype), k.to(DEVICE, dtype), w.to(DEVICE)
+
+
+@pytest.mark.parametrize("L, topk", [(300, 32), (130, 48)])
+def test_fp8_topk_kernel_matches_twin(L, topk):
+    """The FP8 indexer's top-k (e4m3 queries and keys with their scales): in the interpreter the kernel's fp32 sums
+    of e4m3 products equal the twin's, index for index; on a GPU the tensor cores sum in another order, which may
+    swap near-ties: 99.5% of the selections agree."""
+    q, k, w = _fp8_indexer_inputs(2, L, 4, 32, torch.float32 if DEVICE == "cpu" else torch.bfloat16)
+    want = reference.indexer_topk_fp8(q, k, w, topk)
+    got = triton_topk.indexer_topk(q, k, w, topk, fp8=True)
+    assert got.shape == want.shape
+    if DEVICE == "cpu":
+        assert torch.equal(got, want)
+    else:
+        assert selection_overlap(got, want, L) >= 0.995
+    # what FP8 changes against bf16's logits: a few selections among near-ties
+    assert 0.9 <= selection_overlap(got, reference.indexer_topk(q, k, w, topk), L) < 1
+
+
+@GPU
+def test_fp8_topk_kernel_matches_twin_deepseek_shape():
+    L = 4096
+    q, k, w = _fp8_indexer_inputs(1, L, 64, 128, torch.bfloat16)
+    want = reference.indexer_topk_fp8(q, k, w, 2048)
+    got = triton_topk.indexer_topk(q, k, w, 2048, fp8=True)
+    assert selection_overlap(got, want, L) >= 0.995
 
 
 def _sparse_inputs(B, L, H, DV, DR, K, dtype, seed=0):
@@ -228,9 +273,9 @@ def test_sparse_indexer_kl_kernel_matches_twin_deepseek_shape(G):
     _check_sparse_indexer_kl(B=1, L=4096, G=G, D=128, K=2048, dtype=torch.bfloat16, tol=TOL)
 
 
-def _check_dense_indexer_kl(B, L, H, DA, G, D, topk, rows, dtype, tol, q0=0, n=None, J=None):
+def _check_dense_indexer_kl(B, L, H, DA, G, D, topk, rows, dtype, tol, q0=0, n=None, J=None, fp8=False):
     """Queries q0..q0+n-1 (default: all) over every key, as a context-parallel piece: kernel against twin.
-    J: key heads of the attention target (default H; fewer: GQA)."""
+    J: key heads of the attention target (default H; fewer: GQA). fp8: the recall's top-k is the FP8 indexer's."""
     from train.ops import triton_dense_indexer_kl
 
     n = n or L - q0
@@ -242,8 +287,9 @@ def _check_dense_indexer_kl(B, L, H, DA, G, D, topk, rows, dtype, tol, q0=0, n=N
     ka = torch.randn(B, L, J or H, DA, generator=g).to(DEVICE, dtype)
     up = torch.rand(B, n, generator=g).to(DEVICE)
     res = {}
-    for name, fn in (("twin", lambda *a: reference.dense_indexer_kl(*a, q_offset=q0)),
-                     ("kernel", lambda *a: triton_dense_indexer_kl.dense_indexer_kl(*a, rows=rows, q_offset=q0))):
+    for name, fn in (("twin", lambda *a: reference.dense_indexer_kl(*a, q_offset=q0, fp8=fp8)),
+                     ("kernel", lambda *a: triton_dense_indexer_kl.dense_indexer_kl(*a, rows=rows, q_offset=q0,
+                                                                                    fp8=fp8))):
         kl, recall = fn(qi, ki, wi, qa, ka, DA ** -0.5, topk)
         res[name] = (kl, recall, *torch.autograd.grad(kl, (qi, ki, wi), up))
     _assert_close(res["kernel"], res["twin"], ("kl", "recall", "dqi", "dki", "dwi"), 2, tol)
@@ -259,6 +305,19 @@ def test_warmup_kl_kernel_matches_twin_small(rows, tiles, monkeypatch):
     da = 24 if DEVICE == "cpu" else 48  # compiled tl.dot needs dims >= 16: d_qk = 32 + 16 on a GPU
     _check_dense_indexer_kl(B=2, L=70, H=2, DA=da, G=16, D=16, topk=8, rows=rows, dtype=torch.float32,
                             tol=TOL)
+
+
+@pytest.mark.parametrize("rows", [None, 32])
+def test_warmup_kl_kernel_with_the_fp8_selection_matches_twin(rows):
+    """The recall of the FP8 indexer's top-k (the selection the sparse stage makes); the KL stays the weights'."""
+    _check_dense_indexer_kl(B=2, L=70, H=2, DA=32, G=16, D=32, topk=8, rows=rows, dtype=torch.float32, tol=TOL,
+                            fp8=True)
+
+
+@GPU
+def test_warmup_kl_kernel_with_the_fp8_selection_matches_twin_deepseek_shape():
+    _check_dense_indexer_kl(B=1, L=4096, H=128, DA=192, G=64, D=128, topk=2048, rows=None, dtype=torch.bfloat16,
+                            tol=TOL, fp8=True)
 
 
 def test_warmup_kl_kernel_over_grouped_keys_matches_twin():
@@ -492,11 +551,11 @@ def test_cudnn_backward_adapter_matches_twin(monkeypatch):
 
 def test_cudnn_flat_selection():
     idx = torch.tensor([[[0, 2, -1]], [[1, -1, 0]]])
-    flat = cudnn_sparse_mla.flat_selection(idx, rows_per_sequence=5)
+    flat = common.flat_selection(idx, 5, cudnn_sparse_mla.KEY_BLOCK)
     assert flat.dtype == torch.int32 and flat.shape == (2, 64)
     assert flat[:, :3].tolist() == [[0, 2, -1], [6, -1, 5]] and (flat[:, 3:] == -1).all()
     one = torch.randint(-1, 5, (1, 3, 64), dtype=torch.int32)  # one sequence of whole key blocks: as it is
-    assert torch.equal(cudnn_sparse_mla.flat_selection(one, rows_per_sequence=5), one[0])
+    assert torch.equal(common.flat_selection(one, 5, cudnn_sparse_mla.KEY_BLOCK), one[0])
 
 
 def test_cudnn_backend_choice(monkeypatch):
@@ -558,3 +617,58 @@ def test_model_sparse_stage_with_cudnn_backward_equals_tilelang(monkeypatch):
     q = torch.zeros(1, 8, 64, 128, device=DEVICE, dtype=torch.bfloat16)  # the absorbed path's query part
     kv = torch.zeros(1, 8, 576, device=DEVICE, dtype=torch.bfloat16)
     assert isinstance(ops._sparse_mla_kernels(q, kv, 512), cudnn_sparse_mla.WithCudnnBackward)
+
+
+# FlashMLA's sparse forward: its adapter (one flat sequence, selections of whole key blocks, +inf log-sum-exp for
+# a query with no selection) on CPU against a stand-in built from the twin; the kernel itself on a GPU.
+
+def _flat_twin_forward(q, kv, indices, sm_scale, d_v=512, use_legacy=False):
+    """FlashMLA's flat contract computed by the twin: (out [N, H, d_v], max logits, lse [N, H]: -inf where a query
+    has no selection)."""
+    assert use_legacy and kv.shape[1] == 1 and indices.shape[1] == 1 and indices.dtype == torch.int32
+    assert indices.shape[-1] % flashmla_sparse_mla.KEY_BLOCK == 0
+    out, _, lse = reference.sparse_mla(q[None], kv[:, 0][None], indices[:, 0][None].long(), sm_scale, d_v)
+    return out[0], None, lse[0].masked_fill(torch.isinf(lse[0]), float("-inf"))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="exact in the interpreter (fp32); on a GPU the kernel's own tests cover it")
+def test_flashmla_forward_adapter_matches_twin(monkeypatch):
+    monkeypatch.setattr(flashmla_sparse_mla, "_sparse_fwd", lambda: _flat_twin_forward)
+    kernels = flashmla_sparse_mla.WithFlashMLAForward(triton_sparse_mla)
+    _check_sparse_mla(B=2, L=40, H=16, DV=32, DR=16, K=24, dtype=torch.float32, tol=TOL, kernel=kernels.sparse_mla)
+    _check_absorbed(kernels, torch.float32, TOL)
+    q, kv, idx = _sparse_inputs(2, 40, 16, 32, 16, 24, torch.float32)
+    _, lse = kernels.sparse_mla_forward(q.detach(), kv.detach(), idx, 0.2, 32)
+    assert torch.isposinf(lse[:, 20]).all() and torch.isfinite(lse[:, :20]).all()  # the row with no selection
+
+
+def test_flashmla_dispatch(monkeypatch):
+    """FlashMLA's forward goes under the other kernels (probabilities, recomputation) and cuDNN's backward; the plan's
+    line names it."""
+    from train import ops
+
+    q, kv, idx = _sparse_inputs(1, 8, 4, 32, 16, 4, torch.float32)
+    monkeypatch.setattr(ops, "_use_flashmla", lambda *args: True)
+    monkeypatch.setattr(ops, "_use_cudnn", lambda *args: True)
+    monkeypatch.setenv("DSA_KERNELS", "triton")  # a forward kernel where the test runs (the interpreter on CPU)
+    assert ops.sparse_mla_kernels_name(q, kv, 32) == "triton, flashmla forward, cudnn backward"
+    kernels = ops._sparse_mla_kernels(q, kv, 32)
+    assert isinstance(kernels.forward, flashmla_sparse_mla.WithFlashMLAForward)
+    assert kernels.sparse_mla_forward is flashmla_sparse_mla.WithFlashMLAForward.sparse_mla_forward
+    assert kernels.sparse_mla_probs is triton_sparse_mla.sparse_mla_probs
+    assert not flashmla_sparse_mla.fits(q, kv, 32)  # fp32, latent rows of 48: not FlashMLA's
+
+
+@FLASHMLA
+@pytest.mark.parametrize("H", [128, 64])
+def test_flashmla_forward_matches_twin_deepseek_shape(H):
+    _check_sparse_mla(B=1, L=4096, H=H, DV=512, DR=64, K=2048, dtype=torch.bfloat16, tol=TOL,
+                      kernel=flashmla_sparse_mla.WithFlashMLAForward(tilelang_sparse_mla).sparse_mla)
+
+
+@FLASHMLA
+def test_flashmla_forward_matches_twin_small():
+    # two batches, K not a multiple of the key block, early rows with fewer than K keys, a row with none
+    kernels = flashmla_sparse_mla.WithFlashMLAForward(tilelang_sparse_mla)
+    _check_sparse_mla(B=2, L=200, H=64, DV=512, DR=64, K=40, dtype=torch.bfloat16, tol=TOL, kernel=kernels.sparse_mla)
+    _check_absorbed(kernels, torch.bfloat16, TOL, L=300, H=64, N=32, R=64, A=512, V=32, K=100, chunk=128)

@@ -118,3 +118,43 @@ def test_topk_pads_short_rows_with_minus_one():
         row = idx[0, t]
         assert (row >= 0).sum().item() == min(10, t + 1)
         assert row.max().item() <= t
+
+
+def test_fp8_indexer_twin_is_deepseeks_quantised_formula():
+    """The FP8 indexer's top-k against its definition written out: q and k rotated by the orthonormal Hadamard
+    matrix (H[i, j] = (-1)^popcount(i & j) / sqrt(D)), each vector in e4m3 with the power-of-two scale
+    2^ceil(log2(amax / 448)), and the logits of the dequantised vectors."""
+    B, L, G, D, K = 2, 40, 3, 32, 8
+    g = torch.Generator().manual_seed(11)
+    q, k = torch.randn(B, L, G, D, generator=g), torch.randn(B, L, D, generator=g) * 5
+    w = torch.randn(B, L, G, generator=g)
+    i = torch.arange(D)
+    bits = (i[:, None] & i[None, :]).tolist()
+    h = torch.tensor([[(-1.0) ** bin(x).count("1") for x in row] for row in bits]) / D**0.5
+
+    def dequantised(x):
+        x = x @ h
+        scale = 2.0 ** torch.ceil(torch.log2(x.abs().amax(-1, keepdim=True) / 448))
+        assert ((x / scale).abs().amax(-1) > 224).all() and ((x / scale).abs().amax(-1) <= 448).all()
+        return (x / scale).to(torch.float8_e4m3fn).float() * scale
+
+    logits = reference.naive_indexer_logits(dequantised(q), dequantised(k), w)
+    vals, want = reference.topk_stable(logits, K)
+    want = want.masked_fill(vals == float("-inf"), -1)
+    assert torch.equal(reference.indexer_topk_fp8(q, k, w, K, block_elems=300), want)
+    # the rotation alone changes no logit (it is orthonormal); the e4m3 rounding changes some
+    exact = reference.naive_indexer_logits(q, k, w)
+    torch.testing.assert_close(reference.naive_indexer_logits(q @ h, k @ h, w), exact, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(logits, exact)
+
+
+def test_fp8_top_k_dispatch(monkeypatch):
+    """`model.index_dtype`: fp8 anywhere (the twin off the GPU), bf16, or auto (fp8 on Hopper GPUs only)."""
+    monkeypatch.setenv("DSA_KERNELS", "reference")
+    g = torch.Generator().manual_seed(12)
+    q, k, w = torch.randn(1, 50, 2, 16, generator=g), torch.randn(1, 50, 16, generator=g), torch.rand(1, 50, 2)
+    assert torch.equal(ops.indexer_topk(q, k, w, 8, index_dtype="fp8"), reference.indexer_topk_fp8(q, k, w, 8))
+    assert torch.equal(ops.indexer_topk(q, k, w, 8, index_dtype="auto"), reference.indexer_topk(q, k, w, 8))
+    assert not ops.index_fp8("auto", q) and ops.index_fp8("fp8", q) and not ops.index_fp8("bf16", q)
+    with pytest.raises(ValueError, match="model.index_dtype='e5m2'; allowed: auto, fp8, bf16"):
+        ops.indexer_topk(q, k, w, 8, index_dtype="e5m2")

@@ -99,7 +99,8 @@ class IndexedAttention(nn.Module):
         if topk_BLK is None:
             qi_BLGD, ki_BSD, wi_BLG = qi_BLGD.detach(), ki_BSD.detach(), wi_BLG.detach()
             topk_BLK = _by_piece(cp.chunks(ki_BSD.shape[1]), lambda lo, g, n: ops.indexer_topk(
-                qi_BLGD[:, lo : lo + n], ki_BSD, wi_BLG[:, lo : lo + n], topk, q_offset=g))
+                qi_BLGD[:, lo : lo + n], ki_BSD, wi_BLG[:, lo : lo + n], topk, q_offset=g,
+                index_dtype=self.indexer.index_dtype))
             if slot is not None and not slot.replay:
                 slot.keep(topk_BLK)
         return topk_BLK
@@ -191,7 +192,8 @@ class DSAAttention(IndexedAttention):
             qi_BLGD, ki_BSD, wi_BLG = indexer_out
             kl_BL, recall_BL = _by_piece(pieces, lambda lo, g, n: ops.dense_indexer_kl(
                 qi_BLGD[:, lo : lo + n], ki_BSD, wi_BLG[:, lo : lo + n], q_BLHD[:, lo : lo + n].detach(),
-                k_BSHD.detach(), self.softmax_scale, mode.topk or self.indexer.topk, q_offset=g))
+                k_BSHD.detach(), self.softmax_scale, mode.topk or self.indexer.topk, q_offset=g,
+                index_dtype=self.indexer.index_dtype))
             stats = AttentionStats(kl_BL=kl_BL, recall_BL=recall_BL)
         return out_BLHV, stats
 
@@ -284,7 +286,8 @@ class GQAAttention(IndexedAttention):
             if mode.indexer_loss:
                 kl_BL, recall_BL = _by_piece(pieces, lambda lo, g, n: ops.dense_indexer_kl(
                     qi_BLGD[:, lo : lo + n], ki_BLD, wi_BLG[:, lo : lo + n], q_BLHD[:, lo : lo + n].detach(),
-                    k_BSJD.detach(), self.softmax_scale, mode.topk or self.indexer.topk, q_offset=g))
+                    k_BSJD.detach(), self.softmax_scale, mode.topk or self.indexer.topk, q_offset=g,
+                    index_dtype=self.indexer.index_dtype))
                 stats = AttentionStats(kl_BL=kl_BL, recall_BL=recall_BL)
         self._set_stats(stats)
         return self.o_proj(out_BLHD.reshape(B, L, H * D))

@@ -37,12 +37,13 @@ class Indexer(nn.Module):
     """
 
     def __init__(self, hidden_size: int, q_lora_rank: int, num_heads: int, head_dim: int, rope_dim: int,
-                 topk: int = 2048, init_std: float = 0.02):
+                 topk: int = 2048, init_std: float = 0.02, index_dtype: str = "auto"):
         super().__init__()
         if rope_dim > head_dim:
             raise ValueError(f"index_head_dim={head_dim} must be >= qk_rope_head_dim={rope_dim}")
         self.num_heads, self.head_dim, self.rope_dim = num_heads, head_dim, rope_dim
         self.topk = topk  # tokens each query keeps in sparse mode (`index_topk`)
+        self.index_dtype = index_dtype  # the top-k's logits: fp8, bf16 or auto (`ops.index_fp8`); not a weight
         self.wq_b = nn.Linear(q_lora_rank, num_heads * head_dim, bias=False)
         self.wk = nn.Linear(hidden_size, head_dim, bias=False)
         self.k_norm = nn.LayerNorm(head_dim, eps=1e-6)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from train.model import hf
+from train.ops import INDEX_DTYPES
 from train.model.attention import DSAAttention, GQAAttention
 from train.model.indexer import Indexer
 from train.model.transformer import DSABackbone, DSADecoderLayer, DSAForCausalLM
@@ -33,6 +34,8 @@ class ModelConfig:
     index_head_dim: int | None = None       # null: the checkpoint's (deepseek_v32), else scaled to the model
     index_topk: int | None = None           # null: the checkpoint's (deepseek_v32), else 2048
     dtype: str | None = None                # weights' dtype; null: the checkpoint's own (float32 from `arch`)
+    index_dtype: str = "auto"               # the indexer's top-k: fp8 (DeepSeek's e4m3 form), bf16, or auto (fp8
+                                            # on Hopper GPUs); its KL and gradients stay in the weights' dtype
     init_seed: int = 0                      # weights built from `arch`, and fresh indexers
 
     def validate(self) -> None:
@@ -41,6 +44,8 @@ class ModelConfig:
                              "(model.path=/path/to/hf_dir) or an architecture (model=tiny)")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"model.dtype={self.dtype!r}; allowed: {', '.join(DTYPES)}")
+        if self.index_dtype not in INDEX_DTYPES:
+            raise ValueError(f"model.index_dtype={self.index_dtype!r}; allowed: {', '.join(INDEX_DTYPES)}")
         for key in ("index_n_heads", "index_head_dim", "index_topk"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -96,7 +101,7 @@ def convert_to_dsa(source, cfg: ModelConfig, indexers: dict[str, torch.Tensor] |
     for i, src_layer in enumerate(source.model.layers):
         a = src_layer.self_attn
         indexer = Indexer(src["hidden_size"], hf.index_query_dim(src), n_heads, head_dim, rope, index["index_topk"],
-                          init_std=src.get("initializer_range", 0.02)).to(dtype)
+                          init_std=src.get("initializer_range", 0.02), index_dtype=cfg.index_dtype).to(dtype)
         tensors = indexers
         if hasattr(a, "indexer"):  # a deepseek_v32 source: this layer's own indexer
             tensors = {hf.INDEXER_PREFIX.format(i=i) + k: v for k, v in a.indexer.state_dict().items()}

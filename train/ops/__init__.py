@@ -5,14 +5,17 @@ Triton kernel with the same contract (`triton_*.py`). Sparse attention comes in 
 (`sparse_mla`: one latent row per key serves every head) and grouped-query attention (`sparse_gqa`: keys and
 values per key head; MHA is the case of one query head per key head). Sparse MLA also has TileLang kernels for
 Hopper GPUs (`tilelang_sparse_mla.py`) and can take its backward from NVIDIA's cuDNN frontend
-(`cudnn_sparse_mla.py`), both used where installed: `pip install .[gpu]`. `DSA_KERNELS` picks:
+(`cudnn_sparse_mla.py`), both used where installed: `pip install .[gpu]`; its forward can come from FlashMLA
+(`flashmla_sparse_mla.py`, installed apart: `pip install --no-deps sgl-flash-mla==1.0.0`). `DSA_KERNELS` picks:
   auto (default)  for CUDA tensors whose shapes a kernel supports: TileLang's sparse MLA on a Hopper GPU with
                   bf16 inputs and at least 64 heads, Triton for the rest, with cuDNN's sparse MLA backward
-                  where it runs (Hopper, bf16, d_qk 576 = latent 512 + rope 64); else the reference
+                  and FlashMLA's forward where they run (Hopper, bf16, d_qk 576 = latent 512 + rope 64;
+                  FlashMLA: 64 or 128 heads); else the reference
   reference       always the reference
   triton          Triton wherever the shapes allow, CPU tensors included (tests: TRITON_INTERPRET=1)
   tilelang        TileLang's sparse MLA, forward and backward (CUDA, bf16), Triton for the other ops
-  cudnn           as auto, and an error where cuDNN's sparse MLA backward cannot run
+  cudnn           TileLang or Triton with cuDNN's backward (no FlashMLA), an error where cuDNN's cannot run
+The indexer's top-k runs in FP8 (DeepSeek's e4m3 form) or in the weights' dtype: `model.index_dtype` (`index_fp8`).
 Shapes the kernels take: power-of-two head dims >= 16 (the main attention's d_qk may be two such parts,
 192 = 128 + 64), since their tiles need them; anything else runs the reference. Head counts are free (tiles
 pad them and mask or drop the rest). Top-k, the warm-up KL and dense attention take queries that sit past the
@@ -26,7 +29,7 @@ import os
 
 import torch
 
-from train.ops import common, cudnn_sparse_mla, reference
+from train.ops import common, cudnn_sparse_mla, flashmla_sparse_mla, reference
 from train.ops.autograd import AbsorbedSparseMLA, absorbed_query
 from train.ops.reference import dense_attention, indexer_logits
 
@@ -61,6 +64,8 @@ def backend() -> str:
 
 _cudnn_importable = functools.cache(cudnn_sparse_mla.importable)  # tried once, on first use
 _with_cudnn_backward = functools.cache(cudnn_sparse_mla.WithCudnnBackward)  # one per forward module
+_flashmla_importable = functools.cache(flashmla_sparse_mla.importable)
+_with_flashmla_forward = functools.cache(flashmla_sparse_mla.WithFlashMLAForward)
 
 
 def _tilelang():
@@ -107,10 +112,31 @@ def _use_triton(x: torch.Tensor, supported: bool) -> bool:
     return name == "triton" or x.is_cuda
 
 
+INDEX_DTYPES = ("auto", "fp8", "bf16")
+
+
+def index_fp8(index_dtype: str, x: torch.Tensor) -> bool:
+    """Whether the indexer's top-k runs in FP8 for tensors like x: `model.index_dtype` fp8, or auto on a Hopper GPU."""
+    if index_dtype not in INDEX_DTYPES:
+        raise ValueError(f"model.index_dtype={index_dtype!r}; allowed: {', '.join(INDEX_DTYPES)}")
+    return index_dtype == "fp8" or (index_dtype == "auto" and common.is_hopper(x.device))
+
+
+def _fp8_dots(x: torch.Tensor) -> bool:
+    """Triton's e4m3 dot products: GPUs of compute capability 8.9 and up (Ada, Hopper), or the interpreter."""
+    return not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
 def indexer_topk(q_BLGD: torch.Tensor, k_BSD: torch.Tensor, w_BLG: torch.Tensor, topk: int,
-                 q_offset: int = 0) -> torch.Tensor:
-    """Top-k key positions per query (see `reference.indexer_topk`); queries at q_offset + t among the keys."""
-    if _use_triton(q_BLGD, _pow2(q_BLGD.shape[-1])):
+                 q_offset: int = 0, index_dtype: str = "bf16") -> torch.Tensor:
+    """Top-k key positions per query (see `reference.indexer_topk`); queries at q_offset + t among the keys. The
+    logits are bf16's, or DeepSeek's FP8 indexer's (`reference.indexer_topk_fp8`) where `index_fp8` says so."""
+    D = q_BLGD.shape[-1]
+    if index_fp8(index_dtype, q_BLGD):
+        if _use_triton(q_BLGD, _pow2(D) and D >= 32 and _fp8_dots(q_BLGD)):  # e4m3 tiles: 32 dims at least
+            return triton_topk.indexer_topk(q_BLGD, k_BSD, w_BLG, topk, q_offset=q_offset, fp8=True)
+        return reference.indexer_topk_fp8(q_BLGD, k_BSD, w_BLG, topk, q_offset=q_offset)
+    if _use_triton(q_BLGD, _pow2(D)):
         return triton_topk.indexer_topk(q_BLGD, k_BSD, w_BLG, topk, q_offset=q_offset)
     return reference.indexer_topk(q_BLGD, k_BSD, w_BLG, topk, q_offset=q_offset)
 
@@ -133,7 +159,14 @@ def _sparse_mla_kernels(q: torch.Tensor, kv_BLD: torch.Tensor, v_dim: int):
         kernels = triton_sparse_mla
     else:
         kernels = None
+    if kernels is not None and _use_flashmla(q, kv_BLD, v_dim):
+        kernels = _with_flashmla_forward(kernels)
     return _with_cudnn_backward(kernels) if _use_cudnn(q, kv_BLD, v_dim, kernels is not None) else kernels
+
+
+def _use_flashmla(q: torch.Tensor, kv: torch.Tensor, v_dim: int) -> bool:
+    """FlashMLA's sparse MLA forward: DSA_KERNELS auto, tensors it takes, and the package installed."""
+    return backend() == "auto" and flashmla_sparse_mla.fits(q, kv, v_dim) and _flashmla_importable()
 
 
 def _use_cudnn(q: torch.Tensor, kv: torch.Tensor, v_dim: int, forward_kernels: bool) -> bool:
@@ -153,13 +186,16 @@ def _use_cudnn(q: torch.Tensor, kv: torch.Tensor, v_dim: int, forward_kernels: b
 
 def sparse_mla_kernels_name(q: torch.Tensor, kv_BLD: torch.Tensor, v_dim: int) -> str:
     """Which kernels sparse MLA runs for tensors like these (for the plan's log line): "tilelang", "triton",
-    either with ", cudnn backward", or "reference"."""
+    either with ", flashmla forward" and ", cudnn backward", or "reference"."""
     kernels = _sparse_mla_kernels(q, kv_BLD, v_dim)
     if kernels is None:
         return "reference"
+    parts = []
     if isinstance(kernels, cudnn_sparse_mla.WithCudnnBackward):
-        return f"{_kernels_name(kernels.forward)}, cudnn backward"
-    return _kernels_name(kernels)
+        kernels, parts = kernels.forward, ["cudnn backward"]
+    if isinstance(kernels, flashmla_sparse_mla.WithFlashMLAForward):
+        kernels, parts = kernels.rest, ["flashmla forward", *parts]
+    return ", ".join([_kernels_name(kernels), *parts])
 
 
 def _kernels_name(module) -> str:
@@ -209,13 +245,16 @@ def sparse_gqa_kernels_name(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
 
 def dense_indexer_kl(qi_BLGD: torch.Tensor, ki_BSD: torch.Tensor, wi_BLG: torch.Tensor, qa_BLHD: torch.Tensor,
-                     ka_BSHD: torch.Tensor, scale: float, topk: int, q_offset: int = 0):
+                     ka_BSHD: torch.Tensor, scale: float, topk: int, q_offset: int = 0, index_dtype: str = "bf16"):
     """Warm-up indexer KL over the full causal span, and recall (see `reference.dense_indexer_kl`); queries at
-    q_offset + t among the keys."""
-    if _use_triton(qi_BLGD, _pow2(qi_BLGD.shape[-1]) and _pow2_parts(qa_BLHD.shape[-1])):
+    q_offset + t among the keys. The recall's top-k is the one the sparse stage would take (`index_fp8`)."""
+    D = qi_BLGD.shape[-1]
+    fp8 = index_fp8(index_dtype, qi_BLGD)
+    if _use_triton(qi_BLGD, _pow2(D) and _pow2_parts(qa_BLHD.shape[-1]) and (not fp8 or D >= 32 and _fp8_dots(qi_BLGD))):
         return triton_dense_indexer_kl.dense_indexer_kl(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD, ka_BSHD, scale, topk,
-                                                 q_offset=q_offset)
-    return reference.dense_indexer_kl(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD, ka_BSHD, scale, topk, q_offset=q_offset)
+                                                        q_offset=q_offset, fp8=fp8)
+    return reference.dense_indexer_kl(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD, ka_BSHD, scale, topk, q_offset=q_offset,
+                                      fp8=fp8)
 
 
 def sparse_indexer_kl(qi_BLGD: torch.Tensor, ki_BLD: torch.Tensor, wi_BLG: torch.Tensor, idx_BLK: torch.Tensor,
@@ -231,6 +270,8 @@ __all__ = [
     "backend",
     "dense_attention",
     "dense_indexer_kl",
+    "INDEX_DTYPES",
+    "index_fp8",
     "indexer_logits",
     "indexer_topk",
     "sparse_indexer_kl",

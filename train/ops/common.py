@@ -1,4 +1,5 @@
-"""What the kernel files share: the base-2 softmax's constants, the Hopper check, and the backward's Delta."""
+"""What the kernel files share: the base-2 softmax's constants, the Hopper check, the backward's Delta, and the flat
+selections of the vendor kernels."""
 
 from __future__ import annotations
 
@@ -21,3 +22,19 @@ def row_dot(grad_out_BLHV: torch.Tensor, out_BLHV: torch.Tensor, delta_BLH: torc
         t = slice(t0, t0 + DELTA_SLICE)
         delta_BLH[:, t] = (grad_out_BLHV[:, t].float() * out_BLHV[:, t].float()).sum(-1)
     return delta_BLH
+
+
+def flat_selection(idx: torch.Tensor, rows_per_sequence: int, block: int) -> torch.Tensor:
+    """idx [B, L, K] (-1: none) as int32 [B * L, K'] indexing the B sequences' rows laid end to end, K' = K padded
+    with -1 to whole blocks of `block` keys: the selections of the vendor kernels that take one flat sequence
+    (cuDNN's sparse MLA backward, FlashMLA's sparse forward)."""
+    B, L, K = idx.shape
+    pad = -K % block
+    if B == 1 and pad == 0 and idx.dtype == torch.int32:  # already flat (top-2048 of one sequence): no copy
+        return idx.reshape(L, K)
+    flat = torch.full((B, L, K + pad), -1, dtype=torch.int32, device=idx.device)
+    flat[..., :K] = idx
+    if B > 1:
+        offset = torch.arange(B, device=idx.device, dtype=torch.int32).view(B, 1, 1) * rows_per_sequence
+        flat.add_(torch.where(flat >= 0, offset, 0))
+    return flat.view(B * L, K + pad)

@@ -46,21 +46,6 @@ def fits(q: torch.Tensor, kv: torch.Tensor, v_dim: int) -> bool:
             and q.shape[2] >= 2 and common.is_hopper(q.device))
 
 
-def flat_selection(idx: torch.Tensor, rows_per_sequence: int) -> torch.Tensor:
-    """idx [B, L, K] (-1: none) as int32 [B * L, K'] indexing the B sequences' rows laid end to end, K' = K
-    padded with -1 to whole key blocks."""
-    B, L, K = idx.shape
-    pad = -K % KEY_BLOCK
-    if B == 1 and pad == 0 and idx.dtype == torch.int32:  # already flat (top-2048 of one sequence): no copy
-        return idx.reshape(L, K)
-    flat = torch.full((B, L, K + pad), -1, dtype=torch.int32, device=idx.device)
-    flat[..., :K] = idx
-    if B > 1:
-        offset = torch.arange(B, device=idx.device, dtype=torch.int32).view(B, 1, 1) * rows_per_sequence
-        flat.add_(torch.where(flat >= 0, offset, 0))
-    return flat.view(B * L, K + pad)
-
-
 def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int, dkv_acc=None):
     """(dq like q, dkv like kv) for q [B, L, H, 576], kv [B, S, 576], idx [B, L, K], out and grad_out
     [B, L, H, 512], lse [B, L, H] (natural log, +inf for a query with no selection); given `dkv_acc` (fp32,
@@ -72,7 +57,7 @@ def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int
     grads = _flat_backward()(q.reshape(B * L, H, D).contiguous(), kv.reshape(B * S, D).contiguous(),
                              out.reshape(B * L, H, v_dim).contiguous(),
                              grad_out.reshape(B * L, H, v_dim).contiguous(),
-                             lse.reshape(B * L, H).float().contiguous(), sink, flat_selection(idx, S),
+                             lse.reshape(B * L, H).float().contiguous(), sink, common.flat_selection(idx, S, KEY_BLOCK),
                              softmax_scale=scale)
     dq, dkv = grads["dq"].view(B, L, H, D), grads["dkv"].view(B, S, D)
     if dkv_acc is None:

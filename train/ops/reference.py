@@ -9,6 +9,8 @@ H attention heads, G indexer heads, D head dim, K selected tokens per query, V v
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
@@ -126,6 +128,57 @@ def indexer_topk(
     return out
 
 
+FP8_MAX = 448.0  # the largest finite float8 e4m3fn value
+
+
+@functools.cache
+def hadamard(d: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The orthonormal Hadamard matrix of order d (a power of two; Sylvester's construction, scaled by d**-0.5)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < d:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return (h * d**-0.5).to(device=device, dtype=dtype)
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x in float8 e4m3 per vector along the last dim, with a power-of-two scale (DeepSeek's ue8m0 format):
+    (x8, scale) with x ~ x8 * scale[..., None]; scale = 2**ceil(log2(amax / 448)), amax at least 1e-4."""
+    amax = x.abs().amax(-1, keepdim=True).float().clamp_min(1e-4)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale.squeeze(-1)
+
+
+def fp8_indexer_keys(k_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 indexer's keys as DeepSeek computes them: Hadamard-rotated (dot products unchanged, outliers
+    spread over the dims), then e4m3 per token: (k8 [B, S, D], scale [B, S] fp32)."""
+    return quantize_fp8(k_BSD @ hadamard(k_BSD.shape[-1], k_BSD.device, k_BSD.dtype))
+
+
+def fp8_indexer_queries(q_BTGD: torch.Tensor, w_BTG: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 indexer's queries, rotated and quantised per (token, head) like the keys, with each head's scale
+    folded into its weight: (q8 [B, T, G, D], w * scale [B, T, G] fp32). Then (scales being positive)
+    I[t, s] = k_scale[s] * sum_g w8[t, g] relu(q8[t, g] . k8[s])."""
+    q8, scale = quantize_fp8(q_BTGD @ hadamard(q_BTGD.shape[-1], q_BTGD.device, q_BTGD.dtype))
+    return q8, w_BTG.float() * scale
+
+
+@torch.no_grad()
+def indexer_topk_fp8(q_BLGD: torch.Tensor, k_BSD: torch.Tensor, w_BLG: torch.Tensor, topk: int,
+                     block_elems: int | None = None, q_offset: int = 0) -> torch.Tensor:
+    """`indexer_topk` of the FP8 indexer (DeepSeek's inference form): the logits of the e4m3 queries and keys
+    with their scales (`fp8_indexer_keys`, `fp8_indexer_queries`), computed exactly in fp32. The scales are
+    powers of two, so the dequantised keys are exact and only the kernels' summation order can differ."""
+    k8_BSD, ks_BS = fp8_indexer_keys(k_BSD)
+    kf_BSD = k8_BSD.float() * ks_BS[..., None]
+    B, L, G, _ = q_BLGD.shape
+    block = query_block_size(L, B * G * (q_offset + L), block_elems, q_BLGD.device)
+    out = torch.empty(B, L, min(topk, k_BSD.shape[1]), dtype=torch.long, device=q_BLGD.device)
+    for t0 in range(0, L, block):
+        q8_BTGD, w8_BTG = fp8_indexer_queries(q_BLGD[:, t0 : t0 + block], w_BLG[:, t0 : t0 + block])
+        out[:, t0 : t0 + block] = indexer_topk(q8_BTGD, kf_BSD, w8_BTG, topk, block_elems, q_offset + t0)
+    return out
+
+
 def topk_stable(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k along the last dim with a fixed tie rule (the lower position wins), whatever the row length.
 
@@ -142,7 +195,7 @@ def _kl_terms(p: torch.Tensor, logq: torch.Tensor, valid: torch.Tensor) -> torch
     return terms.masked_fill(~valid, 0.0).sum(-1)
 
 
-def _dense_kl_block(t0, qi_BTGD, wi_BTG, qa_BTHD, ki_BSD, ka_BSHD, scale, topk):
+def _dense_kl_block(t0, qi_BTGD, wi_BTG, qa_BTHD, ki_BSD, ka_BSHD, scale, topk, fp8):
     T = qi_BTGD.shape[1]
     S = t0 + T  # keys past the block's last query are invisible to all of it
     ki_BSD, ka_BSHD = ki_BSD[:, :S], ka_BSHD[:, :S]
@@ -159,7 +212,12 @@ def _dense_kl_block(t0, qi_BTGD, wi_BTG, qa_BTHD, ki_BSD, ka_BSHD, scale, topk):
         att_BJRTS = att_BJRTS.masked_fill(~visible_TS, float("-inf")).softmax(dim=-1)
         p_BTS = att_BJRTS.mean(dim=(1, 2))  # head sum, L1-normalised: each head's row sums to 1
         k = min(topk, S)
-        top_BTK = topk_stable(logits_BTS, k)[1]
+        if fp8:  # the selection the sparse stage would make: the FP8 indexer's
+            k8_BSD, ks_BS = fp8_indexer_keys(ki_BSD.detach())
+            q8_BTGD, w8_BTG = fp8_indexer_queries(qi_BTGD.detach(), wi_BTG.detach())
+            top_BTK = topk_stable(indexer_logits(q8_BTGD, k8_BSD.float() * ks_BS[..., None], w8_BTG, t0), k)[1]
+        else:
+            top_BTK = topk_stable(logits_BTS, k)[1]
         recall_BT = p_BTS.gather(-1, top_BTK).sum(-1)  # invisible picks carry p = 0
 
     kl_BT = _kl_terms(p_BTS, logq_BTS, visible_TS.expand_as(p_BTS))
@@ -176,18 +234,21 @@ def dense_indexer_kl(
     topk: int,
     block_elems: int | None = None,
     q_offset: int = 0,
+    fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Warm-up loss per query: KL(p_t || softmax(I_t)) over the full causal span, and the indexer's recall.
 
     p_t is the head-averaged dense attention of queries `qa` [B, L, H, D] over keys `ka` [B, S, J, D] with
     softmax scale `scale`: J = H (MHA, MLA's per-head form) or a divisor of H (GQA: query head h reads key head
-    h // (H / J)); recall is the share of p_t inside the indexer's top-`topk`. Query t sits
+    h // (H / J)); recall is the share of p_t inside the indexer's top-`topk` (with `fp8`, the top-k of the FP8
+    indexer's logits, `indexer_topk_fp8`; the KL's are always the weights' own). Query t sits
     at position q_offset + t among the keys (context parallelism: a piece of a longer sequence).
     Returns (kl [B, L] fp32, differentiable w.r.t. qi, ki, wi; recall [B, L] fp32, no gradient).
     """
     B, L, H, _ = qa_BLHD.shape
     block = query_block_size(L, B * max(H, qi_BLGD.shape[2]) * (q_offset + L), block_elems, qi_BLGD.device)
-    fn = lambda t0, qi, wi, qa, ki, ka: _dense_kl_block(q_offset + t0, qi, wi, qa, ki, ka, scale, topk)  # noqa: E731
+    fn = lambda t0, qi, wi, qa, ki, ka: _dense_kl_block(q_offset + t0, qi, wi, qa, ki, ka, scale, topk,  # noqa: E731
+                                                              fp8)
     return _QueryBlocks.apply(fn, block, 3, 1, qi_BLGD, wi_BLG, qa_BLHD.detach(), ki_BLD, ka_BLHD.detach())
 
 

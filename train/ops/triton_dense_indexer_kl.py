@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from train.ops import common, triton_topk
+from train.ops import common, reference, triton_topk
 
 LOG2E = tl.constexpr(common.LOG2E)  # usable inside the kernels
 
@@ -70,12 +70,13 @@ def _attn_lse_kernel(q_ptr, k_ptr, lse_ptr, scale, L, S, Q0, H, HG, sq_b, sq_t, 
 
 
 @triton.jit
-def _kl_kernel(qa_ptr, ka_ptr, lse_a_ptr, buf_ptr, lse_s_ptr, kth_ptr, g_ptr, kl_ptr, rec_ptr,
+def _kl_kernel(qa_ptr, ka_ptr, lse_a_ptr, buf_ptr, sel_ptr, lse_s_ptr, kth_ptr, g_ptr, kl_ptr, rec_ptr,
                scale, t0, Q0, R, L, S, H, HG, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_h, sbuf_b, sbuf_r, sr_b, sp_b, sp_r,
                D1: tl.constexpr, D2: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, NS: tl.constexpr,
-               GRAD: tl.constexpr):
+               GRAD: tl.constexpr, SEL: tl.constexpr):
     """One program: BT rows x NS key tiles of BS keys. Forward writes the rows' KL and recall sums over its
     keys to kl_ptr / rec_ptr [B, R, key chunks] (summed outside: deterministic); backward overwrites buf.
+    SEL: the top-k's sort keys come from sel (the FP8 indexer's, laid out like buf), not from buf's logits.
     t0 is the block's first query position; query rows sit at positions Q0 + row (L rows, S keys)."""
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -117,8 +118,12 @@ def _kl_kernel(qa_ptr, ka_ptr, lse_a_ptr, buf_ptr, lse_s_ptr, kth_ptr, g_ptr, kl
             tl.store(buf, g[:, None] * (tl.exp(logq) - p), mask=visible)
         else:
             kl += tl.sum(tl.where(visible & (p > 0), p * (tl.log(tl.where(p > 0, p, 1.0)) - logq), 0.0), 1)
-            bits = logit.to(tl.int32, bitcast=True)
-            ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+            if SEL:
+                sel = sel_ptr + b * sbuf_b + offs_r[:, None].to(tl.int64) * sbuf_r + offs_s[None, :]
+                ordered = tl.load(sel, mask=visible, other=0).to(tl.int64)
+            else:
+                bits = logit.to(tl.int32, bitcast=True)
+                ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
             keys = ordered * 4294967296 + (4294967295 - offs_s[None, :].to(tl.int64))
             rec += tl.sum(tl.where(visible & (keys >= kth[:, None]), p, 0.0), 1)
     if not GRAD:
@@ -205,16 +210,21 @@ def _attn_lse(qa, ka, scale, q0=0):
     return lse
 
 
-def _indexer_block(qi, ki, wi, t0, t1, topk, need_kth=True, q0=0):
+def _indexer_block(qi, ki, wi, t0, t1, topk, need_kth=True, q0=0, fp8=None):
     """(logits [B, R, q0 + t1] fp32, their log-sum-exp [B, R], the k-th largest 64-bit key of `top_keys` [B, R] or
-    None) of rows t0..t1-1, at positions q0 + t0.."""
+    None, the sort keys the top-k was taken from when they are not the logits' or None) of rows t0..t1-1, at
+    positions q0 + t0... `fp8`: the FP8 indexer's keys and their scales (`reference.fp8_indexer_keys`), whose
+    logits then give the top-k."""
     keys = triton_topk.logit_keys(qi[:, t0:t1], ki[:, : q0 + t1], wi[:, t0:t1], q0 + t0)
-    kth = None
+    kth = sel = None
     if need_kth:
-        kth = triton_topk.top_keys(keys, min(topk, q0 + t1)).min(dim=-1).values.contiguous()
+        if fp8 is not None:
+            q8, w8 = reference.fp8_indexer_queries(qi[:, t0:t1], wi[:, t0:t1])
+            sel = triton_topk.logit_keys(q8, fp8[0][:, : q0 + t1], w8, q0 + t0, fp8[1][:, : q0 + t1])
+        kth = triton_topk.top_keys(keys if sel is None else sel, min(topk, q0 + t1)).min(dim=-1).values.contiguous()
     logits = triton_topk.decode_keys(keys)
     del keys
-    return logits, torch.logsumexp(logits, dim=-1).contiguous(), kth
+    return logits, torch.logsumexp(logits, dim=-1).contiguous(), kth, sel
 
 
 # Launch configurations, Triton's own names: the KL kernel's is the fastest of `python -m bench --sweep warmup_kl` on
@@ -225,7 +235,7 @@ CONFIGS = {"kl": dict(BT=128, BS=64, NS=4, num_warps=8, num_stages=3),
            "grad": dict(BT=64, BS=64, num_warps=4, num_stages=2)}
 
 
-def _kl_launch(qa, ka, lse_a, buf, lse_s, kth, g, scale, t0, grad, config, q0=0):
+def _kl_launch(qa, ka, lse_a, buf, lse_s, kth, g, scale, t0, grad, config, q0=0, sel=None):
     """Forward (grad False): (kl, recall) sums of the queries at positions t0..t0+R-1 (rows t0-q0..) [B, R];
     backward: buf <- dKL/dI, None."""
     B, L, H, D = qa.shape
@@ -239,17 +249,17 @@ def _kl_launch(qa, ka, lse_a, buf, lse_s, kth, g, scale, t0, grad, config, q0=0)
         kl = torch.zeros(B, R, chunks, dtype=torch.float32, device=qa.device)
         rec = torch.zeros_like(kl)
     _kl_kernel[(triton.cdiv(R, BT), chunks, B)](
-        qa, ka, lse_a, buf, lse_s, kth, g, kl if kl is not None else g, rec if rec is not None else g, scale, t0,
+        qa, ka, lse_a, buf, buf if sel is None else sel, lse_s, kth, g, kl if kl is not None else g, rec if rec is not None else g, scale, t0,
         q0, R, L, ka.shape[1], H, H // ka.shape[2], qa.stride(0), qa.stride(1), qa.stride(2), ka.stride(0), ka.stride(1), ka.stride(2),
         lse_a.stride(0), lse_a.stride(1), buf.stride(0), buf.stride(1), lse_s.stride(0),
         kl.stride(0) if kl is not None else 0, kl.stride(1) if kl is not None else 0,
-        D1=D1, D2=D2, BT=BT, BS=BS, NS=NS, GRAD=grad, **cfg)
+        D1=D1, D2=D2, BT=BT, BS=BS, NS=NS, GRAD=grad, SEL=sel is not None, **cfg)
     return (kl.sum(-1), rec.sum(-1)) if not grad else None
 
 
 class DenseIndexerKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qi, ki, wi, qa, ka, scale, topk, rows, config, q0):
+    def forward(ctx, qi, ki, wi, qa, ka, scale, topk, rows, config, q0, fp8):
         qi, ki, wi, qa, ka = (t.contiguous() for t in (qi, ki, wi, qa, ka))
         ctx.k_dtype = ki.dtype
         ki = ki.to(qi.dtype)
@@ -258,11 +268,13 @@ class DenseIndexerKL(torch.autograd.Function):
         kl = torch.empty(B, L, dtype=torch.float32, device=qi.device)
         rec = torch.empty_like(kl)
         rows = rows or triton_topk.query_rows(ki.shape[1], topk)
+        keys8 = reference.fp8_indexer_keys(ki) if fp8 else None
         for t0 in range(0, L, rows):
             t1 = min(L, t0 + rows)
-            buf, lse_s, kth = _indexer_block(qi, ki, wi, t0, t1, topk, q0=q0)
+            buf, lse_s, kth, sel = _indexer_block(qi, ki, wi, t0, t1, topk, q0=q0, fp8=keys8)
             kl[:, t0:t1], rec[:, t0:t1] = _kl_launch(qa, ka, lse_a, buf, lse_s, kth, kl, scale, q0 + t0, grad=False,
-                                                    config=config, q0=q0)
+                                                    config=config, q0=q0, sel=sel)
+            del sel
         ctx.save_for_backward(qi, ki, wi, qa, ka, lse_a)
         ctx.scale, ctx.topk, ctx.rows, ctx.config, ctx.q0 = scale, topk, rows, config, q0
         ctx.mark_non_differentiable(rec)
@@ -281,7 +293,7 @@ class DenseIndexerKL(torch.autograd.Function):
         for t0 in range(0, L, rows):
             t1 = min(L, t0 + rows)
             R = t1 - t0
-            buf, lse_s, _ = _indexer_block(qi, ki, wi, t0, t1, ctx.topk, need_kth=False, q0=q0)
+            buf, lse_s, _, _ = _indexer_block(qi, ki, wi, t0, t1, ctx.topk, need_kth=False, q0=q0)
             _kl_launch(qa, ka, lse_a, buf, lse_s, lse_s, dkl, ctx.scale, q0 + t0, grad=True, config=ctx.config, q0=q0)
             _dq_kernel[(triton.cdiv(R, BT), G, B)](qi, ki, wi, buf, dq, dw, q0 + t0, q0, R, S, qi.stride(0),
                                                    qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(1),
@@ -291,15 +303,16 @@ class DenseIndexerKL(torch.autograd.Function):
                                                       qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(1),
                                                       wi.stride(0), wi.stride(1), buf.stride(0), buf.stride(1),
                                                       dk.stride(0), dk.stride(1), D=D, BT=BT, BS=BS, **cfg)
-        return dq, dk.to(ctx.k_dtype), dw, None, None, None, None, None, None, None
+        return dq, dk.to(ctx.k_dtype), dw, None, None, None, None, None, None, None, None
 
 
 def dense_indexer_kl(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD, ka_BSHD, scale: float, topk: int, rows: int | None = None,
-                     config: dict | None = None, q_offset: int = 0):
+                     config: dict | None = None, q_offset: int = 0, fp8: bool = False):
     """Same contract as `reference.dense_indexer_kl`: (kl [B, L] fp32, recall [B, L] fp32, no gradient).
 
     `rows`: query rows per indexer-logit block (default max(256, min(L, topk))); memory 8 bytes x rows x L.
     `config`: the KL kernel's launch configuration (the keys of CONFIGS["kl"]; default it). Queries sit at
-    positions q_offset + t among the S keys (a context-parallel piece)."""
+    positions q_offset + t among the S keys (a context-parallel piece). `fp8`: the recall's top-k is the FP8
+    indexer's (memory: 4 more bytes x rows x L)."""
     return DenseIndexerKL.apply(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD.detach(), ka_BSHD.detach(), scale, topk, rows,
-                                config or CONFIGS["kl"], q_offset)
+                                config or CONFIGS["kl"], q_offset, fp8)

@@ -9,6 +9,10 @@ ties at it until k are taken, as 64-bit keys (sort key in the high word, `2**32 
 low). Sorting those gives descending logit order with ties to the lower position, exactly like
 `topk_stable`; -inf (invisible) scores sort last and come back as -1. Offsets are int64 throughout (128K+
 columns, any batch). Memory: one [R, L] int32 buffer with R = max(topk, 256) rows, O(L x k).
+
+The FP8 indexer (`fp8=True`; twin: `reference.indexer_topk_fp8`) scores e4m3 queries and keys on the tensor
+cores at twice bf16's rate: each head's dot product in fp32, the head's scale folded into its weight, the key's
+scale applied to the head sum.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
+from train.ops import reference
+
 NEG_INF_KEY = -(2**31) + 0x7FFFFF  # -inf's sort key: 0xFF800000 ^ 0x7FFFFFFF as int32
 
 
 @triton.jit
-def _logit_keys_kernel(q_ptr, k_ptr, w_ptr, out_ptr, t0, T, S,
-                       sq_b, sq_t, sq_g, sk_b, sk_s, sw_b, sw_t, so_b, so_t,
-                       G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr):
+def _logit_keys_kernel(q_ptr, k_ptr, w_ptr, ks_ptr, out_ptr, t0, T, S,
+                       sq_b, sq_t, sq_g, sk_b, sk_s, sw_b, sw_t, sks_b, so_b, so_t,
+                       G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, SCALED: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_t = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -38,6 +44,8 @@ def _logit_keys_kernel(q_ptr, k_ptr, w_ptr, out_ptr, t0, T, S,
                         mask=offs_t[:, None] < T, other=0.0)
             w = tl.load(w_ptr + b * sw_b + offs_t * sw_t + g, mask=offs_t < T, other=0.0).to(tl.float32)
             acc += tl.maximum(tl.dot(q, tl.trans(k)), 0.0) * w[:, None]
+        if SCALED:  # the keys' scales (positive: relu and the head sum commute with them)
+            acc *= tl.load(ks_ptr + b * sks_b + offs_s, mask=offs_s < S, other=1.0)[None, :]
     visible = offs_s[None, :] <= (t0 + offs_t)[:, None]
     acc = tl.where(visible, acc, float("-inf"))
     bits = acc.to(tl.int32, bitcast=True)
@@ -75,21 +83,27 @@ def _top_keys_kernel(keys_ptr, thr_ptr, out_ptr, S, K, sk_b, sk_r, st_b, so_b, s
         n_eq += tl.sum(eq, 0)
 
 
-def logit_keys(q_BTGD: torch.Tensor, k_BSD: torch.Tensor, w_BTG: torch.Tensor, t0: int, BT: int = 64, BS: int = 128,
-               warps: int = 4, stages: int = 2) -> torch.Tensor:
-    """[B, T, S] int32 sort keys of the indexer logits of queries t0..t0+T-1 over keys 0..S-1.
+CONFIGS = {"bf16": dict(BT=64, BS=128, num_warps=4, num_stages=2), "fp8": dict(BT=64, BS=128, num_warps=4, num_stages=2)}
 
-    Default launch configuration: the fastest of a sweep on the H200 (G 64, D 128, 16K keys)."""
+
+def logit_keys(q_BTGD: torch.Tensor, k_BSD: torch.Tensor, w_BTG: torch.Tensor, t0: int,
+               k_scale_BS: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """[B, T, S] int32 sort keys of the indexer logits of queries t0..t0+T-1 over keys 0..S-1; with `k_scale_BS`,
+    of the FP8 indexer (e4m3 q and k, the queries' scales in w).
+
+    Launch configurations (CONFIGS): the fastest of a sweep on the H200 (G 64, D 128, 16K keys)."""
     B, T, G, D = q_BTGD.shape
     S = k_BSD.shape[1]
     q, k, w = q_BTGD.contiguous(), k_BSD.contiguous(), w_BTG.float().contiguous()
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
+    ks = k_scale_BS.float().contiguous() if k_scale_BS is not None else w  # w: a placeholder the kernel never reads
+    c = config or CONFIGS["fp8" if k_scale_BS is not None else "bf16"]
     out = torch.empty(B, T, S, dtype=torch.int32, device=q.device)
-    grid = (triton.cdiv(S, BS), triton.cdiv(T, BT), B)
-    _logit_keys_kernel[grid](q, k, w, out, t0, T, S, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                             w.stride(0), w.stride(1), out.stride(0), out.stride(1), G=G, D=D, BT=BT, BS=BS,
-                             num_warps=warps, num_stages=stages)
+    grid = (triton.cdiv(S, c["BS"]), triton.cdiv(T, c["BT"]), B)
+    _logit_keys_kernel[grid](q, k, w, ks, out, t0, T, S, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+                             k.stride(1), w.stride(0), w.stride(1), ks.stride(0), out.stride(0), out.stride(1), G=G,
+                             D=D, SCALED=k_scale_BS is not None, **c)
     return out
 
 
@@ -121,16 +135,23 @@ def query_rows(L: int, topk: int) -> int:
 
 @torch.no_grad()
 def indexer_topk(q_BLGD: torch.Tensor, k_BSD: torch.Tensor, w_BLG: torch.Tensor, topk: int,
-                 q_offset: int = 0) -> torch.Tensor:
-    """Same contract as `reference.indexer_topk`: [B, L, min(topk, S)] int64, descending, -1 where invalid; query
-    t sits at position q_offset + t among the S keys."""
+                 q_offset: int = 0, fp8: bool = False) -> torch.Tensor:
+    """Same contract as `reference.indexer_topk` (`reference.indexer_topk_fp8` with `fp8`): [B, L, min(topk, S)]
+    int64, descending, -1 where invalid; query t sits at position q_offset + t among the S keys."""
     B, L, G, D = q_BLGD.shape
     K = min(topk, k_BSD.shape[1])
     rows = query_rows(k_BSD.shape[1], topk)
     out = torch.empty(B, L, K, dtype=torch.long, device=q_BLGD.device)
+    k_scale = None
+    if fp8:
+        k_BSD, k_scale = reference.fp8_indexer_keys(k_BSD)
     for t0 in range(0, L, rows):
         t1 = min(L, t0 + rows)
-        keys = top_keys(logit_keys(q_BLGD[:, t0:t1], k_BSD[:, : q_offset + t1], w_BLG[:, t0:t1], q_offset + t0), K)
+        q_BTGD, w_BTG = q_BLGD[:, t0:t1], w_BLG[:, t0:t1]
+        if fp8:
+            q_BTGD, w_BTG = reference.fp8_indexer_queries(q_BTGD, w_BTG)
+        scales = k_scale[:, : q_offset + t1] if fp8 else None
+        keys = top_keys(logit_keys(q_BTGD, k_BSD[:, : q_offset + t1], w_BTG, q_offset + t0, scales), K)
         top = torch.sort(keys, dim=-1, descending=True).values
         pos = 4294967295 - (top & 0xFFFFFFFF)
         out[:, t0:t1] = pos.masked_fill((top >> 32) == NEG_INF_KEY, -1)
