@@ -61,6 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--public-tilelang", metavar="DIR",
                     help="time the public TileLang sparse MLA kernels (a tilelang checkout's examples/deepseek_v32) "
                          "beside ours, on the same inputs")
+    ap.add_argument("--public-indexer", metavar="DIR",
+                    help="with --sections topk: time the public TileLang FP8 indexer kernels (fp8_lighting_indexer, "
+                         "topk_selector: a tilelang checkout's examples/deepseek_v32) beside ours")
+    ap.add_argument("--public-flashmla", action="store_true",
+                    help="with --sections sparse_mla: time FlashMLA's SM90 sparse forward (sgl-flash-mla) beside ours, "
+                         "its output compared")
     ap.add_argument("--cudnn", action="store_true",
                     help="time NVIDIA cuDNN frontend's sparse-attention backward (nvidia-cudnn-frontend, Hopper) "
                          "beside TileLang's, on the same inputs")
@@ -132,11 +138,12 @@ def main(argv=None) -> None:
         return
     for L in args.topk_lengths if "topk" in args.sections else []:
         print(f"[topk] L={L}", flush=True)
-        results["kernels"] += [{"L": L, **r} for r in bench_topk(L, args.iters, args.twin_max, args.plain_max)]
+        results["kernels"] += [{"L": L, **r} for r in bench_topk(L, args.iters, args.twin_max, args.plain_max,
+                                                                   args.public_indexer)]
         save()
     sections = {"sparse_mla": lambda L: bench_sparse_mla(L, args.iters, args.twin_max, args.sparse_mla_heads,
                                                     public=args.public_tilelang, backends=args.sparse_mla_backends,
-                                                    cudnn=args.cudnn),
+                                                    cudnn=args.cudnn, flashmla=args.public_flashmla),
                 "sdpa": lambda L: bench_sdpa(L, args.iters),
                 "sparse_gqa": lambda L: bench_sparse_gqa(L, args.iters),
                 "warmup_kl": lambda L: bench_warmup_kl(L, args.iters, args.twin_max)}

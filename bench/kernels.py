@@ -7,8 +7,9 @@
   sdpa fwd / fwd+bwd             torch SDPA, causal, MLA's dense shape (d_qk 192, d_v 128)
   warmup_kl fwd+bwd              the warm-up loss (KL to the head-averaged attention of 128 heads of d_qk 192,
                                  recall, the indexer's gradient), and its twin (lengths <= 8K)
-  indexer_topk                   indexer logits + top-k, the chunked twin, and plain PyTorch (all-head einsum
-                                 + topk; it runs out of memory past 16K)
+  indexer_topk                   indexer logits + top-k in bf16 and FP8 (and the logits alone), FP8's agreement
+                                 with bf16, the chunked twin, plain PyTorch (all-head einsum + topk; it runs out
+                                 of memory past 16K), and with --public-indexer the public TileLang FP8 kernels
   sparse_gqa fwd / bwd           sparse GQA at Qwen3-32B's attention shape (64 query heads over 8 key heads of
                                  128, top-2048), beside SDPA's dense causal GQA (FlashAttention) at that shape;
                                  TF/s over the FLOPs each really does (sparse: valid selections only)
@@ -45,10 +46,10 @@ def sparse_mla_backends() -> dict:
 
 
 def bench_sparse_mla(L: int, iters: int, twin_max: int, heads: int = H, public: str | None = None,
-                     backends=("triton", "tilelang"), cudnn: bool = False) -> list[dict]:
+                     backends=("triton", "tilelang"), cudnn: bool = False, flashmla: bool = False) -> list[dict]:
     """`public`: the directory of the public TileLang kernels to time beside ours (`bench/public.py`);
     `backends`: the kernels timed, of those the machine runs; `cudnn`: time cuDNN's backward beside TileLang's
-    (`bench/cudnn.py`)."""
+    (`bench/cudnn.py`); `flashmla`: FlashMLA's forward beside TileLang's."""
     q, kv, idx, selected = sparse_mla_inputs(L, heads)
     window = window_selection(L, TOPK, "cuda")
     fwd_flops = sparse_mla_flops(heads, selected)
@@ -65,6 +66,8 @@ def bench_sparse_mla(L: int, iters: int, twin_max: int, heads: int = H, public: 
             from bench.cudnn import bench_cudnn
 
             rows += bench_cudnn(k, q, kv, idx, scale, iters)
+        if flashmla and name == "tilelang":
+            rows += bench_flashmla(k, q, kv, idx, scale, iters, fwd_flops)
         out, lse = k.sparse_mla_forward(q, kv, idx, scale, DV)
         g = torch.randn_like(out)
         rows += [
@@ -91,6 +94,24 @@ def bench_sparse_mla(L: int, iters: int, twin_max: int, heads: int = H, public: 
     if heads != H:
         rows = [{**r, "name": f"{r['name']}, {heads} heads"} for r in rows]
     return rows
+
+
+def bench_flashmla(ours, q, kv, idx, scale: float, iters: int, flops: float) -> list[dict]:
+    """FlashMLA's SM90 sparse forward (what `DSA_KERNELS=auto` runs where it is installed) on the same inputs as
+    `ours`, its output and log-sum-exp compared with ours."""
+    from bench.common import failed_row, rel_diff
+    from train.ops import flashmla_sparse_mla
+
+    name = "sparse_mla flashmla fwd"
+    try:
+        out, lse = flashmla_sparse_mla.sparse_mla_forward(q, kv, idx, scale, DV)
+        out_ours, lse_ours = ours.sparse_mla_forward(q, kv, idx, scale, DV)
+        diff = {"out_rel_diff_vs_ours": rel_diff(out, out_ours), "lse_rel_diff_vs_ours": rel_diff(lse, lse_ours)}
+        del out, lse, out_ours, lse_ours
+    except Exception as e:  # noqa: BLE001 -- not installed, or it does not run here: one error row
+        return [failed_row(name, e)]
+    row = guarded(name, lambda: flashmla_sparse_mla.sparse_mla_forward(q, kv, idx, scale, DV), iters, flops)
+    return [{**row, **diff}]
 
 
 def bench_warmup_kl(L: int, iters: int, twin_max: int, config: dict | None = None,
@@ -172,7 +193,10 @@ def _sparse_gqa_rows(q, k, v, idx, iters: int) -> list[dict]:
                     iters, 2.5 * fwd_flops)]
 
 
-def bench_topk(L: int, iters: int, twin_max: int, plain_max: int) -> list[dict]:
+def bench_topk(L: int, iters: int, twin_max: int, plain_max: int, public_indexer: str | None = None) -> list[dict]:
+    """The indexer's top-k in bf16 and in FP8 (and the logits alone: what the selection adds), the FP8
+    selection's agreement with bf16's, the twin and plain PyTorch; `public_indexer`: the public TileLang FP8
+    kernels' directory (`bench/public_indexer.py`)."""
     dev = "cuda"
     q = torch.randn(1, L, G, DI, device=dev, dtype=torch.bfloat16)
     k = torch.randn(1, L, DI, device=dev, dtype=torch.bfloat16)
@@ -180,7 +204,24 @@ def bench_topk(L: int, iters: int, twin_max: int, plain_max: int) -> list[dict]:
     flops = 2 * G * DI * L * (L + 1) / 2
     from train.ops import triton_topk
 
-    rows = [guarded("indexer_topk triton", lambda: triton_topk.indexer_topk(q, k, w, TOPK), iters, flops)]
+    def logits_only(fp8: bool):
+        rows = triton_topk.query_rows(L, TOPK)
+        k_, ks = reference.fp8_indexer_keys(k) if fp8 else (k, None)
+        for t0 in range(0, L, rows):
+            q_, w_ = q[:, t0 : t0 + rows], w[:, t0 : t0 + rows]
+            if fp8:
+                q_, w_ = reference.fp8_indexer_queries(q_, w_)
+            triton_topk.logit_keys(q_, k_[:, : t0 + rows], w_, t0, None if ks is None else ks[:, : t0 + rows])
+    rows = [guarded("indexer_topk triton", lambda: triton_topk.indexer_topk(q, k, w, TOPK), iters, flops),
+            guarded("indexer_topk triton fp8", lambda: triton_topk.indexer_topk(q, k, w, TOPK, fp8=True), iters,
+                    flops),
+            guarded("indexer_topk triton logits only", lambda: logits_only(False), iters, flops),
+            guarded("indexer_topk triton fp8 logits only", lambda: logits_only(True), iters, flops)]
+    rows[1].update(fp8_agreement(q, k, w))
+    if public_indexer:
+        from bench.public_indexer import bench_public_indexer
+
+        rows += bench_public_indexer(public_indexer, q, k, w, TOPK, iters, flops)
     if L <= twin_max:
         rows.append(guarded("indexer_topk twin", lambda: reference.indexer_topk(q, k, w, TOPK), iters, flops))
     if L <= plain_max:
@@ -195,3 +236,19 @@ def bench_topk(L: int, iters: int, twin_max: int, plain_max: int) -> list[dict]:
             return logits.topk(TOPK, dim=-1).indices
         rows.append(guarded("indexer_topk plain pytorch bf16", plain_bf16, iters, flops))
     return rows
+
+
+def fp8_agreement(q, k, w, samples: int = 64) -> dict:
+    """How the FP8 top-k's selection compares with bf16's on `samples` rows past the first TOPK: the share of
+    bf16's positions it keeps, and the share of the bf16 logits' softmax mass it holds against bf16's own."""
+    from train.ops import triton_topk
+
+    L = q.shape[1]
+    bf16, fp8 = (triton_topk.indexer_topk(q, k, w, TOPK, fp8=f)[0] for f in (False, True))
+    kept = mass = mass_bf16 = 0.0
+    for t in torch.linspace(TOPK, L - 1, samples).long().tolist():
+        p = reference.indexer_logits(q[:, t : t + 1], k[:, : t + 1], w[:, t : t + 1], t)[0, 0].softmax(-1)
+        kept += len(set(bf16[t].tolist()) & set(fp8[t].tolist())) / TOPK
+        mass += p[fp8[t]].sum().item()
+        mass_bf16 += p[bf16[t]].sum().item()
+    return {"fp8_kept_of_bf16_selection": kept / samples, "fp8_selected_mass_over_bf16s": mass / mass_bf16}

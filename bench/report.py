@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 
+_KERNEL_KEYS = {"L", "name", "ms", "tflops", "peak_gib", "total_peak_gib", "error"}
+
+
 def table(results: dict) -> str:
-    lines = ["| L | op | ms | TFLOP/s | peak GiB |", "|---|---|---|---|---|"]
+    lines = ["| L | op | ms | TFLOP/s | peak GiB | compared |", "|---|---|---|---|---|---|"]
     for row in results["kernels"]:
         if "error" in row:
-            lines.append(f"| {row['L']:,} | {row['name']} | {row['error']} | | |")
+            lines.append(f"| {row['L']:,} | {row['name']} | {row['error']} | | | |")
         else:
             tf = f"{row['tflops']:.0f}" if "tflops" in row else ""
-            lines.append(f"| {row['L']:,} | {row['name']} | {row['ms']:.2f} | {tf} | {row['peak_gib']:.2f} |")
+            notes = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in _KERNEL_KEYS and isinstance(v, float))
+            lines.append(f"| {row['L']:,} | {row['name']} | {row['ms']:.2f} | {tf} | {row['peak_gib']:.2f} | {notes} |")
     lines += ["", "| model | L | step | ms | tokens/s | total peak GiB (model, optimizer state, step) | peak above "
               "the model |", "|---|---|---|---|---|---|---|"]
     for row in results["e2e"]:
