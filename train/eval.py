@@ -30,13 +30,14 @@ from train.model.hf import CheckpointError, read_config
 
 def evaluate_dir(path: str, args, settings: dict) -> dict:
     config = read_config(path)
-    model = build_model(ModelConfig(path=path, index_topk=args.topk)).eval()
+    index_dtype = args.index_dtype or settings.get("index_dtype", "auto")
+    model = build_model(ModelConfig(path=path, index_topk=args.topk, index_dtype=index_dtype)).eval()
     data_cfg = DataConfig(sources=[SourceConfig(path=settings["data"], text_column=args.text_column)],
                           seq_len=settings["seq_len"])
     tokenizer = load_tokenizer(data_cfg, path)
     pipe = TokenPipeline(data_cfg, tokenizer)
     batches = [pipe.next_batch(args.batch) for _ in range(max(1, args.num_seqs // args.batch))]
-    return {"path": path, "data": settings["data"],
+    return {"path": path, "data": settings["data"], "index_dtype": index_dtype,
             **evaluate(model, batches, args.topk, "index_topk" in config,
                        settings.get("recall_distance"))}
 
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-seqs", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--topk", type=int, default=None, help="default: the model's index_topk")
+    p.add_argument("--index-dtype", default=None, choices=["auto", "fp8", "bf16"],
+                   help="the indexer top-k's arithmetic (default: the run's model.index_dtype, else auto: fp8 on "
+                        "Hopper GPUs)")
     p.add_argument("--baseline", default=None, help="a dense model to compare with (e.g. the base model)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)

@@ -88,15 +88,18 @@ def evaluate(model, batches: list[dict], topk: int | None, with_sparse: bool, re
 
 
 def run_settings(model_dir: str, config_file: str | None) -> dict:
-    """Held-out file, sequence length and replay distance of the run that wrote `model_dir` (its config.yaml
-    beside the export), or {} when there is none."""
+    """Held-out file, sequence length, replay distance and the indexer top-k's arithmetic (`model.index_dtype`) of
+    the run that wrote `model_dir` (its config.yaml beside the export), or {} when there is none."""
     path = Path(config_file) if config_file else Path(model_dir).parent / "config.yaml"
     if not path.is_file():
         if config_file:
             raise ValueError(f"--config {config_file}: no such file")
         return {}
-    data = OmegaConf.load(path).data
+    run = OmegaConf.load(path)
+    data = run.data
     out = {"seq_len": data.seq_len}
+    if run.get("model") and run.model.get("index_dtype"):
+        out["index_dtype"] = run.model.index_dtype
     if data.get("held_out"):
         out["data"] = data.held_out
     if data.get("synthetic"):
