@@ -6,8 +6,9 @@ NPROC   ?=
 ARGS    ?=
 MAKE_VARS := VENV PYTHON NPROC ARGS PYTEST_ARGS EVAL_MODEL EVAL_BASELINE TORCH_SPEC EXTRAS SRC DST RUN
 HYDRA_ARGS := $(strip $(foreach a,$(MAKEOVERRIDES),$(if $(filter $(MAKE_VARS),$(firstword $(subst =, ,$(a)))),,$(a))) $(ARGS))
-# CPU-only machines get the CPU build of torch (the CUDA wheels are several GB); GPU machines the default, and
-# TileLang for the sparse MLA kernels.
+# CPU-only machines get the CPU build of torch (the CUDA wheels are several GB); GPU machines the default, TileLang
+# and cuDNN's frontend for the sparse MLA kernels, and FlashMLA's forward (without its dependencies: its metadata
+# asks for a newer torch than the one it loads on).
 HAS_GPU := $(shell command -v nvidia-smi 2>/dev/null)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 EXTRAS ?= $(if $(HAS_GPU),test$(comma)gpu,test)
@@ -33,6 +34,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -q -e ".[$(EXTRAS)]"
+	$(if $(HAS_GPU),$(PYTHON) -m pip install -q --no-deps sgl-flash-mla==1.0.0 || echo "[setup] FlashMLA's wheel did not install: sparse MLA's forward stays with TileLang")
 	touch $@
 
 # The suite CI runs (fast: minutes on 2 CPU cores).

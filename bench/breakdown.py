@@ -80,6 +80,7 @@ def profile_step(step) -> dict:
     """{part: GPU ms} of one run of `step`, and the run's wall time ("step")."""
     import time
 
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -89,17 +90,19 @@ def profile_step(step) -> dict:
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) * 1e3
     parts = dict.fromkeys(PARTS, 0.0)
-    for e in prof.events():
-        kernels = getattr(e, "kernels", None)
-        if not kernels:
+    events = prof.events()
+    ops = {e.id: e for e in events if e.device_type == DeviceType.CPU}
+    for d in events:  # each GPU activity once: kernels, copies, fills (not the GPU spans of annotated ranges)
+        if d.device_type != DeviceType.CUDA or d.is_user_annotation:
             continue
-        chain, p = [], e
+        chain, p = [], ops.get(d.linked_correlation_id)
         while p is not None:
             chain.append(p.name)
             p = p.cpu_parent
-        parts[classify(chain)] += sum(k.duration for k in kernels) / 1e3
-    parts["GPU idle"] = max(0.0, wall - sum(parts.values()))
-    return {"step": wall, **parts}
+        parts[classify(chain or ["(no op)"])] += (d.time_range.end - d.time_range.start) / 1e3
+    busy = sum(parts.values())
+    parts["GPU idle"] = max(0.0, wall - busy)
+    return {"step": wall, **parts, "gpu_busy": busy}
 
 
 def fp8_matmul_tflops(iters: int = 5) -> float | None:
@@ -145,7 +148,7 @@ def bound(parts: dict, flops: dict, bf16_tflops: float, fp8_tflops: float | None
             "sparse attention recomputation": ANCHORS["sparse_mla_fwd"]}
     anchored = {}
     for part, ms in parts.items():
-        if part in ("step", "GPU idle"):
+        if part in ("step", "GPU idle", "gpu_busy"):
             continue
         if part == "sparse attention backward" and part in flops:
             f = flops[part]  # its first 1 / 3.5 is the latent outputs' forward

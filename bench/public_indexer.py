@@ -5,7 +5,8 @@ examples/deepseek_v32). Nothing of theirs ships here; without the option these r
 
 Their contract, adapted here: one sequence; e4m3 queries [T, G, D] with each head's scale folded into its weight
 [T, G], e4m3 keys [S, D] with a scale per key; the visible keys of query t are [ks_t, ke_t) (causal: [0, t + 1));
-their logits kernel writes fp32 logits [T, S], which their top-k reads. The inputs are ours, quantised as our FP8
+their logits kernel writes fp32 logits [T, S], which their top-k reads (rows of fewer than k keys made it fault:
+those rows score their first k keys here). The inputs are ours, quantised as our FP8
 indexer quantises them (`reference.fp8_indexer_keys` / `fp8_indexer_queries`, inside the timed loop for both),
 and both run in blocks of the same query rows (`triton_topk.query_rows`), so that neither holds [L, L] logits."""
 
@@ -36,7 +37,9 @@ def public_indexer_topk(logits_mod, topk_mod, q_BLGD, k_BSD, w_BLG, topk: int) -
     for t0 in range(0, L, rows):
         t1 = min(L, t0 + rows)
         q8, w8 = reference.fp8_indexer_queries(q_BLGD[:, t0:t1], w_BLG[:, t0:t1])
-        ends = torch.arange(t0 + 1, t1 + 1, dtype=torch.int32, device=q8.device)
+        # causal ends, at least topk: their top-k takes rows of at least topk keys (the first topk rows then also
+        # score keys past themselves; those rows are left out of the comparison)
+        ends = torch.arange(t0 + 1, t1 + 1, dtype=torch.int32, device=q8.device).clamp(min=topk)
         starts = torch.zeros_like(ends)
         logits = logits_mod.mqa_attn_return_logits_interface(q8[0].contiguous(), k8[0, :t1].contiguous(),
                                                              ks[0, :t1].contiguous(), w8[0].contiguous(), starts, ends)

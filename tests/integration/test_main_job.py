@@ -59,7 +59,7 @@ def test_main_job_converts_the_embedded_default(tmp_path: Path):
     assert abs(model["dense_lm_loss"] - base["dense_lm_loss"]) <= 0.05 * base["dense_lm_loss"], (model, base)
 
     # The README's transformers snippet runs on the export as written (its default path replaced).
-    snippet = readme_block("Using the export with transformers", "python")
+    snippet = readme_block("With transformers (sparse mode", "python")
     snippet = snippet.replace("checkpoints/default/sparse/export", f"{tmp_path}/ckpt/default/sparse/export")
     gen = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0 and gen.stdout.startswith("SET k17 v9"), gen.stderr[-3000:]

@@ -76,7 +76,7 @@ def test_readme_conversion_of_a_users_bf16_checkpoint(family, kernels, export_ty
     assert "retrieval_accuracy" not in json.dumps(result)  # a synthetic-corpus metric only
 
     # The README's transformers snippet, on this export: sparse-mode logits and greedy generation.
-    snippet = readme_block("Using the export with transformers", "python")
+    snippet = readme_block("With transformers (sparse mode", "python")
     snippet = snippet.replace("checkpoints/default/sparse/export", str(run / "sparse" / "export"))
     gen = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -103,3 +103,13 @@ def test_index_dtype_is_checked():
 
     with pytest.raises(ValueError, match="model.index_dtype='fp16'; allowed: auto, fp8, bf16"):
         ModelConfig(path="x", index_dtype="fp16").validate()
+
+
+def test_eval_takes_the_runs_index_dtype(tmp_path):
+    """`make eval` selects as the run trained: the index_dtype of the run's config.yaml beside the export."""
+    from omegaconf import OmegaConf
+
+    from train.evaluation import run_settings
+
+    OmegaConf.save({"data": {"seq_len": 64}, "model": {"index_dtype": "fp8"}}, tmp_path / "config.yaml")
+    assert run_settings(str(tmp_path / "export"), None) == {"seq_len": 64, "index_dtype": "fp8"}

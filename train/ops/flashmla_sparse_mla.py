@@ -9,7 +9,7 @@ Install it beside `.[gpu]` with `pip install --no-deps sgl-flash-mla==1.0.0`: th
 but it is built on PyTorch's stable ABI and loads on older torch (2.11 measured).
 
 FlashMLA's contract, adapted here: one flat sequence (q [N, H, 576], latent rows [S, 1, 576]), int32 selections
-[N, 1, K] indexing the flat rows, K whole blocks of 64 (our -1 pads them; it skips -1), output [N, H, 512] and a
+[N, 1, K] indexing the flat rows, K a multiple of 128 (our -1 pads it; it skips -1), output [N, H, 512] and a
 natural-log log-sum-exp [N, H]. A query with no selection gets a zero output; its log-sum-exp is made +inf, as
 the other kernels give it.
 """
@@ -22,7 +22,7 @@ from train.ops import common
 
 D_QK, D_V = 576, 512
 HEADS = (64, 128)  # the SM90 kernel's head blocks
-KEY_BLOCK = 64
+KEY_BLOCK = 128  # the SM90 kernel takes selections in pairs of its 64-key blocks
 
 
 def _sparse_fwd():

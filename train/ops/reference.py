@@ -195,7 +195,7 @@ def _kl_terms(p: torch.Tensor, logq: torch.Tensor, valid: torch.Tensor) -> torch
     return terms.masked_fill(~valid, 0.0).sum(-1)
 
 
-def _dense_kl_block(t0, qi_BTGD, wi_BTG, qa_BTHD, ki_BSD, ka_BSHD, scale, topk, fp8):
+def _dense_kl_block(t0, qi_BTGD, wi_BTG, qa_BTHD, ki_BSD, ka_BSHD, k8_BSD, scale, topk):
     T = qi_BTGD.shape[1]
     S = t0 + T  # keys past the block's last query are invisible to all of it
     ki_BSD, ka_BSHD = ki_BSD[:, :S], ka_BSHD[:, :S]
@@ -212,10 +212,9 @@ def _dense_kl_block(t0, qi_BTGD, wi_BTG, qa_BTHD, ki_BSD, ka_BSHD, scale, topk, 
         att_BJRTS = att_BJRTS.masked_fill(~visible_TS, float("-inf")).softmax(dim=-1)
         p_BTS = att_BJRTS.mean(dim=(1, 2))  # head sum, L1-normalised: each head's row sums to 1
         k = min(topk, S)
-        if fp8:  # the selection the sparse stage would make: the FP8 indexer's
-            k8_BSD, ks_BS = fp8_indexer_keys(ki_BSD.detach())
+        if k8_BSD is not None:  # the selection the sparse stage would make: the FP8 indexer's (dequantised keys)
             q8_BTGD, w8_BTG = fp8_indexer_queries(qi_BTGD.detach(), wi_BTG.detach())
-            top_BTK = topk_stable(indexer_logits(q8_BTGD, k8_BSD.float() * ks_BS[..., None], w8_BTG, t0), k)[1]
+            top_BTK = topk_stable(indexer_logits(q8_BTGD, k8_BSD[:, :S], w8_BTG, t0), k)[1]
         else:
             top_BTK = topk_stable(logits_BTS, k)[1]
         recall_BT = p_BTS.gather(-1, top_BTK).sum(-1)  # invisible picks carry p = 0
@@ -247,8 +246,12 @@ def dense_indexer_kl(
     """
     B, L, H, _ = qa_BLHD.shape
     block = query_block_size(L, B * max(H, qi_BLGD.shape[2]) * (q_offset + L), block_elems, qi_BLGD.device)
-    fn = lambda t0, qi, wi, qa, ki, ka: _dense_kl_block(q_offset + t0, qi, wi, qa, ki, ka, scale, topk,  # noqa: E731
-                                                              fp8)
+    k8_BSD = None
+    if fp8:  # the FP8 keys, dequantised (exactly: power-of-two scales), once for every block
+        k8_BSD, ks_BS = fp8_indexer_keys(ki_BLD.detach())
+        k8_BSD = k8_BSD.float() * ks_BS[..., None]
+    fn = lambda t0, qi, wi, qa, ki, ka: _dense_kl_block(q_offset + t0, qi, wi, qa, ki, ka, k8_BSD,  # noqa: E731
+                                                        scale, topk)
     return _QueryBlocks.apply(fn, block, 3, 1, qi_BLGD, wi_BLG, qa_BLHD.detach(), ki_BLD, ka_BLHD.detach())
 
 
