@@ -7,6 +7,8 @@ For each layer, over held-out queries that see more than k tokens, the share of 
   shared_oracle     the top-k of the attention summed over all heads, shared by the groups: the best one shared
                     selection could do (what the warm-up target teaches the indexer)
   shared_indexer    the model's own indexer's top-k (a converted model; left out for a dense source)
+  shared_indexer_fp8  the same indexer's top-k in FP8 (DeepSeek's e4m3 form, `model.index_dtype=fp8`), and
+                    fp8_kept: the share of the indexer's own (unquantised) selection that it keeps
 The shared figures are also the recall of the head-summed attention that training reports (the mean over groups
 of a group's share is the head-summed attention's share). group_oracle - shared_oracle bounds what per-group
 selections could add. CPU is fine: this is a probe on short
@@ -58,6 +60,10 @@ def group_recalls(model, ids_BL: torch.Tensor, topk: int, with_indexer: bool) ->
             qi, ki, wi = attn.indexer(x, x, cos, sin)
             picked = reference.topk_stable(reference.indexer_logits(qi, ki, wi, 0), topk)[1][:, None]
             row["shared_indexer"] = _mass(p_group, picked)
+            fp8 = reference.indexer_topk_fp8(qi, ki, wi, topk).clamp(min=0)[:, None]  # rows t >= topk: all valid
+            row["shared_indexer_fp8"] = _mass(p_group, fp8)
+            same = (fp8[..., :, None] == picked[..., None, :]).any(-1)  # [B, 1, L, K]
+            row["fp8_kept"] = same.float().mean(-1)
         rows.append({name: v[..., topk:].mean().item() for name, v in row.items()})
         h = layer(h, cos, sin, AttentionMode())
     return rows
