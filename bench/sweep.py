@@ -40,6 +40,8 @@ def sweep_tilelang_sparse_mla(L: int, iters: int, heads: int) -> list[dict]:
     warpgroups share every role, in the forward and the one-pass recomputation; the warp-specialised backward
     (dS, then dQ) against the one-kernel backward at two key blocks."""
     from train.ops import tilelang_sparse_mla as tk
+    from train.ops import tilelang_sparse_mla_fwd as tk_fwd
+    from train.ops.tilelang_sparse_mla_common import _config
 
     q, kv, idx, selected = sparse_mla_inputs(L, heads)
     fwd_flops, scale = sparse_mla_flops(heads, selected), 192 ** -0.5
@@ -48,12 +50,12 @@ def sweep_tilelang_sparse_mla(L: int, iters: int, heads: int) -> list[dict]:
     runs = {}
     for BK, NS in ((64, 2), (32, 4), (32, 2)):
         runs[f"fwd ws block_k={BK} stages={NS}"] = (
-            lambda BK=BK, NS=NS: tk._ws(q, kv, idx, scale, DV, None, BK, NS), fwd_flops)
+            lambda BK=BK, NS=NS: tk_fwd._ws(q, kv, idx, scale, DV, None, BK, NS), fwd_flops)
         runs[f"fwd+probs given lse ws block_k={BK} stages={NS}"] = (
-            lambda BK=BK, NS=NS: tk._ws(q, kv, idx, scale, DV, lse, BK, NS), fwd_flops)
-    runs["fwd plain"] = (lambda: tk._plain_forward(q, kv, idx, scale, DV), fwd_flops)
-    runs["fwd+probs given lse plain"] = (lambda: tk._probs(q, kv, idx, lse, scale, DV, True,
-                                                           tk._config("probs", heads)), fwd_flops)
+            lambda BK=BK, NS=NS: tk_fwd._ws(q, kv, idx, scale, DV, lse, BK, NS), fwd_flops)
+    runs["fwd plain"] = (lambda: tk_fwd._plain_forward(q, kv, idx, scale, DV), fwd_flops)
+    runs["fwd+probs given lse plain"] = (lambda: tk_fwd._probs(q, kv, idx, lse, scale, DV, True,
+                                                           _config("probs", heads)), fwd_flops)
     runs["bwd ws"] = (lambda: tk.sparse_mla_backward(q, kv, idx, out, lse, g, scale, DV), 2.5 * fwd_flops)
     for BK in (32, 16):
         runs[f"bwd plain block_k={BK}"] = (lambda BK=BK: tk.sparse_mla_backward(

@@ -373,7 +373,9 @@ def _stage_run(stage_name, arch=KERNEL_ARCH, index_head_dim=16):
     from train.model import ModelConfig, build_model
     from train.stages import STAGES, StageConfig, compute_loss, param_groups
 
-    model = build_model(ModelConfig(arch=arch, index_n_heads=16, index_head_dim=index_head_dim, index_topk=8))
+    # the selection in the weights' dtype (on a Hopper GPU `auto` would take it in FP8: tested op by op above)
+    model = build_model(ModelConfig(arch=arch, index_n_heads=16, index_head_dim=index_head_dim, index_topk=8,
+                                    index_dtype="bf16"))
     perturb_(model, seed=2)
     model.to(DEVICE)
     stage = STAGES[stage_name]

@@ -4,9 +4,10 @@ Each op has a chunked PyTorch reference (`reference.py`, any device: the oracle)
 Triton kernel with the same contract (`triton_*.py`). Sparse attention comes in two forms: MLA's absorbed form
 (`sparse_mla`: one latent row per key serves every head) and grouped-query attention (`sparse_gqa`: keys and
 values per key head; MHA is the case of one query head per key head). Sparse MLA also has TileLang kernels for
-Hopper GPUs (`tilelang_sparse_mla.py`) and can take its backward from NVIDIA's cuDNN frontend
-(`cudnn_sparse_mla.py`), both used where installed: `pip install .[gpu]`; its forward can come from FlashMLA
-(`flashmla_sparse_mla.py`, installed apart: `pip install --no-deps sgl-flash-mla==1.0.0`). `DSA_KERNELS` picks:
+Hopper GPUs (`tilelang_sparse_mla.py`; forward and backward in `_fwd` / `_bwd`, shared parts in `_common`) and
+can take its backward from NVIDIA's cuDNN frontend (`cudnn_sparse_mla.py`), both used where installed: `pip install
+.[gpu]`; its forward can come from FlashMLA (`flashmla_sparse_mla.py`, installed apart: `pip install --no-deps
+sgl-flash-mla==1.0.0`). `DSA_KERNELS` picks:
   auto (default)  for CUDA tensors whose shapes a kernel supports: TileLang's sparse MLA on a Hopper GPU with
                   bf16 inputs and at least 64 heads, Triton for the rest, with cuDNN's sparse MLA backward
                   and FlashMLA's forward where they run (Hopper, bf16, d_qk 576 = latent 512 + rope 64;
