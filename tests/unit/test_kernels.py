@@ -75,18 +75,23 @@ def test_topk_kernel_equals_twin_exactly(L, topk):
     assert (got[:, : min(topk, L) - 1, -1] == -1).all()  # early rows see fewer than k keys
 
 
-def test_topk_of_query_pieces_at_their_offsets_equals_the_whole_sequence():
+@pytest.mark.parametrize("fp8", [False, True])
+def test_topk_of_query_pieces_at_their_offsets_equals_the_whole_sequence(fp8):
     """Context parallelism's zig-zag pieces (queries at an offset, all keys): kernel and twin give the rows of the
-    whole-sequence selection, the first piece's rows with fewer than k keys included."""
+    whole-sequence selection, the first piece's rows with fewer than k keys included; in FP8 too (scales are per
+    token, so a piece quantises its queries and the keys as the whole sequence does)."""
     from train.model.context import ContextParallel
 
-    q, k, w = _exact_indexer_inputs(2, 96, 4, 16, seed=3)
-    whole = reference.indexer_topk(q, k, w, 32)
+    D = 32 if fp8 else 16  # e4m3 tiles take 32 dims at least
+    q, k, w = _exact_indexer_inputs(2, 96, 4, D, seed=3)
+    twin = reference.indexer_topk_fp8 if fp8 else reference.indexer_topk
+    whole = twin(q, k, w, 32)
     for rank in range(2):
         for lo, g, n in ContextParallel(rank=rank, size=2).chunks(96):
             piece = (q[:, g : g + n], k, w[:, g : g + n], 32)
-            assert torch.equal(reference.indexer_topk(*piece, q_offset=g), whole[:, g : g + n])
-            assert torch.equal(triton_topk.indexer_topk(*piece, q_offset=g), whole[:, g : g + n])
+            assert torch.equal(twin(*piece, q_offset=g), whole[:, g : g + n])
+            if DEVICE == "cpu" or not fp8:  # a GPU's FP8 sums may swap near-ties (tested above)
+                assert torch.equal(triton_topk.indexer_topk(*piece, q_offset=g, fp8=fp8), whole[:, g : g + n])
 
 
 @pytest.mark.parametrize("BS", [16, 1024])  # several blocks of the row scan, and one
