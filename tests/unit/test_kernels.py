@@ -15,6 +15,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from tests.conftest import tiny  # noqa: E402
+from train.ops.autograd import ComposedSparseMLA  # noqa: E402
 from train.ops import (  # noqa: E402
     common,
     cudnn_sparse_mla,
@@ -553,7 +554,7 @@ def _flat_twin_backward(q, kv, out, dout, lse, sink, idx, softmax_scale):
 @pytest.mark.skipif(DEVICE != "cpu", reason="exact in the interpreter (fp32); on a GPU the kernel's own tests cover it")
 def test_cudnn_backward_adapter_matches_twin(monkeypatch):
     monkeypatch.setattr(cudnn_sparse_mla, "_flat_backward", lambda: _flat_twin_backward)
-    kernels = cudnn_sparse_mla.WithCudnnBackward(triton_sparse_mla)
+    kernels = ComposedSparseMLA(triton_sparse_mla, backward=cudnn_sparse_mla)
     _check_sparse_mla(B=2, L=40, H=16, DV=32, DR=16, K=24, dtype=torch.float32, tol=TOL, kernel=kernels.sparse_mla)
     _check_absorbed(kernels, torch.float32, TOL)
 
@@ -592,14 +593,15 @@ def test_cudnn_backend_choice(monkeypatch):
 @pytest.mark.parametrize("H", [128, 16, 80])  # DeepSeek-V3; the 1B model; a head count not a multiple of 64
 def test_cudnn_backward_matches_twin_deepseek_shape(H):
     _check_sparse_mla(B=1, L=4096, H=H, DV=512, DR=64, K=2048, dtype=torch.bfloat16, tol=TOL,
-                      kernel=cudnn_sparse_mla.WithCudnnBackward(tilelang_sparse_mla).sparse_mla)
+                      kernel=ComposedSparseMLA(tilelang_sparse_mla, backward=cudnn_sparse_mla).sparse_mla)
 
 
 @CUDNN
 @pytest.mark.parametrize("forward", ["tilelang", "triton"])
 def test_cudnn_backward_matches_twin_small(forward):
     # two batches, K not a multiple of the key block, early rows with fewer than K keys, a row with none
-    kernels = cudnn_sparse_mla.WithCudnnBackward(tilelang_sparse_mla if forward == "tilelang" else triton_sparse_mla)
+    kernels = ComposedSparseMLA(tilelang_sparse_mla if forward == "tilelang" else triton_sparse_mla,
+                                backward=cudnn_sparse_mla)
     _check_sparse_mla(B=2, L=200, H=20, DV=512, DR=64, K=40, dtype=torch.bfloat16, tol=TOL, kernel=kernels.sparse_mla)
     _check_absorbed(kernels, torch.bfloat16, TOL, L=300, H=20, N=32, R=64, A=512, V=32, K=100, chunk=128)
 
@@ -625,7 +627,7 @@ def test_model_sparse_stage_with_cudnn_backward_equals_tilelang(monkeypatch):
     monkeypatch.setenv("DSA_KERNELS", "auto")
     q = torch.zeros(1, 8, 64, 128, device=DEVICE, dtype=torch.bfloat16)  # the absorbed path's query part
     kv = torch.zeros(1, 8, 576, device=DEVICE, dtype=torch.bfloat16)
-    assert isinstance(ops._sparse_mla_kernels(q, kv, 512), cudnn_sparse_mla.WithCudnnBackward)
+    assert ops._sparse_mla_kernels(q, kv, 512).backward_from is cudnn_sparse_mla
 
 
 # FlashMLA's sparse forward: its adapter (one flat sequence, selections of whole key blocks, +inf log-sum-exp for
@@ -643,7 +645,7 @@ def _flat_twin_forward(q, kv, indices, sm_scale, d_v=512, use_legacy=False):
 @pytest.mark.skipif(DEVICE != "cpu", reason="exact in the interpreter (fp32); on a GPU the kernel's own tests cover it")
 def test_flashmla_forward_adapter_matches_twin(monkeypatch):
     monkeypatch.setattr(flashmla_sparse_mla, "_sparse_fwd", lambda: _flat_twin_forward)
-    kernels = flashmla_sparse_mla.WithFlashMLAForward(triton_sparse_mla)
+    kernels = ComposedSparseMLA(triton_sparse_mla, forward=flashmla_sparse_mla)
     _check_sparse_mla(B=2, L=40, H=16, DV=32, DR=16, K=24, dtype=torch.float32, tol=TOL, kernel=kernels.sparse_mla)
     _check_absorbed(kernels, torch.float32, TOL)
     q, kv, idx = _sparse_inputs(2, 40, 16, 32, 16, 24, torch.float32)
@@ -662,8 +664,8 @@ def test_flashmla_dispatch(monkeypatch):
     monkeypatch.setenv("DSA_KERNELS", "triton")  # a forward kernel where the test runs (the interpreter on CPU)
     assert ops.sparse_mla_kernels_name(q, kv, 32) == "triton, flashmla forward, cudnn backward"
     kernels = ops._sparse_mla_kernels(q, kv, 32)
-    assert isinstance(kernels.forward, flashmla_sparse_mla.WithFlashMLAForward)
-    assert kernels.sparse_mla_forward is flashmla_sparse_mla.WithFlashMLAForward.sparse_mla_forward
+    assert (kernels.base, kernels.forward_from, kernels.backward_from) == (triton_sparse_mla, flashmla_sparse_mla,
+                                                                           cudnn_sparse_mla)
     assert kernels.sparse_mla_probs is triton_sparse_mla.sparse_mla_probs
     assert not flashmla_sparse_mla.fits(q, kv, 32)  # fp32, latent rows of 48: not FlashMLA's
 
@@ -672,12 +674,12 @@ def test_flashmla_dispatch(monkeypatch):
 @pytest.mark.parametrize("H", [128, 64])
 def test_flashmla_forward_matches_twin_deepseek_shape(H):
     _check_sparse_mla(B=1, L=4096, H=H, DV=512, DR=64, K=2048, dtype=torch.bfloat16, tol=TOL,
-                      kernel=flashmla_sparse_mla.WithFlashMLAForward(tilelang_sparse_mla).sparse_mla)
+                      kernel=ComposedSparseMLA(tilelang_sparse_mla, forward=flashmla_sparse_mla).sparse_mla)
 
 
 @FLASHMLA
 def test_flashmla_forward_matches_twin_small():
     # two batches, K not a multiple of the key block, early rows with fewer than K keys, a row with none
-    kernels = flashmla_sparse_mla.WithFlashMLAForward(tilelang_sparse_mla)
+    kernels = ComposedSparseMLA(tilelang_sparse_mla, forward=flashmla_sparse_mla)
     _check_sparse_mla(B=2, L=200, H=64, DV=512, DR=64, K=40, dtype=torch.bfloat16, tol=TOL, kernel=kernels.sparse_mla)
     _check_absorbed(kernels, torch.bfloat16, TOL, L=300, H=64, N=32, R=64, A=512, V=32, K=100, chunk=128)

@@ -31,7 +31,7 @@ import os
 import torch
 
 from train.ops import common, cudnn_sparse_mla, flashmla_sparse_mla, reference
-from train.ops.autograd import AbsorbedSparseMLA, absorbed_query
+from train.ops.autograd import AbsorbedSparseMLA, ComposedSparseMLA, absorbed_query
 from train.ops.reference import dense_attention, indexer_logits
 
 try:
@@ -64,9 +64,8 @@ def backend() -> str:
 
 
 _cudnn_importable = functools.cache(cudnn_sparse_mla.importable)  # tried once, on first use
-_with_cudnn_backward = functools.cache(cudnn_sparse_mla.WithCudnnBackward)  # one per forward module
 _flashmla_importable = functools.cache(flashmla_sparse_mla.importable)
-_with_flashmla_forward = functools.cache(flashmla_sparse_mla.WithFlashMLAForward)
+_composed = functools.cache(ComposedSparseMLA)  # one per combination of kernel modules
 
 
 def _tilelang():
@@ -150,8 +149,9 @@ def sparse_mla(q_BLHD: torch.Tensor, kv_BLD: torch.Tensor, idx_BLK: torch.Tensor
 
 
 def _sparse_mla_kernels(q: torch.Tensor, kv_BLD: torch.Tensor, v_dim: int):
-    """The sparse MLA kernels for these tensors (TileLang's, Triton's, either with cuDNN's backward), or None for
-    the twin; the latent rows [v_dim | rope] set the dims the kernels must take."""
+    """The sparse MLA kernels for these tensors (TileLang's or Triton's, with FlashMLA's forward and cuDNN's
+    backward where they run), or None for the twin; the latent rows [v_dim | rope] set the dims the kernels must
+    take."""
     rope = kv_BLD.shape[-1] - v_dim
     # TileLang's tiles: power-of-two parts of at least 32 (four warps' columns)
     if _use_tilelang(q, kv_BLD, v_dim >= 32 and rope >= 32 and _pow2(v_dim, rope)):
@@ -160,9 +160,9 @@ def _sparse_mla_kernels(q: torch.Tensor, kv_BLD: torch.Tensor, v_dim: int):
         kernels = triton_sparse_mla
     else:
         kernels = None
-    if kernels is not None and _use_flashmla(q, kv_BLD, v_dim):
-        kernels = _with_flashmla_forward(kernels)
-    return _with_cudnn_backward(kernels) if _use_cudnn(q, kv_BLD, v_dim, kernels is not None) else kernels
+    forward = flashmla_sparse_mla if kernels is not None and _use_flashmla(q, kv_BLD, v_dim) else None
+    backward = cudnn_sparse_mla if _use_cudnn(q, kv_BLD, v_dim, kernels is not None) else None
+    return _composed(kernels, forward, backward) if forward or backward else kernels
 
 
 def _use_flashmla(q: torch.Tensor, kv: torch.Tensor, v_dim: int) -> bool:
@@ -191,12 +191,11 @@ def sparse_mla_kernels_name(q: torch.Tensor, kv_BLD: torch.Tensor, v_dim: int) -
     kernels = _sparse_mla_kernels(q, kv_BLD, v_dim)
     if kernels is None:
         return "reference"
-    parts = []
-    if isinstance(kernels, cudnn_sparse_mla.WithCudnnBackward):
-        kernels, parts = kernels.forward, ["cudnn backward"]
-    if isinstance(kernels, flashmla_sparse_mla.WithFlashMLAForward):
-        kernels, parts = kernels.rest, ["flashmla forward", *parts]
-    return ", ".join([_kernels_name(kernels), *parts])
+    if not isinstance(kernels, ComposedSparseMLA):
+        return _kernels_name(kernels)
+    parts = [f"{_kernels_name(m)} {what}" for m, what in ((kernels.forward_from, "forward"),
+                                                          (kernels.backward_from, "backward")) if m is not None]
+    return ", ".join([_kernels_name(kernels.base), *parts])
 
 
 def _kernels_name(module) -> str:

@@ -65,6 +65,33 @@ def sparse_gqa_function(kernels):
     return SparseGQA
 
 
+class ComposedSparseMLA:
+    """Sparse MLA's kernels from several backends as one kernels object (the contract `sparse_mla_function` and
+    `AbsorbedSparseMLA` call): `sparse_mla_forward` from `forward`, `sparse_mla_backward` from `backward` (modules
+    with that function; None: `base`'s), and every other kernel (the probabilities, the one-pass checkpoint
+    recomputation) from `base`. The vendor kernels (FlashMLA's forward, cuDNN's backward) provide only their own
+    pass. Kernels are looked up at each call (tests may wrap them)."""
+
+    def __init__(self, base, forward=None, backward=None):
+        self.base, self.forward_from, self.backward_from = base, forward, backward
+        self._function = sparse_mla_function(self)
+
+    def __getattr__(self, name):  # every other kernel: base's
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def sparse_mla_forward(self, *args, **kwargs):
+        return (self.forward_from or self.base).sparse_mla_forward(*args, **kwargs)
+
+    def sparse_mla_backward(self, *args, **kwargs):
+        return (self.backward_from or self.base).sparse_mla_backward(*args, **kwargs)
+
+    def sparse_mla(self, q_BLHD, kv_BLD, idx_BLK, scale: float, v_dim: int, lse_BLH=None):
+        """Same contract as `reference.sparse_mla`."""
+        return self._function.apply(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH)
+
+
 def absorbed_query(q_nope_BLHN: torch.Tensor, q_rope_BLHR: torch.Tensor, w_uk_HNA: torch.Tensor) -> torch.Tensor:
     """MLA's query in absorbed form: [q_nope · W_UK | q_rope], [B, L, H, A + R] (differentiable: the twin's)."""
     return torch.cat((torch.einsum("blhn,hna->blha", q_nope_BLHN, w_uk_HNA), q_rope_BLHR), dim=-1)

@@ -2,8 +2,9 @@
 gradients of `reference.sparse_mla`. An optional dependency (`pip install .[gpu]`), picked at the dispatch point
 (`train/ops/__init__.py`) where it runs: bf16 CUDA tensors on a Hopper GPU, DeepSeek's latent rows (d_qk 576 =
 latent 512 + rope 64, d_v 512) and at least two heads. The forward, the probabilities and the checkpoint
-recomputation stay with the kernels that run the forward (TileLang or Triton); this backward only needs their
-output and natural-log log-sum-exp.
+recomputation stay with the kernels that run the forward (TileLang or Triton, with FlashMLA's forward where it
+runs; `autograd.ComposedSparseMLA` puts them together); this backward only needs their output and natural-log
+log-sum-exp.
 
 cuDNN's contract, adapted here: one flat sequence (q [N, H, 576], latent rows [S, 576], out and its gradient
 [N, H, 512], lse [N, H]), int32 selections indexing the flat rows (entries outside them, our -1, are skipped),
@@ -17,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from train.ops import common
-from train.ops.autograd import sparse_mla_function
 
 D_QK, D_V = 576, 512
 KEY_BLOCK = 64  # selections are padded (-1) to whole blocks of the kernel's keys
@@ -64,23 +64,3 @@ def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int
         return dq, dkv
     dkv_acc += dkv
     return dq, dkv_acc
-
-
-class WithCudnnBackward:
-    """A sparse MLA kernels object (the contract `sparse_mla_function` and `AbsorbedSparseMLA` call) that runs
-    `forward`'s forward, probabilities and checkpoint recomputation, and this module's backward."""
-
-    def __init__(self, forward):
-        self.forward = forward
-        self._function = sparse_mla_function(self)
-
-    def __getattr__(self, name):  # the forward kernels, looked up at each call
-        return getattr(self.forward, name)
-
-    @staticmethod
-    def sparse_mla_backward(*args, **kwargs):
-        return sparse_mla_backward(*args, **kwargs)
-
-    def sparse_mla(self, q_BLHD, kv_BLD, idx_BLK, scale: float, v_dim: int, lse_BLH=None):
-        """Same contract as `reference.sparse_mla`."""
-        return self._function.apply(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH)

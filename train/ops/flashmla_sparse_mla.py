@@ -2,8 +2,8 @@
 kernels of the `sgl-flash-mla` wheel); twin: the forward of `reference.sparse_mla`. An optional dependency,
 picked at the dispatch point (`train/ops/__init__.py`) where it runs: bf16 CUDA tensors on a Hopper GPU,
 DeepSeek's latent rows (d_qk 576 = latent 512 + rope 64, d_v 512) and 64 or 128 heads. The probabilities, the
-checkpoint recomputation (output and probabilities in one pass) and the backward stay with the other kernels:
-FlashMLA gives the output and the log-sum-exp only.
+checkpoint recomputation (output and probabilities in one pass) and the backward stay with the other kernels
+(`autograd.ComposedSparseMLA` puts them together): FlashMLA gives the output and the log-sum-exp only.
 
 Install it beside `.[gpu]` with `pip install --no-deps sgl-flash-mla==1.0.0`: the wheel declares torch >= 2.14.1,
 but it is built on PyTorch's stable ABI and loads on older torch (2.11 measured).
@@ -59,25 +59,3 @@ def sparse_mla_forward(q, kv, idx, scale: float, v_dim: int):
     lse = lse.float().reshape(B, L, H)
     lse.masked_fill_(torch.isneginf(lse), float("inf"))  # no selection: +inf, as the other kernels give it
     return out.reshape(B, L, H, v_dim), lse
-
-
-class WithFlashMLAForward:
-    """A sparse MLA kernels object (the contract `sparse_mla_function` and `AbsorbedSparseMLA` call) whose
-    forward is FlashMLA's; the probabilities, the one-pass recomputation and the backward are `rest`'s."""
-
-    def __init__(self, rest):
-        from train.ops.autograd import sparse_mla_function
-
-        self.rest = rest
-        self._function = sparse_mla_function(self)
-
-    def __getattr__(self, name):  # the other kernels, looked up at each call
-        return getattr(self.rest, name)
-
-    @staticmethod
-    def sparse_mla_forward(*args, **kwargs):
-        return sparse_mla_forward(*args, **kwargs)
-
-    def sparse_mla(self, q_BLHD, kv_BLD, idx_BLK, scale: float, v_dim: int, lse_BLH=None):
-        """Same contract as `reference.sparse_mla`."""
-        return self._function.apply(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH)
