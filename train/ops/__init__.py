@@ -122,9 +122,10 @@ def index_fp8(index_dtype: str, x: torch.Tensor) -> bool:
     return index_dtype == "fp8" or (index_dtype == "auto" and common.is_hopper(x.device))
 
 
-def _fp8_dots(x: torch.Tensor) -> bool:
-    """Triton's e4m3 dot products: GPUs of compute capability 8.9 and up (Ada, Hopper), or the interpreter."""
-    return not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (8, 9)
+def _fp8_tiles(q_BLGD: torch.Tensor) -> bool:
+    """Triton's e4m3 tiles: indexer head dims of 32 at least, on GPUs of compute capability 8.9 and up (Ada,
+    Hopper) or in the interpreter."""
+    return q_BLGD.shape[-1] >= 32 and (not q_BLGD.is_cuda or torch.cuda.get_device_capability(q_BLGD.device) >= (8, 9))
 
 
 def indexer_topk(q_BLGD: torch.Tensor, k_BSD: torch.Tensor, w_BLG: torch.Tensor, topk: int,
@@ -133,7 +134,7 @@ def indexer_topk(q_BLGD: torch.Tensor, k_BSD: torch.Tensor, w_BLG: torch.Tensor,
     logits are bf16's, or DeepSeek's FP8 indexer's (`reference.indexer_topk_fp8`) where `index_fp8` says so."""
     D = q_BLGD.shape[-1]
     if index_fp8(index_dtype, q_BLGD):
-        if _use_triton(q_BLGD, _pow2(D) and D >= 32 and _fp8_dots(q_BLGD)):  # e4m3 tiles: 32 dims at least
+        if _use_triton(q_BLGD, _pow2(D) and _fp8_tiles(q_BLGD)):
             return triton_topk.indexer_topk(q_BLGD, k_BSD, w_BLG, topk, q_offset=q_offset, fp8=True)
         return reference.indexer_topk_fp8(q_BLGD, k_BSD, w_BLG, topk, q_offset=q_offset)
     if _use_triton(q_BLGD, _pow2(D)):
@@ -250,7 +251,7 @@ def dense_indexer_kl(qi_BLGD: torch.Tensor, ki_BSD: torch.Tensor, wi_BLG: torch.
     q_offset + t among the keys. The recall's top-k is the one the sparse stage would take (`index_fp8`)."""
     D = qi_BLGD.shape[-1]
     fp8 = index_fp8(index_dtype, qi_BLGD)
-    if _use_triton(qi_BLGD, _pow2(D) and _pow2_parts(qa_BLHD.shape[-1]) and (not fp8 or D >= 32 and _fp8_dots(qi_BLGD))):
+    if _use_triton(qi_BLGD, _pow2(D) and _pow2_parts(qa_BLHD.shape[-1]) and (not fp8 or _fp8_tiles(qi_BLGD))):
         return triton_dense_indexer_kl.dense_indexer_kl(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD, ka_BSHD, scale, topk,
                                                         q_offset=q_offset, fp8=fp8)
     return reference.dense_indexer_kl(qi_BLGD, ki_BSD, wi_BLG, qa_BLHD, ka_BSHD, scale, topk, q_offset=q_offset,

@@ -71,7 +71,8 @@ def _attn_lse_kernel(q_ptr, k_ptr, lse_ptr, scale, L, S, Q0, H, HG, sq_b, sq_t, 
 
 @triton.jit
 def _kl_kernel(qa_ptr, ka_ptr, lse_a_ptr, buf_ptr, sel_ptr, lse_s_ptr, kth_ptr, g_ptr, kl_ptr, rec_ptr,
-               scale, t0, Q0, R, L, S, H, HG, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_h, sbuf_b, sbuf_r, sr_b, sp_b, sp_r,
+               scale, t0, Q0, R, L, S, H, HG, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_h, sbuf_b, sbuf_r, sr_b,
+               sp_b, sp_r,
                D1: tl.constexpr, D2: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, NS: tl.constexpr,
                GRAD: tl.constexpr, SEL: tl.constexpr):
     """One program: BT rows x NS key tiles of BS keys. Forward writes the rows' KL and recall sums over its

@@ -83,7 +83,8 @@ def _top_keys_kernel(keys_ptr, thr_ptr, out_ptr, S, K, sk_b, sk_r, st_b, so_b, s
         n_eq += tl.sum(eq, 0)
 
 
-CONFIGS = {"bf16": dict(BT=64, BS=128, num_warps=4, num_stages=2), "fp8": dict(BT=64, BS=128, num_warps=4, num_stages=2)}
+CONFIGS = {"bf16": dict(BT=64, BS=128, num_warps=4, num_stages=2),
+           "fp8": dict(BT=64, BS=128, num_warps=4, num_stages=2)}
 
 
 def logit_keys(q_BTGD: torch.Tensor, k_BSD: torch.Tensor, w_BTG: torch.Tensor, t0: int,
