@@ -80,7 +80,6 @@ def profile_step(step) -> dict:
     """{part: GPU ms} of one run of `step`, and the run's wall time ("step")."""
     import time
 
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -89,10 +88,18 @@ def profile_step(step) -> dict:
         step()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) * 1e3
+    return parts_of(prof.events(), wall)
+
+
+def parts_of(events, wall: float) -> dict:
+    """{part: GPU ms} of profiler `events` (FunctionEvents) of a step that took `wall` ms: each GPU activity
+    (kernel, copy, fill) once, given to the part its launching op's chain names; not the GPU spans of annotated
+    ranges, which cover kernels counted already."""
+    from torch.autograd import DeviceType
+
     parts = dict.fromkeys(PARTS, 0.0)
-    events = prof.events()
     ops = {e.id: e for e in events if e.device_type == DeviceType.CPU}
-    for d in events:  # each GPU activity once: kernels, copies, fills (not the GPU spans of annotated ranges)
+    for d in events:
         if d.device_type != DeviceType.CUDA or d.is_user_annotation:
             continue
         chain, p = [], ops.get(d.linked_correlation_id)

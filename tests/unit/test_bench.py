@@ -204,3 +204,28 @@ def test_breakdown_bound_takes_each_part_at_its_anchor_rate():
     text = breakdown_table([{"model": "v3-attention", "L": L, "name": "e2e sparse step L=4096", "breakdown": parts,
                              "bound": b}])
     assert "| v3-attention | 4,096 | e2e sparse step L=4096: 100 ms | 10 (10%) | 5 (5%) |" in text
+
+
+def test_breakdown_counts_each_gpu_activity_once():
+    """A kernel counts once, for the op that launched it (found by its correlation id), inside the labelled range
+    above that op; the GPU span of an annotated range is not a kernel; the wall time left over is idle."""
+    from types import SimpleNamespace as E
+
+    from torch.autograd import DeviceType
+
+    from bench.breakdown import parts_of
+
+    def span(us):
+        return E(start=0.0, end=us)
+    label = E(id=1, name="dsa::indexer_topk", cpu_parent=None, device_type=DeviceType.CPU)
+    mm = E(id=2, name="aten::mm", cpu_parent=label, device_type=DeviceType.CPU)
+    add = E(id=3, name="aten::add_", cpu_parent=None, device_type=DeviceType.CPU)
+    gpu = dict(device_type=DeviceType.CUDA, is_user_annotation=False)
+    events = [label, mm, add,
+              E(name="sm90_gemm", linked_correlation_id=2, time_range=span(4000.0), **gpu),
+              E(name="elementwise", linked_correlation_id=3, time_range=span(1000.0), **gpu),
+              E(name="dsa::indexer_topk", linked_correlation_id=1, time_range=span(4500.0),
+                **dict(gpu, is_user_annotation=True))]  # the label's own GPU span
+    parts = parts_of(events, wall=10.0)
+    assert parts["indexer top-k"] == 4.0 and parts["everything else"] == 1.0
+    assert parts["gpu_busy"] == 5.0 and parts["GPU idle"] == 5.0
