@@ -118,11 +118,12 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("error: make bench needs a CUDA GPU")
     from train import ops
-    from train.ops import cudnn_sparse_mla
+    from train.ops import cudnn_sparse_mla, flashmla_sparse_mla
 
     torch.manual_seed(0)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels_backend": ops.backend(),
-               "cudnn_backward_importable": cudnn_sparse_mla.importable(), "kernels": [], "e2e": []}
+               "cudnn_backward_importable": cudnn_sparse_mla.importable(),
+               "flashmla_forward_importable": flashmla_sparse_mla.importable(), "kernels": [], "e2e": []}
 
     def save():  # after every section, so that a cut run keeps what it measured
         with open(args.out, "w") as f:
