@@ -1,7 +1,7 @@
 """Whole training steps of a DeepSeek-V3-architecture or a Qwen3 (GQA) model (bf16 weights, AdamW, activation
 checkpointing): time, tokens/s and peak memory of a dense step (all parameters), a warm-up step (indexer only, KL
-over the full span) and a sparse step (top-k attention, LM loss + the sparse indexer KL), through the training code's own
-`compute_loss`."""
+over the full span) and a sparse step (top-k attention, LM loss + the sparse indexer KL), through the training
+code's own `compute_loss`."""
 
 from __future__ import annotations
 

@@ -119,7 +119,8 @@ def test_logit_keys_decode_to_the_twin_logits():
 def selection_overlap(got: torch.Tensor, want: torch.Tensor, L: int) -> float:
     """Share of `want`'s valid selections (over all rows) that `got` also holds; -1 entries are none."""
     def member(idx):
-        return torch.zeros(*idx.shape[:2], L + 1, dtype=torch.bool, device=idx.device).scatter_(-1, idx + 1, True)[..., 1:]
+        rows = torch.zeros(*idx.shape[:2], L + 1, dtype=torch.bool, device=idx.device)
+        return rows.scatter_(-1, idx + 1, True)[..., 1:]  # column 0 takes the -1 entries
 
     a, b = member(got), member(want)
     return ((a & b).sum() / b.sum()).item()

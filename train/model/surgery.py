@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 
 from train.model import hf
-from train.ops import INDEX_DTYPES
 from train.model.attention import DSAAttention, GQAAttention
 from train.model.indexer import Indexer
 from train.model.transformer import DSABackbone, DSADecoderLayer, DSAForCausalLM
+from train.ops import check_index_dtype
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,8 +44,7 @@ class ModelConfig:
                              "(model.path=/path/to/hf_dir) or an architecture (model=tiny)")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"model.dtype={self.dtype!r}; allowed: {', '.join(DTYPES)}")
-        if self.index_dtype not in INDEX_DTYPES:
-            raise ValueError(f"model.index_dtype={self.index_dtype!r}; allowed: {', '.join(INDEX_DTYPES)}")
+        check_index_dtype(self.index_dtype)
         for key in ("index_n_heads", "index_head_dim", "index_topk"):
             value = getattr(self, key)
             if value is not None and value < 1:

@@ -115,10 +115,14 @@ def _use_triton(x: torch.Tensor, supported: bool) -> bool:
 INDEX_DTYPES = ("auto", "fp8", "bf16")
 
 
-def index_fp8(index_dtype: str, x: torch.Tensor) -> bool:
-    """Whether the indexer's top-k runs in FP8 for tensors like x: `model.index_dtype` fp8, or auto on a Hopper GPU."""
+def check_index_dtype(index_dtype: str) -> None:
     if index_dtype not in INDEX_DTYPES:
         raise ValueError(f"model.index_dtype={index_dtype!r}; allowed: {', '.join(INDEX_DTYPES)}")
+
+
+def index_fp8(index_dtype: str, x: torch.Tensor) -> bool:
+    """Whether the indexer's top-k runs in FP8 for tensors like x: `model.index_dtype` fp8, or auto on a Hopper GPU."""
+    check_index_dtype(index_dtype)
     return index_dtype == "fp8" or (index_dtype == "auto" and common.is_hopper(x.device))
 
 
@@ -272,6 +276,7 @@ __all__ = [
     "dense_attention",
     "dense_indexer_kl",
     "INDEX_DTYPES",
+    "check_index_dtype",
     "index_fp8",
     "indexer_logits",
     "indexer_topk",

@@ -57,8 +57,8 @@ def sparse_mla_backward(q, kv, idx, out, lse, grad_out, scale: float, v_dim: int
     grads = _flat_backward()(q.reshape(B * L, H, D).contiguous(), kv.reshape(B * S, D).contiguous(),
                              out.reshape(B * L, H, v_dim).contiguous(),
                              grad_out.reshape(B * L, H, v_dim).contiguous(),
-                             lse.reshape(B * L, H).float().contiguous(), sink, common.flat_selection(idx, S, KEY_BLOCK),
-                             softmax_scale=scale)
+                             lse.reshape(B * L, H).float().contiguous(), sink,
+                             common.flat_selection(idx, S, KEY_BLOCK), softmax_scale=scale)
     dq, dkv = grads["dq"].view(B, L, H, D), grads["dkv"].view(B, S, D)
     if dkv_acc is None:
         return dq, dkv

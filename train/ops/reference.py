@@ -154,6 +154,12 @@ def fp8_indexer_keys(k_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_fp8(k_BSD @ hadamard(k_BSD.shape[-1], k_BSD.device, k_BSD.dtype))
 
 
+def fp8_indexer_keys_dequantised(k_BSD: torch.Tensor) -> torch.Tensor:
+    """`fp8_indexer_keys` as fp32 values, k8 * scale: exact (the scales are powers of two)."""
+    k8_BSD, ks_BS = fp8_indexer_keys(k_BSD)
+    return k8_BSD.float() * ks_BS[..., None]
+
+
 def fp8_indexer_queries(q_BTGD: torch.Tensor, w_BTG: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The FP8 indexer's queries, rotated and quantised per (token, head) like the keys, with each head's scale
     folded into its weight: (q8 [B, T, G, D], w * scale [B, T, G] fp32). Then (scales being positive)
@@ -168,8 +174,7 @@ def indexer_topk_fp8(q_BLGD: torch.Tensor, k_BSD: torch.Tensor, w_BLG: torch.Ten
     """`indexer_topk` of the FP8 indexer (DeepSeek's inference form): the logits of the e4m3 queries and keys
     with their scales (`fp8_indexer_keys`, `fp8_indexer_queries`), computed exactly in fp32. The scales are
     powers of two, so the dequantised keys are exact and only the kernels' summation order can differ."""
-    k8_BSD, ks_BS = fp8_indexer_keys(k_BSD)
-    kf_BSD = k8_BSD.float() * ks_BS[..., None]
+    kf_BSD = fp8_indexer_keys_dequantised(k_BSD)
     B, L, G, _ = q_BLGD.shape
     block = query_block_size(L, B * G * (q_offset + L), block_elems, q_BLGD.device)
     out = torch.empty(B, L, min(topk, k_BSD.shape[1]), dtype=torch.long, device=q_BLGD.device)
@@ -246,10 +251,7 @@ def dense_indexer_kl(
     """
     B, L, H, _ = qa_BLHD.shape
     block = query_block_size(L, B * max(H, qi_BLGD.shape[2]) * (q_offset + L), block_elems, qi_BLGD.device)
-    k8_BSD = None
-    if fp8:  # the FP8 keys, dequantised (exactly: power-of-two scales), once for every block
-        k8_BSD, ks_BS = fp8_indexer_keys(ki_BLD.detach())
-        k8_BSD = k8_BSD.float() * ks_BS[..., None]
+    k8_BSD = fp8_indexer_keys_dequantised(ki_BLD.detach()) if fp8 else None  # once for every block
     fn = lambda t0, qi, wi, qa, ki, ka: _dense_kl_block(q_offset + t0, qi, wi, qa, ki, ka, k8_BSD,  # noqa: E731
                                                         scale, topk)
     return _QueryBlocks.apply(fn, block, 3, 1, qi_BLGD, wi_BLG, qa_BLHD.detach(), ki_BLD, ka_BLHD.detach())
@@ -420,4 +422,3 @@ def naive_sparse_attention(q_BLHD: torch.Tensor, k_BLJD: torch.Tensor, v_BLJV: t
     scores = torch.einsum("bthd,bshd->bhts", q_BLHD, k_BLHD) * scale
     probs = scores.masked_fill(~selected[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
     return torch.einsum("bhts,bshv->bthv", probs, v_BLHV), probs
-

@@ -250,7 +250,8 @@ def _kl_launch(qa, ka, lse_a, buf, lse_s, kth, g, scale, t0, grad, config, q0=0,
         kl = torch.zeros(B, R, chunks, dtype=torch.float32, device=qa.device)
         rec = torch.zeros_like(kl)
     _kl_kernel[(triton.cdiv(R, BT), chunks, B)](
-        qa, ka, lse_a, buf, buf if sel is None else sel, lse_s, kth, g, kl if kl is not None else g, rec if rec is not None else g, scale, t0,
+        qa, ka, lse_a, buf, buf if sel is None else sel, lse_s, kth, g,
+        kl if kl is not None else g, rec if rec is not None else g, scale, t0,
         q0, R, L, ka.shape[1], H, H // ka.shape[2], qa.stride(0), qa.stride(1), qa.stride(2), ka.stride(0), ka.stride(1), ka.stride(2),
         lse_a.stride(0), lse_a.stride(1), buf.stride(0), buf.stride(1), lse_s.stride(0),
         kl.stride(0) if kl is not None else 0, kl.stride(1) if kl is not None else 0,

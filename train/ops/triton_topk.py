@@ -11,8 +11,8 @@ low). Sorting those gives descending logit order with ties to the lower position
 columns, any batch). Memory: one [R, L] int32 buffer with R = max(topk, 256) rows, O(L x k).
 
 The FP8 indexer (`fp8=True`; twin: `reference.indexer_topk_fp8`) scores e4m3 queries and keys on the tensor
-cores at twice bf16's rate: each head's dot product in fp32, the head's scale folded into its weight, the key's
-scale applied to the head sum.
+cores: each head's dot product in fp32, the head's scale folded into its weight, the key's scale applied to the
+head sum.
 """
 
 from __future__ import annotations
