@@ -142,6 +142,12 @@ def main(argv=None) -> None:
         results["kernels"] += [{"L": L, **r} for r in bench_topk(L, args.iters, args.twin_max, args.plain_max,
                                                                    args.public_indexer)]
         save()
+    for L in args.topk_lengths if "topk_select" in args.sections else []:
+        from bench.topk_select import bench_topk_select
+
+        print(f"[topk_select] L={L}", flush=True)
+        results["kernels"] += [{"L": L, **r} for r in bench_topk_select(L, args.iters)]
+        save()
     sections = {"sparse_mla": lambda L: bench_sparse_mla(L, args.iters, args.twin_max, args.sparse_mla_heads,
                                                     public=args.public_tilelang, backends=args.sparse_mla_backends,
                                                     cudnn=args.cudnn, flashmla=args.public_flashmla),
