@@ -13,7 +13,8 @@ def table(results: dict) -> str:
             lines.append(f"| {row['L']:,} | {row['name']} | {row['error']} | | | |")
         else:
             tf = f"{row['tflops']:.0f}" if "tflops" in row else ""
-            notes = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in _KERNEL_KEYS and isinstance(v, float))
+            notes = ", ".join(f"{k} {v}" if isinstance(v, bool) else f"{k} {v:.4g}" for k, v in row.items()
+                              if k not in _KERNEL_KEYS and isinstance(v, (float, bool)))
             lines.append(f"| {row['L']:,} | {row['name']} | {row['ms']:.2f} | {tf} | {row['peak_gib']:.2f} | {notes} |")
     lines += ["", "| model | L | step | ms | tokens/s | total peak GiB (model, optimizer state, step) | peak above "
               "the model |", "|---|---|---|---|---|---|---|"]
