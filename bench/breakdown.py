@@ -93,20 +93,22 @@ def profile_step(step) -> dict:
 
 def parts_of(events, wall: float) -> dict:
     """{part: GPU ms} of profiler `events` (FunctionEvents) of a step that took `wall` ms: each GPU activity
-    (kernel, copy, fill) once, given to the part its launching op's chain names; not the GPU spans of annotated
-    ranges, which cover kernels counted already."""
+    (kernel, copy, fill) once, given to the part named by the chain of the op it is listed under (the profiler
+    lists each activity under the op whose correlation id it carries); not the GPU span of an annotated range,
+    which the profiler lists under the range itself and which covers kernels counted already."""
     from torch.autograd import DeviceType
 
     parts = dict.fromkeys(PARTS, 0.0)
-    ops = {e.id: e for e in events if e.device_type == DeviceType.CPU}
-    for d in events:
-        if d.device_type != DeviceType.CUDA or d.is_user_annotation:
+    for e in events:
+        if e.device_type != DeviceType.CPU or getattr(e, "is_user_annotation", False):
             continue
-        chain, p = [], ops.get(d.linked_correlation_id)
+        chain, p = [], e
         while p is not None:
             chain.append(p.name)
             p = p.cpu_parent
-        parts[classify(chain or ["(no op)"])] += (d.time_range.end - d.time_range.start) / 1e3
+        for k in e.kernels:
+            if k.name != e.name:  # a range's own GPU span bears its name
+                parts[classify(chain)] += k.duration / 1e3
     busy = sum(parts.values())
     parts["GPU idle"] = max(0.0, wall - busy)
     return {"step": wall, **parts, "gpu_busy": busy}

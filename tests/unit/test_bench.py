@@ -207,25 +207,24 @@ def test_breakdown_bound_takes_each_part_at_its_anchor_rate():
 
 
 def test_breakdown_counts_each_gpu_activity_once():
-    """A kernel counts once, for the op that launched it (found by its correlation id), inside the labelled range
-    above that op; the GPU span of an annotated range is not a kernel; the wall time left over is idle."""
+    """A kernel counts once, for the op it is listed under, inside the labelled range above that op; the GPU span
+    of an annotated range (listed under the range, as the profiler does) is not a kernel; the wall time left over
+    is idle."""
     from types import SimpleNamespace as E
 
     from torch.autograd import DeviceType
 
     from bench.breakdown import parts_of
 
-    def span(us):
-        return E(start=0.0, end=us)
-    label = E(id=1, name="dsa::indexer_topk", cpu_parent=None, device_type=DeviceType.CPU)
-    mm = E(id=2, name="aten::mm", cpu_parent=label, device_type=DeviceType.CPU)
-    add = E(id=3, name="aten::add_", cpu_parent=None, device_type=DeviceType.CPU)
-    gpu = dict(device_type=DeviceType.CUDA, is_user_annotation=False)
-    events = [label, mm, add,
-              E(name="sm90_gemm", linked_correlation_id=2, time_range=span(4000.0), **gpu),
-              E(name="elementwise", linked_correlation_id=3, time_range=span(1000.0), **gpu),
-              E(name="dsa::indexer_topk", linked_correlation_id=1, time_range=span(4500.0),
-                **dict(gpu, is_user_annotation=True))]  # the label's own GPU span
-    parts = parts_of(events, wall=10.0)
+    cpu = dict(device_type=DeviceType.CPU, is_user_annotation=False)
+    label = E(name="dsa::indexer_topk", cpu_parent=None, kernels=[E(name="dsa::indexer_topk", duration=4500.0)],
+              **cpu)  # the label's own GPU span
+    mm = E(name="aten::mm", cpu_parent=label, kernels=[E(name="sm90_gemm", duration=4000.0)], **cpu)
+    add = E(name="aten::add_", cpu_parent=None, kernels=[E(name="elementwise", duration=1000.0)], **cpu)
+    step = E(name="Optimizer.step#AdamW.step", cpu_parent=None, kernels=[E(name="Optimizer.step#AdamW.step",
+             duration=900.0)], **dict(cpu, is_user_annotation=True))
+    kernel = E(name="sm90_gemm", device_type=DeviceType.CUDA, is_user_annotation=False, cpu_parent=None,
+               kernels=[])  # the activity itself: counted through the op that lists it
+    parts = parts_of([label, mm, add, step, kernel], wall=10.0)
     assert parts["indexer top-k"] == 4.0 and parts["everything else"] == 1.0
     assert parts["gpu_busy"] == 5.0 and parts["GPU idle"] == 5.0

@@ -109,27 +109,6 @@ def test_top_keys_take_ties_in_position_order(BS):
     assert torch.equal(triton_topk.decode_keys((top >> 32).to(torch.int32)), vals)
 
 
-@pytest.mark.parametrize("t0", [None, 0, 30])
-def test_threshold_is_the_kth_largest_visible_key(t0):
-    """The radix select: each row's k-th largest sort key over its visible keys (all of them without t0), negative
-    logits and exact ties included; -inf's key where a row holds at most k."""
-    q, k, w = _exact_indexer_inputs(2, 90, 4, 16, seed=3)
-    keys = triton_topk.logit_keys(q[:, 50:], k, w[:, 50:], t0=50)  # rows 50..89 over keys 0..89
-    if t0 is not None:  # rows t0.. of a causal block: fewer visible keys than k in the first rows
-        keys = triton_topk.logit_keys(q[:, :40], k[:, : t0 + 40], w[:, :40], t0=t0)
-    keys[0, 0, :60] = keys[0, 0, 7]  # a run of ties across the threshold
-    assert (triton_topk.decode_keys(keys) < 0).any()
-    K = 24
-    want = torch.full(keys.shape[:2], triton_topk.NEG_INF_KEY, dtype=torch.int32)
-    for b in range(keys.shape[0]):
-        for r in range(keys.shape[1]):
-            n = keys.shape[2] if t0 is None else min(keys.shape[2], t0 + r + 1)
-            if n > K:
-                want[b, r] = torch.sort(keys[b, r, :n], descending=True).values[K - 1]
-    assert (want == triton_topk.NEG_INF_KEY).any() == (t0 == 0)
-    assert torch.equal(triton_topk.threshold(keys, K, t0, BS=16).cpu(), want)
-
-
 def test_logit_keys_decode_to_the_twin_logits():
     q, k, w = _exact_indexer_inputs(1, 70, 4, 16, seed=1)
     keys = triton_topk.logit_keys(q, k, w, t0=0)

@@ -222,8 +222,7 @@ def _indexer_block(qi, ki, wi, t0, t1, topk, need_kth=True, q0=0, fp8=None):
         if fp8 is not None:
             q8, w8 = reference.fp8_indexer_queries(qi[:, t0:t1], wi[:, t0:t1])
             sel = triton_topk.logit_keys(q8, fp8[0][:, : q0 + t1], w8, q0 + t0, fp8[1][:, : q0 + t1])
-        kth = triton_topk.top_keys(keys if sel is None else sel, min(topk, q0 + t1), t0=q0 + t0).min(
-            dim=-1).values.contiguous()
+        kth = triton_topk.top_keys(keys if sel is None else sel, min(topk, q0 + t1)).min(dim=-1).values.contiguous()
     logits = triton_topk.decode_keys(keys)
     del keys
     return logits, torch.logsumexp(logits, dim=-1).contiguous(), kth, sel

@@ -2,9 +2,9 @@
 
 One kernel scores a block of R queries against every key, fusing the G indexer heads (relu, weights,
 head sum) and the causal mask, and writes each score as an int32 *sort key*: the fp32 logit's bits mapped
-to a monotonic integer (-inf, for invisible keys, is the lowest). A radix select over each row's visible keys
-(four 8-bit histogram passes) gives its k-th largest key (the threshold; ties make the *set* of positions
-ambiguous, the value is not); a third kernel then takes, in position order, every key above the threshold and the lowest-positioned
+to a monotonic integer (-inf, for invisible keys, is the lowest). `torch.topk` over these 32-bit keys gives
+each row's k-th largest key (the threshold; ties make the *set* of positions ambiguous, the value is not);
+a second kernel then takes, in position order, every key above the threshold and the lowest-positioned
 ties at it until k are taken, as 64-bit keys (sort key in the high word, `2**32 - 1 - position` in the
 low). Sorting those gives descending logit order with ties to the lower position, exactly like
 `topk_stable`; -inf (invisible) scores sort last and come back as -1. Offsets are int64 throughout (128K+
@@ -83,41 +83,6 @@ def _top_keys_kernel(keys_ptr, thr_ptr, out_ptr, S, K, sk_b, sk_r, st_b, so_b, s
         n_eq += tl.sum(eq, 0)
 
 
-@triton.jit
-def _threshold_kernel(keys_ptr, thr_ptr, t0, S, K, sk_b, sk_r, st_b, BS: tl.constexpr):
-    """thr[r] = the K-th largest int32 sort key of row r's visible prefix (keys 0..t0 + r; t0 = S: the whole row),
-    or -inf's key where the prefix holds at most K keys (the take below gives the same set either way); found a
-    byte at a time, most significant first, from histograms of the keys whose higher bytes match it so far."""
-    r = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
-    row = keys_ptr + b * sk_b + r * sk_r
-    n = tl.minimum(S, t0 + r + 1)
-    bins = tl.arange(0, 256)
-    prefix = tl.full([], 0, tl.uint32)
-    need = tl.full([], 0, tl.int32) + K
-    for p in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * p
-        hist = tl.zeros([256], dtype=tl.int32)
-        other = tl.full([], 0, tl.int32)
-        for s0 in range(0, n, BS):
-            offs = s0 + tl.arange(0, BS)
-            inside = offs < n
-            u = tl.load(row + offs, mask=inside, other=0).to(tl.uint32, bitcast=True) ^ 0x80000000
-            match = inside
-            if p > 0:
-                match = match & ((u >> (shift + 8)) == prefix)
-            digit = tl.where(match, (u >> shift) & 0xFF, 0).to(tl.int32)
-            hist += tl.histogram(digit, 256)
-            other += tl.sum((~match).to(tl.int32), 0)  # counted in bin 0 above: taken out below
-        hist -= tl.where(bins == 0, other, 0)
-        at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys of this digit or a higher one
-        d = tl.sum((at_or_above >= need).to(tl.int32), 0) - 1
-        need -= tl.sum(tl.where(bins > d, hist, 0), 0)
-        prefix = (prefix << 8) | d.to(tl.uint32)
-    thr = (prefix ^ 0x80000000).to(tl.int32, bitcast=True)
-    tl.store(thr_ptr + b * st_b + r, tl.where(n > K, thr, NEG_INF_KEY))
-
-
 CONFIGS = {"bf16": dict(BT=64, BS=128, num_warps=4, num_stages=2),
            "fp8": dict(BT=64, BS=128, num_warps=4, num_stages=2)}
 
@@ -149,26 +114,14 @@ def decode_keys(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(keys >= 0, keys, keys ^ 0x7FFFFFFF).view(torch.float32)
 
 
-def threshold(keys_BTS: torch.Tensor, k: int, t0: int | None = None, BS: int = 1024) -> torch.Tensor:
-    """[B, T] int32: each row's k-th largest sort key, or -inf's key where the row holds at most k visible keys;
-    with `t0`, row r's visible keys are 0..t0 + r (the causal rows of `logit_keys`) and the rest are not read."""
-    B, T, S = keys_BTS.shape
-    keys = keys_BTS.contiguous()
-    thr = torch.empty(B, T, dtype=torch.int32, device=keys.device)
-    _threshold_kernel[(T, B)](keys, thr, S if t0 is None else t0, S, k, keys.stride(0), keys.stride(1),
-                              thr.stride(0), BS=BS)
-    return thr
-
-
-def top_keys(keys_BTS: torch.Tensor, k: int, BS: int = 1024, t0: int | None = None) -> torch.Tensor:
+def top_keys(keys_BTS: torch.Tensor, k: int, BS: int = 1024) -> torch.Tensor:
     """[B, T, k] int64 keys of each row's top k (descending logit, ties to the lower position), in position
     order: sort key << 32 | (2**32 - 1 - position). Rows with fewer than k keys are padded with -inf's key
-    (high word NEG_INF_KEY). The largest 64-bit key is the best; `>= min` tests membership. `t0`: as in
-    `threshold` (the causal rows' invisible keys are -inf's)."""
+    (high word NEG_INF_KEY). The largest 64-bit key is the best; `>= min` tests membership."""
     B, T, S = keys_BTS.shape
     keys = keys_BTS.contiguous()
     if S > k:
-        thr = threshold(keys, k, t0)
+        thr = torch.topk(keys, k, dim=-1, sorted=False).values.min(dim=-1).values.contiguous()
     else:  # every key is in: the threshold is the lowest possible one
         thr = torch.full((B, T), NEG_INF_KEY, dtype=torch.int32, device=keys.device)
     out = torch.full((B, T, k), NEG_INF_KEY << 32, dtype=torch.int64, device=keys.device)
@@ -200,8 +153,7 @@ def indexer_topk(q_BLGD: torch.Tensor, k_BSD: torch.Tensor, w_BLG: torch.Tensor,
         if fp8:
             q_BTGD, w_BTG = reference.fp8_indexer_queries(q_BTGD, w_BTG)
         scales = k_scale[:, : q_offset + t1] if fp8 else None
-        keys = top_keys(logit_keys(q_BTGD, k_BSD[:, : q_offset + t1], w_BTG, q_offset + t0, scales), K,
-                        t0=q_offset + t0)
+        keys = top_keys(logit_keys(q_BTGD, k_BSD[:, : q_offset + t1], w_BTG, q_offset + t0, scales), K)
         top = torch.sort(keys, dim=-1, descending=True).values
         pos = 4294967295 - (top & 0xFFFFFFFF)
         out[:, t0:t1] = pos.masked_fill((top >> 32) == NEG_INF_KEY, -1)
