@@ -228,3 +228,22 @@ def test_breakdown_counts_each_gpu_activity_once():
     parts = parts_of([label, mm, add, step, kernel], wall=10.0)
     assert parts["indexer top-k"] == 4.0 and parts["everything else"] == 1.0
     assert parts["gpu_busy"] == 5.0 and parts["GPU idle"] == 5.0
+
+
+def test_the_radix_threshold_experiment_finds_the_kth_largest_visible_key():
+    """bench/topk_select.py's radix select (in the interpreter): row r's k-th largest sort key over keys 0..t0 + r,
+    negative logits and a run of ties across it included; -inf's key where a row holds at most k."""
+    from bench.topk_select import radix_threshold
+    from train.ops import triton_topk
+
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 40, 4, 16, generator=g), torch.randn(1, 60, 16, generator=g)
+    w = torch.randn(1, 40, 4, generator=g)
+    keys = triton_topk.logit_keys(q, k, w, t0=20)  # rows 20..59 over keys 0..59
+    keys[0, 30, :40] = keys[0, 30, 5]
+    assert (triton_topk.decode_keys(keys) < 0).any()
+    K = 24
+    want = torch.tensor([[torch.sort(keys[0, r, : 21 + r], descending=True).values[K - 1].item() if 21 + r > K
+                          else triton_topk.NEG_INF_KEY for r in range(40)]], dtype=torch.int32)
+    assert (want == triton_topk.NEG_INF_KEY).any()
+    assert torch.equal(radix_threshold(keys, K, 20, BS=16), want)
