@@ -9,6 +9,7 @@ moves single gradient entries. Forward outputs agree far closer (docs/benchmarks
 measured on the GPU).
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -396,12 +397,27 @@ def _stage_run(stage_name, arch=KERNEL_ARCH, index_head_dim=16):
     return model, run
 
 
+# On a GPU, Triton's dots take fp32 operands in TF32 (10-bit mantissa), where the twins' torch matmuls stay fp32: an
+# indexer weight whose gradient is small (the KL near its minimum) can then differ by 8% of its own largest entry,
+# yet by 3e-4 of the model's largest gradient entry (reproduced on CPU: test_tf32_dots_explain_the_gpu_gradient_gap).
+# A gradient is therefore judged against its own largest entry or, if larger, this share of the model's.
+GRAD_FLOOR = 0.02 if DEVICE == "cuda" else 0.0
+
+
+def _gradient_errors(g_got, g_want, floor=GRAD_FLOOR):
+    """Each gradient's largest error over max(its own largest entry, floor x the model's largest entry)."""
+    model_max = max(b.abs().max().item() for b in g_want)
+    return [(a - b).abs().max().item() / max(b.abs().max().item(), floor * model_max, 1e-12)
+            for a, b in zip(g_got, g_want)]
+
+
 def _assert_same_run(got, want):
     (m_want, g_want), (m_got, g_got) = want, got
     for key in m_want:
         assert abs(m_want[key].item() - m_got[key].item()) <= TOL_FWD * max(1.0, abs(m_want[key].item())), key
-    worst = max((a - b).abs().max().item() / max(b.abs().max().item(), 1e-12) for a, b in zip(g_got, g_want))
-    assert worst <= max(TOL, 1e-4), worst  # fp32 summation order, carried through two layers
+    errs = _gradient_errors(g_got, g_want)
+    worst = max(errs)  # fp32 summation order, carried through two layers; TF32 on a GPU
+    assert worst <= max(TOL, 1e-4), ("worst gradient", errs.index(worst), worst)
 
 
 # A tiny Qwen3-layout GQA model (q/k norms, 4 query heads over 2 key heads of 16) whose dims the kernels take.
@@ -418,6 +434,42 @@ def test_model_stage_losses_and_grads_equal_with_kernels(stage_name, arch, monke
         monkeypatch.setenv("DSA_KERNELS", backend)
         res[backend] = run()
     _assert_same_run(res["triton"], res["reference"])
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="emulates on CPU what a GPU's TF32 dots do")
+def test_tf32_dots_explain_the_gpu_gradient_gap(monkeypatch):
+    """The interpreter's dots given TF32-rounded fp32 operands, as a GPU's tensor cores take them: the GQA sparse
+    stage's losses still match the twin's, its worst gradient is an indexer weight's, off by more than 5e-2 of its
+    own largest entry (what the GPU showed: 0.08) though that entry is under 2% of the model's largest, and the
+    GPU's rule (GRAD_FLOOR) passes it."""
+    from triton.runtime import interpreter
+
+    real = interpreter.InterpreterBuilder.create_dot
+
+    def tf32_dot(self, a, b, d, *args):
+        if a.data.dtype == np.float32:
+            a, b = (interpreter.TensorHandle(interpreter._round_f32_to_tf32(t.data), t.dtype.scalar) for t in (a, b))
+        return real(self, a, b, d, *args)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", tf32_dot)
+    from train.stages import STAGES, StageConfig, param_groups
+
+    model, run = _stage_run("sparse", GQA_ARCH)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    names = [name_of[id(p)] for g in param_groups(model, STAGES["sparse"], StageConfig(name="sparse"))
+             for p in g["params"]]  # _stage_run's order
+    res = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("DSA_KERNELS", backend)
+        res[backend] = run()
+    (m_want, g_want), (m_got, g_got) = res["reference"], res["triton"]
+    for key in m_want:
+        assert abs(m_want[key].item() - m_got[key].item()) <= 1e-2 * max(1.0, abs(m_want[key].item())), key
+    own = _gradient_errors(g_got, g_want, floor=0.0)
+    worst = own.index(max(own))
+    model_max = max(b.abs().max().item() for b in g_want)
+    assert own[worst] > 5e-2 and ".indexer." in names[worst], (names[worst], own[worst])
+    assert g_want[worst].abs().max().item() < 0.02 * model_max
+    assert max(_gradient_errors(g_got, g_want, floor=0.02)) <= 5e-2
 
 
 def test_checkpoint_recomputation_reuses_the_attention_lse(monkeypatch):
