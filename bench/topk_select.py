@@ -60,8 +60,6 @@ def radix_threshold(keys_BTS: torch.Tensor, k: int, t0: int, BS: int = 1024) -> 
     return thr
 
 
-
-
 def topk_threshold(keys_BTS: torch.Tensor, k: int) -> torch.Tensor:
     """`torch.topk` over the whole row, as `triton_topk.top_keys` takes it."""
     return torch.topk(keys_BTS, k, dim=-1, sorted=False).values.min(dim=-1).values
