@@ -3,6 +3,8 @@
 import fcntl
 import json
 
+import pytest
+
 from tests.integration.helpers import metrics, run_train
 
 
@@ -110,6 +112,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert "latest is missing" in out.stdout and "at step 6" in out.stdout
 
 
+@pytest.mark.slow  # CI keeps the lock's refusal of a second job (the first test here)
 def test_make_warmup_twice_at_once(tmp_path):
     """Two `make warmup` on one run name at the same time: the second exits 2 with one line naming the holder;
     the first finishes normally, with exactly one metrics row per logged step."""
