@@ -20,6 +20,7 @@ from train.ops.autograd import ComposedSparseMLA  # noqa: E402
 from train.ops import (  # noqa: E402
     common,
     cudnn_sparse_mla,
+    cudnn_topk,
     flashmla_sparse_mla,
     reference,
     triton_sparse_gqa,
@@ -47,6 +48,9 @@ FLASHMLA = pytest.mark.skipif(tilelang_sparse_mla is None or not flashmla_sparse
                               reason="FlashMLA's sparse forward needs a Hopper GPU and sgl-flash-mla")
 CUDNN = pytest.mark.skipif(tilelang_sparse_mla is None or not cudnn_sparse_mla.importable(),
                            reason="cuDNN's sparse MLA backward needs a Hopper GPU and nvidia-cudnn-frontend")
+CUDNN_TOPK = pytest.mark.skipif(DEVICE != "cuda" or not cudnn_topk.fits(torch.zeros(1, device=DEVICE))
+                                or not cudnn_topk.importable(),
+                                reason="cuDNN's top-k needs a Hopper GPU and nvidia-cudnn-frontend")
 TOL = 1e-5 if DEVICE == "cpu" else 5e-2      # gradients
 TOL_FWD = 1e-5 if DEVICE == "cpu" else 1e-2  # forward outputs (loss, attention output, probabilities, recall)
 
@@ -115,6 +119,67 @@ def test_logit_keys_decode_to_the_twin_logits():
     keys = triton_topk.logit_keys(q, k, w, t0=0)
     assert keys.dtype == torch.int32
     assert torch.equal(triton_topk.decode_keys(keys), reference.indexer_logits(q, k, w, 0))
+
+
+def test_raw_logits_are_the_twin_logits():
+    q, k, w = _exact_indexer_inputs(1, 70, 4, 16, seed=1)
+    logits = triton_topk.logit_keys(q, k, w, t0=0, raw=True)
+    assert logits.dtype == torch.float32 and torch.equal(logits, reference.indexer_logits(q, k, w, 0))
+
+
+def _shuffled_selection(logits_BTS: torch.Tensor, k: int, t0: int) -> torch.Tensor:
+    """cuDNN's selection contract from the twin's rule, in a random order per row: each row's k largest visible
+    logits, ties to the lower position, -1 past a short row (int32)."""
+    vals, pos = reference.topk_stable(logits_BTS, k)
+    pos = pos.masked_fill(vals == float("-inf"), -1)
+    g = torch.Generator().manual_seed(t0)
+    perm = torch.rand(pos.shape, generator=g).argsort(-1).to(pos.device)
+    return pos.gather(-1, perm).to(torch.int32)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("L, topk, q_offset", [(300, 32, 0), (20, 32, 0), (300, 32, 200)])
+def test_topk_with_a_selection_in_any_order_equals_twin_exactly(fp8, L, topk, q_offset):
+    """The top-k with its selection from elsewhere (the contract of cuDNN's radix top-k: raw logits in, positions in
+    no order out): `order` gives the twin's order, ties and short rows included, at an offset too."""
+    D = 32 if fp8 else 16
+    q, k, w = _exact_indexer_inputs(2, L + q_offset, 4, D, seed=5)
+    q, w = q[:, q_offset:], w[:, q_offset:]
+    twin = reference.indexer_topk_fp8 if fp8 else reference.indexer_topk
+    want = twin(q, k, w, topk, q_offset=q_offset)
+    got = triton_topk.indexer_topk(q, k, w, topk, q_offset=q_offset, fp8=fp8, select=_shuffled_selection)
+    if DEVICE == "cpu" or not fp8:
+        assert torch.equal(got, want)
+    else:
+        assert selection_overlap(got, want, L + q_offset) >= 0.995
+
+
+@CUDNN_TOPK
+@pytest.mark.parametrize("L, topk, q_offset", [(300, 32, 0), (20, 32, 0), (64, 64, 0), (600, 48, 300)])
+def test_cudnn_selection_equals_twin_exactly(L, topk, q_offset):
+    """cuDNN's radix selection on exact logits (many ties at the cut): the twin's positions, in its order."""
+    q, k, w = _exact_indexer_inputs(2, L + q_offset, 4, 16, seed=6)
+    q, w = q[:, q_offset:], w[:, q_offset:]
+    want = reference.indexer_topk(q, k, w, topk, q_offset=q_offset)
+    got = triton_topk.indexer_topk(q, k, w, topk, q_offset=q_offset, select=cudnn_topk.select)
+    assert torch.equal(got, want)
+
+
+@CUDNN_TOPK
+@pytest.mark.parametrize("fp8", [False, True])
+def test_cudnn_selection_equals_triton_deepseek_shape(fp8, monkeypatch):
+    """At DeepSeek's indexer shape over several query blocks: the same selection as Triton's own take, and the one
+    the dispatch point runs."""
+    from train import ops
+
+    L = 6144
+    q, k, w = _fp8_indexer_inputs(1, L, 64, 128, torch.bfloat16)
+    want = triton_topk.indexer_topk(q, k, w, 2048, fp8=fp8)
+    calls = []
+    select = cudnn_topk.select
+    monkeypatch.setattr(cudnn_topk, "select", lambda *a: calls.append(1) or select(*a))
+    got = ops.indexer_topk(q, k, w, 2048, index_dtype="fp8" if fp8 else "bf16")
+    assert calls and torch.equal(got, want)
 
 
 def selection_overlap(got: torch.Tensor, want: torch.Tensor, L: int) -> float:

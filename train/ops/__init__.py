@@ -5,17 +5,19 @@ Triton kernel with the same contract (`triton_*.py`). Sparse attention comes in 
 (`sparse_mla`: one latent row per key serves every head) and grouped-query attention (`sparse_gqa`: keys and
 values per key head; MHA is the case of one query head per key head). Sparse MLA also has TileLang kernels for
 Hopper GPUs (`tilelang_sparse_mla.py`; forward and backward in `_fwd` / `_bwd`, shared parts in `_common`) and
-can take its backward from NVIDIA's cuDNN frontend (`cudnn_sparse_mla.py`), both used where installed: `pip install
-.[gpu]`; its forward can come from FlashMLA (`flashmla_sparse_mla.py`, installed apart: `pip install --no-deps
-sgl-flash-mla==1.0.0`). `DSA_KERNELS` picks:
+can take its backward from NVIDIA's cuDNN frontend (`cudnn_sparse_mla.py`; the indexer's top-k its selection:
+`cudnn_topk.py`), both used where installed: `pip install .[gpu]`; its forward can come from FlashMLA
+(`flashmla_sparse_mla.py`, installed apart: `pip install --no-deps sgl-flash-mla==1.0.0`). `DSA_KERNELS` picks:
   auto (default)  for CUDA tensors whose shapes a kernel supports: TileLang's sparse MLA on a Hopper GPU with
                   bf16 inputs and at least 64 heads, Triton for the rest, with cuDNN's sparse MLA backward
                   and FlashMLA's forward where they run (Hopper, bf16, d_qk 576 = latent 512 + rope 64;
-                  FlashMLA: 64 or 128 heads); else the reference
+                  FlashMLA: 64 or 128 heads), and cuDNN's radix selection in the indexer's top-k (Hopper);
+                  else the reference
   reference       always the reference
   triton          Triton wherever the shapes allow, CPU tensors included (tests: TRITON_INTERPRET=1)
   tilelang        TileLang's sparse MLA, forward and backward (CUDA, bf16), Triton for the other ops
-  cudnn           TileLang or Triton with cuDNN's backward (no FlashMLA), an error where cuDNN's cannot run
+  cudnn           TileLang or Triton with cuDNN's backward and top-k selection (no FlashMLA), an error where
+                  cuDNN's backward cannot run
 The indexer's top-k runs in FP8 (DeepSeek's e4m3 form) or in the weights' dtype: `model.index_dtype` (`index_fp8`).
 Shapes the kernels take: power-of-two head dims >= 16 (the main attention's d_qk may be two such parts,
 192 = 128 + 64), since their tiles need them; anything else runs the reference. Head counts are free (tiles
@@ -30,7 +32,7 @@ import os
 
 import torch
 
-from train.ops import common, cudnn_sparse_mla, flashmla_sparse_mla, reference
+from train.ops import common, cudnn_sparse_mla, cudnn_topk, flashmla_sparse_mla, reference
 from train.ops.autograd import AbsorbedSparseMLA, ComposedSparseMLA, absorbed_query
 from train.ops.reference import dense_attention, indexer_logits
 
@@ -65,6 +67,7 @@ def backend() -> str:
 
 _cudnn_importable = functools.cache(cudnn_sparse_mla.importable)  # tried once, on first use
 _flashmla_importable = functools.cache(flashmla_sparse_mla.importable)
+_cudnn_topk_importable = functools.cache(cudnn_topk.importable)
 _composed = functools.cache(ComposedSparseMLA)  # one per combination of kernel modules
 
 
@@ -139,11 +142,19 @@ def indexer_topk(q_BLGD: torch.Tensor, k_BSD: torch.Tensor, w_BLG: torch.Tensor,
     D = q_BLGD.shape[-1]
     if index_fp8(index_dtype, q_BLGD):
         if _use_triton(q_BLGD, _pow2(D) and _fp8_tiles(q_BLGD)):
-            return triton_topk.indexer_topk(q_BLGD, k_BSD, w_BLG, topk, q_offset=q_offset, fp8=True)
+            return triton_topk.indexer_topk(q_BLGD, k_BSD, w_BLG, topk, q_offset=q_offset, fp8=True,
+                                            select=_topk_select(q_BLGD))
         return reference.indexer_topk_fp8(q_BLGD, k_BSD, w_BLG, topk, q_offset=q_offset)
     if _use_triton(q_BLGD, _pow2(D)):
-        return triton_topk.indexer_topk(q_BLGD, k_BSD, w_BLG, topk, q_offset=q_offset)
+        return triton_topk.indexer_topk(q_BLGD, k_BSD, w_BLG, topk, q_offset=q_offset, select=_topk_select(q_BLGD))
     return reference.indexer_topk(q_BLGD, k_BSD, w_BLG, topk, q_offset=q_offset)
+
+
+def _topk_select(q: torch.Tensor):
+    """cuDNN's radix selection for Triton's top-k where it runs (DSA_KERNELS auto or cudnn), else None (Triton's)."""
+    if backend() in ("auto", "cudnn") and cudnn_topk.fits(q) and _cudnn_topk_importable():
+        return cudnn_topk.select
+    return None
 
 
 def sparse_mla(q_BLHD: torch.Tensor, kv_BLD: torch.Tensor, idx_BLK: torch.Tensor, scale: float, v_dim: int,

@@ -29,7 +29,8 @@ NEG_INF_KEY = -(2**31) + 0x7FFFFF  # -inf's sort key: 0xFF800000 ^ 0x7FFFFFFF as
 @triton.jit
 def _logit_keys_kernel(q_ptr, k_ptr, w_ptr, ks_ptr, out_ptr, t0, T, S,
                        sq_b, sq_t, sq_g, sk_b, sk_s, sw_b, sw_t, sks_b, so_b, so_t,
-                       G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, SCALED: tl.constexpr):
+                       G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, SCALED: tl.constexpr,
+                       RAW: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_t = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -48,9 +49,12 @@ def _logit_keys_kernel(q_ptr, k_ptr, w_ptr, ks_ptr, out_ptr, t0, T, S,
             acc *= tl.load(ks_ptr + b * sks_b + offs_s, mask=offs_s < S, other=1.0)[None, :]
     visible = offs_s[None, :] <= (t0 + offs_t)[:, None]
     acc = tl.where(visible, acc, float("-inf"))
-    bits = acc.to(tl.int32, bitcast=True)
-    keys = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    tl.store(out_ptr + b * so_b + offs_t[:, None] * so_t + offs_s[None, :], keys,
+    if RAW:  # the fp32 logits themselves
+        out = acc
+    else:
+        bits = acc.to(tl.int32, bitcast=True)
+        out = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    tl.store(out_ptr + b * so_b + offs_t[:, None] * so_t + offs_s[None, :], out,
              mask=(offs_t[:, None] < T) & (offs_s[None, :] < S))
 
 
@@ -88,9 +92,10 @@ CONFIGS = {"bf16": dict(BT=64, BS=128, num_warps=4, num_stages=2),
 
 
 def logit_keys(q_BTGD: torch.Tensor, k_BSD: torch.Tensor, w_BTG: torch.Tensor, t0: int,
-               k_scale_BS: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """[B, T, S] int32 sort keys of the indexer logits of queries t0..t0+T-1 over keys 0..S-1; with `k_scale_BS`,
-    of the FP8 indexer (e4m3 q and k, the queries' scales in w).
+               k_scale_BS: torch.Tensor | None = None, config: dict | None = None, raw: bool = False) -> torch.Tensor:
+    """[B, T, S] int32 sort keys of the indexer logits of queries t0..t0+T-1 over keys 0..S-1 (with `raw`, the fp32
+    logits, -inf where a key is not visible); with `k_scale_BS`, of the FP8 indexer (e4m3 q and k, the queries'
+    scales in w).
 
     Launch configurations (CONFIGS): bf16's the fastest of a sweep on the H200 (G 64, D 128, 16K keys); FP8 takes
     the same (not swept yet)."""
@@ -101,11 +106,11 @@ def logit_keys(q_BTGD: torch.Tensor, k_BSD: torch.Tensor, w_BTG: torch.Tensor, t
         k = k.to(q.dtype)
     ks = k_scale_BS.float().contiguous() if k_scale_BS is not None else w  # w: a placeholder the kernel never reads
     c = config or CONFIGS["fp8" if k_scale_BS is not None else "bf16"]
-    out = torch.empty(B, T, S, dtype=torch.int32, device=q.device)
+    out = torch.empty(B, T, S, dtype=torch.float32 if raw else torch.int32, device=q.device)
     grid = (triton.cdiv(S, c["BS"]), triton.cdiv(T, c["BT"]), B)
     _logit_keys_kernel[grid](q, k, w, ks, out, t0, T, S, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
                              k.stride(1), w.stride(0), w.stride(1), ks.stride(0), out.stride(0), out.stride(1), G=G,
-                             D=D, SCALED=k_scale_BS is not None, **c)
+                             D=D, SCALED=k_scale_BS is not None, RAW=raw, **c)
     return out
 
 
@@ -135,11 +140,30 @@ def query_rows(L: int, topk: int) -> int:
     return max(min(topk, L), 256)
 
 
+def _positions(top: torch.Tensor) -> torch.Tensor:
+    """Positions of 64-bit top keys (`top_keys`' form), -1 for -inf's."""
+    pos = 4294967295 - (top & 0xFFFFFFFF)
+    return pos.masked_fill((top >> 32) == NEG_INF_KEY, -1)
+
+
+def order(logits_BTS: torch.Tensor, pos_BTK: torch.Tensor) -> torch.Tensor:
+    """A selection given in any order (positions, -1 for none) in the twin's order: descending logit, ties to the
+    lower position, -1 last; int64 [B, T, K]. logits_BTS: the fp32 logits the positions index."""
+    valid = pos_BTK >= 0
+    pos = pos_BTK.long().clamp(min=0)
+    bits = logits_BTS.gather(-1, pos).view(torch.int32)
+    keys = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long()
+    wide = ((keys << 32) | (4294967295 - pos)).masked_fill(~valid, NEG_INF_KEY << 32)
+    return _positions(torch.sort(wide, dim=-1, descending=True).values)
+
+
 @torch.no_grad()
 def indexer_topk(q_BLGD: torch.Tensor, k_BSD: torch.Tensor, w_BLG: torch.Tensor, topk: int,
-                 q_offset: int = 0, fp8: bool = False) -> torch.Tensor:
+                 q_offset: int = 0, fp8: bool = False, select=None) -> torch.Tensor:
     """Same contract as `reference.indexer_topk` (`reference.indexer_topk_fp8` with `fp8`): [B, L, min(topk, S)]
-    int64, descending, -1 where invalid; query t sits at position q_offset + t among the S keys."""
+    int64, descending, -1 where invalid; query t sits at position q_offset + t among the S keys. `select`
+    (`cudnn_topk.select`'s contract: raw logits, k, the block's first position -> positions in any order) takes
+    each block's selection in place of `top_keys`."""
     B, L, G, D = q_BLGD.shape
     K = min(topk, k_BSD.shape[1])
     rows = query_rows(k_BSD.shape[1], topk)
@@ -153,8 +177,9 @@ def indexer_topk(q_BLGD: torch.Tensor, k_BSD: torch.Tensor, w_BLG: torch.Tensor,
         if fp8:
             q_BTGD, w_BTG = reference.fp8_indexer_queries(q_BTGD, w_BTG)
         scales = k_scale[:, : q_offset + t1] if fp8 else None
-        keys = top_keys(logit_keys(q_BTGD, k_BSD[:, : q_offset + t1], w_BTG, q_offset + t0, scales), K)
-        top = torch.sort(keys, dim=-1, descending=True).values
-        pos = 4294967295 - (top & 0xFFFFFFFF)
-        out[:, t0:t1] = pos.masked_fill((top >> 32) == NEG_INF_KEY, -1)
+        logits = logit_keys(q_BTGD, k_BSD[:, : q_offset + t1], w_BTG, q_offset + t0, scales, raw=select is not None)
+        if select is None:
+            out[:, t0:t1] = _positions(torch.sort(top_keys(logits, K), dim=-1, descending=True).values)
+        else:
+            out[:, t0:t1] = order(logits, select(logits, K, q_offset + t0))
     return out
