@@ -94,13 +94,15 @@ def profile_step(step) -> dict:
 def parts_of(events, wall: float) -> dict:
     """{part: GPU ms} of profiler `events` (FunctionEvents) of a step that took `wall` ms: each GPU activity
     (kernel, copy, fill) once, given to the part named by the chain of the op it is listed under (the profiler
-    lists each activity under the op whose correlation id it carries); not the GPU span of an annotated range,
-    which the profiler lists under the range itself and which covers kernels counted already."""
+    lists each activity under the innermost op or annotated range open at its launch: a Triton, TileLang or
+    cuDNN kernel launched from Python sits under the `dsa::` range itself); not the GPU span of an annotated
+    range, which the profiler lists under the range with the range's name and which covers kernels counted
+    already."""
     from torch.autograd import DeviceType
 
     parts = dict.fromkeys(PARTS, 0.0)
     for e in events:
-        if e.device_type != DeviceType.CPU or getattr(e, "is_user_annotation", False):
+        if e.device_type != DeviceType.CPU:
             continue
         chain, p = [], e
         while p is not None:
