@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "each part ran at its anchor's rate (bench/breakdown.py)")
     ap.add_argument("--recompute-topk", action="store_true",
                     help="end to end: recompute each layer's top-k in backward (stage.recompute_topk=true)")
-    ap.add_argument("--sweep", nargs="*", choices=["warmup_kl", "sparse_mla", "tilelang_sparse_mla", "tilelang_probs"],
+    ap.add_argument("--sweep", nargs="*", choices=["warmup_kl", "sparse_mla", "tilelang_sparse_mla"],
                     help="only sweep these kernels' launch configurations, at the first of --lengths")
     ap.add_argument("--sparse-mla-heads", type=int, default=H,
                     help="the sparse_mla section's head count (rows are named with it where it is not the default)")

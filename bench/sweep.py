@@ -4,12 +4,11 @@ beside the kernels."""
 
 from __future__ import annotations
 
-import functools
 import re
 
 import torch
 
-from bench.common import DR, DV, H, guarded, sparse_mla_flops
+from bench.common import DV, H, guarded, sparse_mla_flops
 from bench.kernels import bench_warmup_kl, sparse_mla_inputs
 
 WARMUP_KL = [dict(BT=BT, BS=BS, NS=NS, num_warps=warps, num_stages=stages)
@@ -33,27 +32,6 @@ def sweep(L: int, iters: int, kernels: list[str], heads: int = H) -> list[dict]:
         rows += sweep_sparse_mla(L, iters, heads)
     if "tilelang_sparse_mla" in kernels:
         rows += sweep_tilelang_sparse_mla(L, iters, heads)
-    if "tilelang_probs" in kernels:
-        rows += sweep_tilelang_probs(L, iters, heads)
-    return rows
-
-
-def sweep_tilelang_probs(L: int, iters: int, heads: int) -> list[dict]:
-    """TileLang's probabilities pass (the forward's sparse indexer target): heads per program (64, or all 128 with
-    one gather of the selected rows and no atomics), key block and stages. TFLOP/s over the score GEMM's FLOPs."""
-    from train.ops import tilelang_sparse_mla as tk
-    from train.ops import tilelang_sparse_mla_fwd as tk_fwd
-
-    q, kv, idx, selected = sparse_mla_inputs(L, heads)
-    scale = 192 ** -0.5
-    _, lse = tk.sparse_mla_forward(q, kv, idx, scale, DV)
-    flops = sparse_mla_flops(heads, selected) * (DV + DR) / (2 * DV + DR)
-    rows = []
-    for BH, BK, NS in ((64, 64, 2), (128, 32, 2), (128, 64, 1), (128, 32, 1)):
-        name = f"probs block_h={BH} block_k={BK} stages={NS}"
-        run = functools.partial(tk_fwd.sparse_mla_probs, q, kv, idx, lse, scale, DV, block_k=BK, num_stages=NS,
-                                block_h=BH)
-        rows.append({"L": L, "config": name, **guarded(f"tilelang sparse_mla {name}", run, iters, flops)})
     return rows
 
 

@@ -16,7 +16,7 @@ PASS_CONFIGS = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True,
                 tilelang.PassConfigKey.TL_DISABLE_WARP_SPECIALIZED: True}
 
 # Launch configurations (keys per block, pipeline stages); threads follow the head block (`num_threads`).
-CONFIGS = {"fwd": dict(block_k=64, num_stages=2), "probs": dict(block_k=64, num_stages=2, block_h=None),
+CONFIGS = {"fwd": dict(block_k=64, num_stages=2), "probs": dict(block_k=64, num_stages=2),
            "bwd": dict(block_k=32, num_stages=0), "ws": dict(block_k=64, num_stages=2),
            "bwd_ws": dict(block_k=32, num_stages=2), "dq": dict(block_k=64, num_stages=2)}
 # The warp-specialised backward's dS (bf16) is made for this many elements of it at a time (2**29: 1 GiB).
@@ -116,13 +116,11 @@ def _store_through(acc, tile_s, out):
     T.copy(tile_s, out)
 
 
-def _padded(q, idx, block_k: int, lse=None, block_h: int | None = None):
-    """q with its heads padded to a multiple of the head block (`block_h`, default `head_block`; zeros), idx as
-    int32 padded to a multiple of block_k (-1), and lse padded like q's heads (+inf: the padding heads have no
-    probability)."""
+def _padded(q, idx, block_k: int, lse=None):
+    """q with its heads padded to a multiple of the head block (zeros), idx as int32 padded to a multiple of
+    block_k (-1), and lse padded like q's heads (+inf: the padding heads have no probability)."""
     H = q.shape[2]
-    block_h = block_h or head_block(H)
-    Hp = -(-H // block_h) * block_h
+    Hp = -(-H // head_block(H)) * head_block(H)
     K = idx.shape[-1]
     Kp = -(-K // block_k) * block_k
     if Hp != H:

@@ -206,11 +206,11 @@ def _ws_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, given
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def _probs_kernel(Q, KV, Idx, Lse, P, heads, true_heads, dv, dr, topk, scale, with_out, block_k, num_stages,
-                  threads, block_h):
-    """P [B, L, topk] (zeros in, fp32): += the program's block_h heads' probabilities / true_heads (atomically where
+                  threads):
+    """P [B, L, topk] (zeros in, fp32): += the program's heads' probabilities / true_heads (atomically where
     several head blocks share a token); with `with_out`, also the attention output, from the same P."""
     B, L, S = T.dynamic("B"), T.dynamic("L"), T.dynamic("S")  # S: latent rows (all L, or more)
-    BH = block_h
+    BH = head_block(heads)
     NH, NK, c, inv_h = heads // BH, topk // block_k, scale * LOG2E, 1.0 / true_heads
     Q: T.Tensor([B, L, heads, dv + dr], T.bfloat16)  # noqa: F811
     KV: T.Tensor([B, S, dv + dr], T.bfloat16)  # noqa: F811
@@ -297,20 +297,18 @@ def _plain_forward(q, kv, idx, scale: float, v_dim: int, block_k: int | None = N
 
 
 def _probs(q, kv, idx, lse, scale: float, v_dim: int, with_out: bool, cfg: dict):
-    block_h = cfg.get("block_h") or head_block(q.shape[2])
-    qp, idxp, lsep, H, K = _padded(q, idx, cfg["block_k"], lse.float(), block_h)
+    qp, idxp, lsep, H, K = _padded(q, idx, cfg["block_k"], lse.float())
     D = q.shape[-1]
     p = torch.zeros(idxp.shape, dtype=torch.float32, device=q.device)
     out = _probs_kernel(qp, kv.contiguous(), idxp, lsep, p, qp.shape[2], H, v_dim, D - v_dim, idxp.shape[-1], scale,
-                        with_out, cfg["block_k"], cfg["num_stages"], cfg["threads"], block_h)
+                        with_out, cfg["block_k"], cfg["num_stages"], cfg["threads"])
     return (out[:, :, :H], p[..., :K]) if with_out else p[..., :K]
 
 
 def sparse_mla_probs(q, kv, idx, lse, scale: float, v_dim: int, block_k: int | None = None,
-                     num_stages: int | None = None, threads: int | None = None, block_h: int | None = None):
-    """Head-averaged attention probabilities over the selected set, [B, L, K] fp32 (0 where idx = -1). Launch
-    configuration: CONFIGS' "probs" (`block_h`: heads per program; None, the head block of the other kernels)."""
-    cfg = _config("probs", q.shape[2], block_k=block_k, num_stages=num_stages, threads=threads, block_h=block_h)
+                     num_stages: int | None = None, threads: int | None = None):
+    """Head-averaged attention probabilities over the selected set, [B, L, K] fp32 (0 where idx = -1)."""
+    cfg = _config("probs", q.shape[2], block_k=block_k, num_stages=num_stages, threads=threads)
     return _probs(q, kv, idx, lse, scale, v_dim, False, cfg)
 
 
