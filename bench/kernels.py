@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -218,6 +220,15 @@ def bench_topk(L: int, iters: int, twin_max: int, plain_max: int, public_indexer
             guarded("indexer_topk triton logits only", lambda: logits_only(False), iters, flops),
             guarded("indexer_topk triton fp8 logits only", lambda: logits_only(True), iters, flops)]
     rows[1].update(fp8_agreement(q, k, w))
+    from train.ops import cudnn_topk
+
+    if cudnn_topk.importable():  # what `auto` runs where the cuDNN frontend is installed
+        for fp8 in (False, True):
+            name = "indexer_topk triton" + (" fp8" if fp8 else "") + ", cuDNN selection"
+            run = functools.partial(triton_topk.indexer_topk, q, k, w, TOPK, fp8=fp8, select=cudnn_topk.select)
+            rows.append(guarded(name, run, iters, flops))
+            rows[-1]["same_as_triton_selection"] = bool(torch.equal(run(), triton_topk.indexer_topk(
+                q, k, w, TOPK, fp8=fp8)))
     if L <= twin_max:
         rows.append(guarded("indexer_topk twin", lambda: reference.indexer_topk(q, k, w, TOPK), iters, flops))
     if L <= plain_max:

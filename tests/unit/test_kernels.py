@@ -53,12 +53,24 @@ CUDNN_TOPK = pytest.mark.skipif(DEVICE != "cuda" or not cudnn_topk.fits(torch.ze
                                 reason="cuDNN's top-k needs a Hopper GPU and nvidia-cudnn-frontend")
 TOL = 1e-5 if DEVICE == "cpu" else 5e-2      # gradients
 TOL_FWD = 1e-5 if DEVICE == "cpu" else 1e-2  # forward outputs (loss, attention output, probabilities, recall)
+# Gradients that sum many heads' and queries' bf16 contributions by fp32 atomics (in another order each run): the
+# latent rows' at DeepSeek's shape (TileLang's backward: 5.05e-2 of the largest entry on an H100) and, as the
+# forward outputs and dq stayed under 6e-3, those of cuDNN's backward and of sparse GQA's key and value heads at
+# Qwen3's shape, past 5e-2 in some of five runs (H100, 2026-12-07; the messages were cut short, and now name the
+# worst first).
+TOL_SUMMED = max(TOL, 6e-2)
 
 
-def _assert_close(got, want, names, n_fwd, tol):
+def _assert_close(got, want, names, n_fwd, tol, tol_fwd=TOL_FWD):
+    """Each output's largest error over its largest entry: the first n_fwd within tol_fwd, all within tol; the
+    message names the worst of each kind first (pytest shortens long dicts)."""
     errs = {n: (a.float() - b.float()).abs().max().item() / b.float().abs().max().item()
             for a, b, n in zip(got, want, names)}
-    assert all(errs[n] <= TOL_FWD for n in names[:n_fwd]) and max(errs.values()) <= tol, errs
+    fwd = max(names[:n_fwd], key=errs.get)
+    worst = max(errs, key=errs.get)
+    assert errs[fwd] <= tol_fwd and errs[worst] <= tol, (f"worst forward {fwd} {errs[fwd]:.4g} (<= {tol_fwd}), "
+                                                          f"worst {worst} {errs[worst]:.4g} (<= {tol})", errs)
+    return errs
 
 
 def _exact_indexer_inputs(B, L, G, D, seed=0):
@@ -299,7 +311,7 @@ def test_sparse_gqa_kernel_matches_twin_small(H, J):
 @GPU
 @pytest.mark.parametrize("H, J", [(64, 8), (32, 8)])  # Qwen3-32B's attention; Llama-3-8B's
 def test_sparse_gqa_kernel_matches_twin_qwen3_shape(H, J):
-    _check_sparse_gqa(B=1, L=4096, H=H, J=J, D=128, K=2048, dtype=torch.bfloat16, tol=TOL)
+    _check_sparse_gqa(B=1, L=4096, H=H, J=J, D=128, K=2048, dtype=torch.bfloat16, tol=TOL_SUMMED)
 
 
 @GPU
@@ -501,21 +513,27 @@ def test_model_stage_losses_and_grads_equal_with_kernels(stage_name, arch, monke
     _assert_same_run(res["triton"], res["reference"])
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="emulates on CPU what a GPU's TF32 dots do")
-def test_tf32_dots_explain_the_gpu_gradient_gap(monkeypatch):
-    """The interpreter's dots given TF32-rounded fp32 operands, as a GPU's tensor cores take them: the GQA sparse
-    stage's losses still match the twin's, its worst gradient is an indexer weight's, off by more than 5e-2 of its
-    own largest entry (what the GPU showed: 0.08) though that entry is under 2% of the model's largest, and the
-    GPU's rule (GRAD_FLOOR) passes it."""
+@pytest.fixture
+def tf32_dots(monkeypatch):
+    """The interpreter's dots take fp32 operands as a GPU's tensor cores do under Triton: as TF32, each operand's low
+    13 mantissa bits dropped (truncation; rounding to nearest instead gives errors 2-5x smaller than the GPU's)."""
     from triton.runtime import interpreter
 
     real = interpreter.InterpreterBuilder.create_dot
 
     def tf32_dot(self, a, b, d, *args):
         if a.data.dtype == np.float32:
-            a, b = (interpreter.TensorHandle(interpreter._round_f32_to_tf32(t.data), t.dtype.scalar) for t in (a, b))
+            a, b = (interpreter.TensorHandle((t.data.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32),
+                                             t.dtype.scalar) for t in (a, b))
         return real(self, a, b, d, *args)
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", tf32_dot)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="emulates on CPU what a GPU's TF32 dots do")
+def test_tf32_dots_explain_the_gpu_gradient_gap(tf32_dots, monkeypatch):
+    """With the GPU's TF32 dots (`tf32_dots`): the GQA sparse stage's losses still match the twin's, its worst
+    gradient is an indexer weight's, off by more than 5e-2 of its own largest entry (what the GPU showed: 0.08)
+    though that entry is under 2% of the model's largest, and the GPU's rule (GRAD_FLOOR) passes it."""
     from train.stages import STAGES, StageConfig, param_groups
 
     model, run = _stage_run("sparse", GQA_ARCH)
@@ -537,6 +555,15 @@ def test_tf32_dots_explain_the_gpu_gradient_gap(monkeypatch):
     assert max(_gradient_errors(g_got, g_want, floor=0.02)) <= 5e-2
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="emulates on CPU what a GPU's TF32 dots do")
+def test_tf32_dots_explain_the_gpu_absorbed_output_gap(tf32_dots):
+    """With the GPU's TF32 dots, the chunked absorbed path in fp32 gives the GPU's figures (H100, 2026-12-07: the
+    one-pass recomputation's output 1.258e-2 of its largest entry, p 4.28e-3, dq_nope 6.27e-3): past TOL_FWD, within
+    the GPU's TOL_FWD_TF32."""
+    plain, given_lse = _check_absorbed(triton_sparse_mla, torch.float32, 5e-2, tol_fwd=2e-2)
+    assert 1e-2 < given_lse["out"] < 1.3e-2 and 4e-3 < given_lse["p"] < 4.5e-3 and plain["out"] < 2e-3
+
+
 def test_checkpoint_recomputation_reuses_the_attention_lse(monkeypatch):
     """Under activation checkpointing each layer's recomputation gets the sparse attention's output and
     probabilities in one pass from the forward's log-sum-exp, with the plain run's loss and gradients."""
@@ -555,9 +582,7 @@ def test_checkpoint_recomputation_reuses_the_attention_lse(monkeypatch):
 @TILELANG
 @pytest.mark.parametrize("H", [128, 16, 40])  # DeepSeek-V3; the 1B model; a head count not a multiple of 64
 def test_tilelang_sparse_mla_matches_twin_deepseek_shape(H):
-    # the latent rows' gradient sums 128 heads' bf16 contributions by fp32 atomics (in a different order each run):
-    # its largest entry's error measured 5.05e-2 of the largest entry on an H100, just past TOL
-    _check_sparse_mla(B=1, L=4096, H=H, DV=512, DR=64, K=2048, dtype=torch.bfloat16, tol=max(TOL, 6e-2),
+    _check_sparse_mla(B=1, L=4096, H=H, DV=512, DR=64, K=2048, dtype=torch.bfloat16, tol=TOL_SUMMED,
                       kernel=tilelang_sparse_mla.sparse_mla)
 
 
@@ -634,7 +659,7 @@ def test_backend_choice(monkeypatch):
         ops.backend()
 
 
-def _check_absorbed(kernels, dtype, tol, B=2, L=40, H=4, N=16, R=16, A=32, V=16, K=24, chunk=16):
+def _check_absorbed(kernels, dtype, tol, B=2, L=40, H=4, N=16, R=16, A=32, V=16, K=24, chunk=16, tol_fwd=TOL_FWD):
     """ops.absorbed_sparse_mla in query chunks (the kernels' path) against the plain composition on the twin:
     outputs, probabilities, log-sum-exp, and the gradients of the query parts, the latent rows and both weights;
     also given the log-sum-exp (the checkpoint recomputation)."""
@@ -661,12 +686,18 @@ def _check_absorbed(kernels, dtype, tol, B=2, L=40, H=4, N=16, R=16, A=32, V=16,
         return AbsorbedSparseMLA.apply(kernels, *args, chunk)
     want = run(twin)
     names = ("out", "p", "lse", "dq_nope", "dq_rope", "dkv", "dw_uk", "dw_uv")
-    _assert_close(run(chunked), want, names, 3, tol)
-    _assert_close(run(chunked, want[2]), want, names, 3, tol)
+    return [_assert_close(run(chunked), want, names, 3, tol, tol_fwd),
+            _assert_close(run(chunked, want[2]), want, names, 3, tol, tol_fwd)]
+
+
+# fp32 on a GPU: Triton's dots hand fp32 operands to the tensor cores as TF32, dropping each one's low 13 mantissa
+# bits (truncation); the one-pass recomputation's output, which sums such products through P·V, lands at 1.26e-2
+# of its largest entry there, as `test_tf32_dots_explain_the_gpu_absorbed_output_gap` reproduces on CPU.
+TOL_FWD_TF32 = 2e-2 if DEVICE == "cuda" else TOL_FWD
 
 
 def test_absorbed_sparse_mla_in_query_chunks_matches_twin():
-    _check_absorbed(triton_sparse_mla, torch.float32, TOL)
+    _check_absorbed(triton_sparse_mla, torch.float32, TOL, tol_fwd=TOL_FWD_TF32)
 
 
 @TILELANG
@@ -730,7 +761,7 @@ def test_cudnn_backend_choice(monkeypatch):
 @CUDNN
 @pytest.mark.parametrize("H", [128, 16, 80])  # DeepSeek-V3; the 1B model; a head count not a multiple of 64
 def test_cudnn_backward_matches_twin_deepseek_shape(H):
-    _check_sparse_mla(B=1, L=4096, H=H, DV=512, DR=64, K=2048, dtype=torch.bfloat16, tol=TOL,
+    _check_sparse_mla(B=1, L=4096, H=H, DV=512, DR=64, K=2048, dtype=torch.bfloat16, tol=TOL_SUMMED,
                       kernel=ComposedSparseMLA(tilelang_sparse_mla, backward=cudnn_sparse_mla).sparse_mla)
 
 
@@ -811,7 +842,7 @@ def test_flashmla_dispatch(monkeypatch):
 @FLASHMLA
 @pytest.mark.parametrize("H", [128, 64])
 def test_flashmla_forward_matches_twin_deepseek_shape(H):
-    _check_sparse_mla(B=1, L=4096, H=H, DV=512, DR=64, K=2048, dtype=torch.bfloat16, tol=TOL,
+    _check_sparse_mla(B=1, L=4096, H=H, DV=512, DR=64, K=2048, dtype=torch.bfloat16, tol=TOL_SUMMED,
                       kernel=ComposedSparseMLA(tilelang_sparse_mla, forward=flashmla_sparse_mla).sparse_mla)
 
 
