@@ -166,6 +166,33 @@ def test_topk_with_a_selection_in_any_order_equals_twin_exactly(fp8, L, topk, q_
         assert selection_overlap(got, want, L + q_offset) >= 0.995
 
 
+def _flat_twin_top_k(values, seq_lens, top_k, return_val=True, tie_break=0):
+    """cuDNN's `indexer_top_k_wrapper` contract, computed by the twin's rule: row r's top_k largest of its first
+    seq_lens[r] values, ties to the smaller column (tie_break=1), in a shuffled order, -1 past a short row."""
+    assert tie_break == 1 and not return_val and values.dtype == torch.float32 and seq_lens.dtype == torch.int32
+    cols = torch.arange(values.shape[-1], device=values.device)
+    masked = values.masked_fill(cols[None] >= seq_lens[:, None].long(), float("-inf"))
+    vals, pos = reference.topk_stable(masked, top_k)
+    pos = pos.masked_fill(vals == float("-inf"), -1)
+    perm = torch.rand(pos.shape, generator=torch.Generator().manual_seed(1)).argsort(-1).to(pos.device)
+    return {"indices": pos.gather(-1, perm).to(torch.int32)}
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="exact in the interpreter; on a GPU cuDNN's own selection is tested")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_cudnn_selection_adapter_matches_twin(fp8, monkeypatch):
+    """The adapter of cuDNN's top-k (each row's visible length, the batch laid out as rows), against a stand-in for
+    its kernel built from the twin's rule: the twin's selection, two sequences, an offset piece, short rows."""
+    monkeypatch.setattr(cudnn_topk, "_top_k", lambda: _flat_twin_top_k)
+    D = 32 if fp8 else 16
+    q, k, w = _exact_indexer_inputs(2, 500, 4, D, seed=7)
+    twin = reference.indexer_topk_fp8 if fp8 else reference.indexer_topk
+    for q_offset in (0, 200):
+        piece = (q[:, q_offset:], k, w[:, q_offset:], 40)
+        got = triton_topk.indexer_topk(*piece, q_offset=q_offset, fp8=fp8, select=cudnn_topk.select)
+        assert torch.equal(got, twin(*piece, q_offset=q_offset))
+
+
 @CUDNN_TOPK
 @pytest.mark.parametrize("L, topk, q_offset", [(300, 32, 0), (20, 32, 0), (64, 64, 0), (600, 48, 300)])
 def test_cudnn_selection_equals_twin_exactly(L, topk, q_offset):
