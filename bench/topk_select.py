@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from train.ops import triton_topk
+from train.ops import cudnn_topk, triton_topk
 
 NEG_INF_KEY = tl.constexpr(triton_topk.NEG_INF_KEY)  # usable inside the kernel
 
@@ -66,14 +66,9 @@ def topk_threshold(keys_BTS: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def cudnn_topk(keys_BTS: torch.Tensor, k: int, t0: int) -> torch.Tensor:
-    """cuDNN's radix top-k of each row's visible prefix: [T, k] int32 positions (-1 past a short row), from the fp32
-    logits the sort keys encode."""
-    from cudnn.deepseek_sparse_attention import indexer_top_k_wrapper
-
-    B, T, S = keys_BTS.shape
-    values = triton_topk.decode_keys(keys_BTS).reshape(B * T, S)
-    lens = (t0 + 1 + torch.arange(T, device=keys_BTS.device, dtype=torch.int32)).clamp(max=S).repeat(B)
-    return indexer_top_k_wrapper(values, lens, k, return_val=False, tie_break=1)["indices"]
+    """cuDNN's radix top-k of each row's visible prefix (`cudnn_topk.select`, what `auto` runs): [B, T, k] int32
+    positions in no order, -1 past a short row, from the fp32 logits the sort keys encode."""
+    return cudnn_topk.select(triton_topk.decode_keys(keys_BTS), k, t0)
 
 
 def bench_topk_select(L: int, iters: int) -> list[dict]:
@@ -99,8 +94,7 @@ def bench_topk_select(L: int, iters: int) -> list[dict]:
            guarded(f"select L={L}: sort into logit order", lambda: torch.sort(top, dim=-1, descending=True), iters)]
     out[2]["same_threshold_as_torch_topk"] = same
     try:
-        pos = 4294967295 - (top & 0xFFFFFFFF)
-        want = pos.masked_fill((top >> 32) == triton_topk.NEG_INF_KEY, -1)[0].sort(-1).values
+        want = triton_topk._positions(top).sort(-1).values
         got = cudnn_topk(keys, TOPK, t0).long().sort(-1).values
         out.append(guarded(f"select L={L}: cuDNN radix top-k (positions)", lambda: cudnn_topk(keys, TOPK, t0),
                            iters))

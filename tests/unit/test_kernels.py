@@ -139,33 +139,6 @@ def test_raw_logits_are_the_twin_logits():
     assert logits.dtype == torch.float32 and torch.equal(logits, reference.indexer_logits(q, k, w, 0))
 
 
-def _shuffled_selection(logits_BTS: torch.Tensor, k: int, t0: int) -> torch.Tensor:
-    """cuDNN's selection contract from the twin's rule, in a random order per row: each row's k largest visible
-    logits, ties to the lower position, -1 past a short row (int32)."""
-    vals, pos = reference.topk_stable(logits_BTS, k)
-    pos = pos.masked_fill(vals == float("-inf"), -1)
-    g = torch.Generator().manual_seed(t0)
-    perm = torch.rand(pos.shape, generator=g).argsort(-1).to(pos.device)
-    return pos.gather(-1, perm).to(torch.int32)
-
-
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("L, topk, q_offset", [(300, 32, 0), (20, 32, 0), (300, 32, 200)])
-def test_topk_with_a_selection_in_any_order_equals_twin_exactly(fp8, L, topk, q_offset):
-    """The top-k with its selection from elsewhere (the contract of cuDNN's radix top-k: raw logits in, positions in
-    no order out): `order` gives the twin's order, ties and short rows included, at an offset too."""
-    D = 32 if fp8 else 16
-    q, k, w = _exact_indexer_inputs(2, L + q_offset, 4, D, seed=5)
-    q, w = q[:, q_offset:], w[:, q_offset:]
-    twin = reference.indexer_topk_fp8 if fp8 else reference.indexer_topk
-    want = twin(q, k, w, topk, q_offset=q_offset)
-    got = triton_topk.indexer_topk(q, k, w, topk, q_offset=q_offset, fp8=fp8, select=_shuffled_selection)
-    if DEVICE == "cpu" or not fp8:
-        assert torch.equal(got, want)
-    else:
-        assert selection_overlap(got, want, L + q_offset) >= 0.995
-
-
 def _flat_twin_top_k(values, seq_lens, top_k, return_val=True, tie_break=0):
     """cuDNN's `indexer_top_k_wrapper` contract, computed by the twin's rule: row r's top_k largest of its first
     seq_lens[r] values, ties to the smaller column (tie_break=1), in a shuffled order, -1 past a short row."""
@@ -178,19 +151,23 @@ def _flat_twin_top_k(values, seq_lens, top_k, return_val=True, tie_break=0):
     return {"indices": pos.gather(-1, perm).to(torch.int32)}
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="exact in the interpreter; on a GPU cuDNN's own selection is tested")
 @pytest.mark.parametrize("fp8", [False, True])
-def test_cudnn_selection_adapter_matches_twin(fp8, monkeypatch):
-    """The adapter of cuDNN's top-k (each row's visible length, the batch laid out as rows), against a stand-in for
-    its kernel built from the twin's rule: the twin's selection, two sequences, an offset piece, short rows."""
+@pytest.mark.parametrize("L, topk, q_offset", [(300, 32, 0), (20, 32, 0), (300, 32, 200), (300, 40, 200)])
+def test_topk_with_a_selection_in_any_order_equals_twin_exactly(fp8, L, topk, q_offset, monkeypatch):
+    """The top-k with its selection from cuDNN's adapter (each row's visible length, the batch laid out as rows),
+    over a stand-in for cuDNN's kernel built from the twin's rule (positions in no order): `order` gives the twin's
+    selection in its order, two sequences, ties and short rows included, at an offset too."""
     monkeypatch.setattr(cudnn_topk, "_top_k", lambda: _flat_twin_top_k)
     D = 32 if fp8 else 16
-    q, k, w = _exact_indexer_inputs(2, 500, 4, D, seed=7)
+    q, k, w = _exact_indexer_inputs(2, L + q_offset, 4, D, seed=5)
+    q, w = q[:, q_offset:], w[:, q_offset:]
     twin = reference.indexer_topk_fp8 if fp8 else reference.indexer_topk
-    for q_offset in (0, 200):
-        piece = (q[:, q_offset:], k, w[:, q_offset:], 40)
-        got = triton_topk.indexer_topk(*piece, q_offset=q_offset, fp8=fp8, select=cudnn_topk.select)
-        assert torch.equal(got, twin(*piece, q_offset=q_offset))
+    want = twin(q, k, w, topk, q_offset=q_offset)
+    got = triton_topk.indexer_topk(q, k, w, topk, q_offset=q_offset, fp8=fp8, select=cudnn_topk.select)
+    if DEVICE == "cpu" or not fp8:
+        assert torch.equal(got, want)
+    else:
+        assert selection_overlap(got, want, L + q_offset) >= 0.995
 
 
 @CUDNN_TOPK
