@@ -35,6 +35,7 @@ PARTS = ("GEMMs: projections, MLP, LM head", "indexer top-k", "indexer KL", "spa
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_scaled_mm"}
 # Sparse MLA rates (TFLOP/s) the bound takes: FlashMLA's forward goal, cuDNN's backward as measured on the H200 at 32K.
 ANCHORS = {"sparse_mla_fwd": 600.0, "sparse_mla_bwd": 378.0}
+TOP_REST = 8  # "everything else"'s largest entries listed beside the parts
 
 
 @contextlib.contextmanager
@@ -101,6 +102,7 @@ def parts_of(events, wall: float) -> dict:
     from torch.autograd import DeviceType
 
     parts = dict.fromkeys(PARTS, 0.0)
+    rest: dict[str, float] = {}  # "everything else" by launching op and kernel, for its top entries
     for e in events:
         if e.device_type != DeviceType.CPU:
             continue
@@ -110,10 +112,15 @@ def parts_of(events, wall: float) -> dict:
             p = p.cpu_parent
         for k in e.kernels:
             if k.name != e.name:  # a range's own GPU span bears its name
-                parts[classify(chain)] += k.duration / 1e3
+                part = classify(chain)
+                parts[part] += k.duration / 1e3
+                if part == "everything else":
+                    key = f"{' < '.join(chain[:3])}: {k.name[:60]}"
+                    rest[key] = rest.get(key, 0.0) + k.duration / 1e3
     busy = sum(parts.values())
     parts["GPU idle"] = max(0.0, wall - busy)
-    return {"step": wall, **parts, "gpu_busy": busy}
+    top = dict(sorted(((k, round(v, 1)) for k, v in rest.items()), key=lambda kv: -kv[1])[:TOP_REST])
+    return {"step": wall, **parts, "gpu_busy": busy, "everything else, top": top}
 
 
 def fp8_matmul_tflops(iters: int = 5) -> float | None:
@@ -143,8 +150,9 @@ def step_flops(model, L: int, stage: str, fp8: bool) -> dict:
     if stage == "sparse" and cfg.get("kv_lora_rank"):
         H, A, R = cfg["num_attention_heads"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
         f = 2 * H * selected * (A + R + A)
-        out.update({"sparse attention forward": 1.5 * f * layers,  # forward and the probabilities
-                    "sparse attention recomputation": 1.5 * f * layers,  # output and probabilities, one pass
+        # checkpointed: the forward computes no probabilities (the KL takes the recomputation's, one pass)
+        out.update({"sparse attention forward": f * layers,
+                    "sparse attention recomputation": 1.5 * f * layers,
                     "sparse attention backward": 3.5 * f * layers,  # the latent outputs again, and the backward
                     "indexer KL": 6 * G * D * selected * layers})
     return out
@@ -159,7 +167,7 @@ def bound(parts: dict, flops: dict, bf16_tflops: float, fp8_tflops: float | None
             "sparse attention recomputation": ANCHORS["sparse_mla_fwd"]}
     anchored = {}
     for part, ms in parts.items():
-        if part in ("step", "GPU idle", "gpu_busy"):
+        if part in ("step", "GPU idle", "gpu_busy", "everything else, top"):
             continue
         if part == "sparse attention backward" and part in flops:
             f = flops[part]  # its first 1 / 3.5 is the latent outputs' forward

@@ -31,7 +31,7 @@ def gaps(backend: str, seed: int, device: str = "cuda") -> tuple[dict, dict, lis
     own largest entry, its own largest entry / the model's, name)). The second plain run measures what the kernels'
     own run-to-run variation (fp32 atomics added in another order) gives."""
     from train.model import ModelConfig, build_model
-    from train.stages import STAGES, StageConfig, compute_loss, param_groups
+    from train.stages import STAGES, StageConfig, compute_loss, param_groups, settle_metrics
 
     os.environ["DSA_KERNELS"] = backend
     torch.manual_seed(seed)
@@ -51,6 +51,7 @@ def gaps(backend: str, seed: int, device: str = "cuda") -> tuple[dict, dict, lis
         model.activation_checkpointing = checkpointed
         loss, metrics = compute_loss(model, stage, cfg, ids, torch.roll(ids, -1, 1))
         grads = torch.autograd.grad(loss, params, allow_unused=True)
+        metrics = settle_metrics(model, stage, cfg, metrics)
         return ({k: v.float().item() for k, v in metrics.items() if "per_layer" not in k},
                 [torch.zeros_like(q, dtype=torch.float32) if d is None else d.float() for q, d in zip(params, grads)])
 

@@ -83,8 +83,10 @@ def bench_e2e(lengths: list[int], iters: int, warmup_max: int, stages: list[str]
                 if breakdown:
                     r["breakdown"] = bd.profile_step(step)
                     r["bound"] = bd.bound(r["breakdown"], bd.step_flops(model, L, stage_name, fp8), *rates)
-                    print(f"  breakdown: { {k: round(v, 1) for k, v in r['breakdown'].items()} }; bound "
-                          f"{r['bound']['step']:,.0f} ms", flush=True)
+                    parts = {k: round(v, 1) for k, v in r["breakdown"].items() if isinstance(v, float)}
+                    print(f"  breakdown: {parts}; bound {r['bound']['step']:,.0f} ms", flush=True)
+                    for what, ms in r["breakdown"]["everything else, top"].items():
+                        print(f"    everything else: {ms:8.1f} ms  {what}", flush=True)
             rows.append({"L": L, "index_dtype": "fp8" if fp8 else "bf16", **r})
             opt.state.clear()
             torch.cuda.empty_cache()

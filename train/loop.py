@@ -26,7 +26,7 @@ from train.model import ModelConfig, build_model
 from train.model.context import ContextParallel
 from train.export import export_stage
 from train.run_dir import RunDir
-from train.stages import STAGES, alignment_probe, compute_loss, param_groups
+from train.stages import STAGES, alignment_probe, compute_loss, param_groups, settle_metrics
 
 
 def lr_at(step: int, cfg) -> float:
@@ -113,8 +113,8 @@ def train_step(engine, model, stage, cfg: TrainConfig, batch: dict, lr_scale: fl
         ids = batch["input_ids"][i : i + mb].to(engine.device)
         labels = batch["labels"][i : i + mb].to(engine.device)
         loss, metrics = compute_loss(model, stage, cfg.stage, ids, labels, forward=engine)
-        per_micro.append(metrics)
         engine.backward(loss * loss_scale if loss_scale != 1 else loss)
+        per_micro.append(settle_metrics(model, stage, cfg.stage, metrics))
         if i == starts[-1]:  # the accumulation boundary: the next engine.step() updates the weights
             bad = nonfinite_terms(per_micro)
             if bad and cfg.stage.on_nonfinite == "stop":

@@ -94,34 +94,67 @@ def compute_loss(model: DSAForCausalLM, stage: Stage, cfg: StageConfig, input_id
     Under context parallelism each rank's loss and metrics are its share: they add up over the group to the
     sequence's (DeepSpeed sums the group's gradients), so no token counts twice.
 
+    Under activation checkpointing the sparse stage's indexer KL is computed in backward (the forward skips the
+    attention probabilities, its target): the loss's value then holds the LM term only, and the metrics lack the
+    KL and the total until `settle_metrics` after the backward. Call it after every backward.
+
     `forward` runs `model`'s forward: the DeepSpeed engine in training (default: the model itself)."""
     forward = forward or model
-    cp = model.context_parallel
     mode = mode_of(stage)
     metrics: dict[str, torch.Tensor] = {}
     loss = torch.zeros((), device=input_ids.device)
     if stage.lm_loss:
         lm_sum, count = forward(input_ids, mode, labels_BL=labels)
-        lm = lm_sum / cp.sum(count)
+        lm = lm_sum / model.context_parallel.sum(count)
         loss = loss + lm
         metrics[M.LM_LOSS] = lm.detach()
     else:
         forward(input_ids, mode, head=False)  # the warm-up needs no LM head
     if stage.indexer_loss:
+        loss = loss + _indexer_coef(stage, cfg) * _kl_layers(model).mean()
+    if not any(s.kl_in_backward for s in model.layer_stats()):
+        _add_indexer_metrics(model, stage, cfg, metrics)
+    return loss, metrics
+
+
+def settle_metrics(model: DSAForCausalLM, stage: Stage, cfg: StageConfig,
+                   metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`compute_loss`'s metrics once the loss's backward has run: the indexer KL and the total added where the
+    KL was computed in backward (unchanged otherwise)."""
+    if M.TOTAL_LOSS not in metrics:
+        _add_indexer_metrics(model, stage, cfg, metrics)
+    return metrics
+
+
+def _indexer_coef(stage: Stage, cfg: StageConfig) -> float:
+    return cfg.indexer_loss_coef if stage.lm_loss else 1.0
+
+
+def _kl_layers(model: DSAForCausalLM) -> torch.Tensor:
+    cp = model.context_parallel
+    return torch.stack([cp.token_mean(s.kl_BL.float()) for s in model.layer_stats()])
+
+
+def _add_indexer_metrics(model: DSAForCausalLM, stage: Stage, cfg: StageConfig,
+                         metrics: dict[str, torch.Tensor]) -> None:
+    """The indexer's metrics, from the layers' stats, and the total loss into `metrics`."""
+    terms = [metrics[M.LM_LOSS]] if M.LM_LOSS in metrics else []
+    if stage.indexer_loss:
+        cp = model.context_parallel
         stats = model.layer_stats()
-        kl_layers = torch.stack([cp.token_mean(s.kl_BL.float()) for s in stats])
-        kl = kl_layers.mean()
-        loss = loss + (cfg.indexer_loss_coef if stage.lm_loss else 1.0) * kl
-        metrics[M.INDEXER_KL] = kl.detach()
-        for i, v in enumerate(kl_layers.detach()):
+        with torch.no_grad():
+            kl_layers = _kl_layers(model)
+            kl = kl_layers.mean()
+            terms.append(_indexer_coef(stage, cfg) * kl)
+            recalls = [cp.token_mean(s.recall_BL.float()) for s in stats if s.recall_BL is not None]
+        metrics[M.INDEXER_KL] = kl
+        for i, v in enumerate(kl_layers):
             metrics[M.per_layer(M.LAYER_KL, i)] = v
-        recalls = [cp.token_mean(s.recall_BL.float()) for s in stats if s.recall_BL is not None]
         if recalls:
             metrics[M.RECALL] = torch.stack(recalls).mean()
             for i, v in enumerate(recalls):
                 metrics[M.per_layer(M.RECALL, i)] = v
-    metrics[M.TOTAL_LOSS] = loss.detach()
-    return loss, metrics
+    metrics[M.TOTAL_LOSS] = sum(terms)
 
 
 @torch.no_grad()

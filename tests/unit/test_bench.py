@@ -192,7 +192,9 @@ def test_breakdown_bound_takes_each_part_at_its_anchor_rate():
     assert f["GEMMs: projections, MLP, LM head"] == 8 * linear * L
     assert f["indexer top-k"] == 2 * 3 * 4 * 16 * L * (L + 1) / 2  # 3 layers, every causal pair
     selected = 2048 * L - 2048 * 2047 / 2
-    assert f["sparse attention forward"] == 1.5 * 2 * 4 * selected * (32 + 8 + 32) * 3
+    # checkpointed: the forward alone (no probabilities), the recomputation with them
+    assert f["sparse attention forward"] == 2 * 4 * selected * (32 + 8 + 32) * 3
+    assert f["sparse attention recomputation"] == 1.5 * f["sparse attention forward"]
     parts = {"step": 100.0, "GEMMs: projections, MLP, LM head": 10.0, "indexer top-k": 5.0, "indexer KL": 1.0,
              "sparse attention forward": 20.0, "sparse attention recomputation": 20.0,
              "sparse attention backward": 30.0, "dense attention": 0.0, "everything else": 7.0, "GPU idle": 7.0}
@@ -229,6 +231,7 @@ def test_breakdown_counts_each_gpu_activity_once():
     parts = parts_of([label, mm, add, step, kernel], wall=10.0)
     assert parts["indexer top-k"] == 4.0 and parts["everything else"] == 1.0
     assert parts["gpu_busy"] == 5.0 and parts["GPU idle"] == 5.0
+    assert parts["everything else, top"] == {"aten::add_: elementwise": 1.0}
 
 
 def test_the_radix_threshold_experiment_finds_the_kth_largest_visible_key():

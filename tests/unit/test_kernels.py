@@ -460,7 +460,7 @@ def _stage_run(stage_name, arch=KERNEL_ARCH, index_head_dim=16):
     """A tiny model and one batch: run() -> (metrics, gradients) of the stage loss under the current settings."""
     from tests.conftest import perturb_
     from train.model import ModelConfig, build_model
-    from train.stages import STAGES, StageConfig, compute_loss, param_groups
+    from train.stages import STAGES, StageConfig, compute_loss, param_groups, settle_metrics
 
     # the selection in the weights' dtype (on a Hopper GPU `auto` would take it in FP8: tested op by op above)
     model = build_model(ModelConfig(arch=arch, index_n_heads=16, index_head_dim=index_head_dim, index_topk=8,
@@ -474,6 +474,7 @@ def _stage_run(stage_name, arch=KERNEL_ARCH, index_head_dim=16):
     def run():
         loss, metrics = compute_loss(model, stage, StageConfig(name=stage_name), ids, torch.roll(ids, -1, 1))
         grads = torch.autograd.grad(loss, params, allow_unused=True)
+        metrics = settle_metrics(model, stage, StageConfig(name=stage_name), metrics)
         return metrics, [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     return model, run
 
@@ -568,19 +569,25 @@ def test_tf32_dots_explain_the_gpu_absorbed_output_gap(tf32_dots):
     assert 1e-2 < given_lse["out"] < 1.3e-2 and 4e-3 < given_lse["p"] < 4.5e-3 and plain["out"] < 2e-3
 
 
-def test_checkpoint_recomputation_reuses_the_attention_lse(monkeypatch):
+@pytest.mark.parametrize("arch", ["mla", "gqa"])
+def test_checkpoint_recomputation_reuses_the_attention_lse(arch, monkeypatch):
     """Under activation checkpointing each layer's recomputation gets the sparse attention's output and
-    probabilities in one pass from the forward's log-sum-exp, with the plain run's loss and gradients."""
+    probabilities in one pass from the forward's log-sum-exp, and the forward runs no probabilities pass (the
+    indexer KL is computed in backward from the recomputation's): the plain run's metrics and gradients."""
     monkeypatch.setenv("DSA_KERNELS", "triton")
+    module, name = (triton_sparse_mla, "sparse_mla") if arch == "mla" else (triton_sparse_gqa, "sparse_gqa")
     calls = []
-    real = triton_sparse_mla.sparse_mla_forward_given_lse
-    monkeypatch.setattr(triton_sparse_mla, "sparse_mla_forward_given_lse", lambda *a: calls.append(1) or real(*a))
-    model, run = _stage_run("sparse")
+    for kernel in ("probs", "forward_given_lse"):
+        real = getattr(module, f"{name}_{kernel}")
+        monkeypatch.setattr(module, f"{name}_{kernel}", lambda *a, _k=kernel, _f=real: calls.append(_k) or _f(*a))
+    model, run = _stage_run("sparse", KERNEL_ARCH if arch == "mla" else GQA_ARCH)
     plain = run()
-    assert not calls
+    layers = len(model.layers)
+    assert calls == ["probs"] * layers
+    calls.clear()
     model.activation_checkpointing = True
     _assert_same_run(run(), plain)
-    assert len(calls) == KERNEL_ARCH["num_hidden_layers"]
+    assert calls == ["forward_given_lse"] * layers
 
 
 @TILELANG
@@ -687,7 +694,7 @@ def _check_absorbed(kernels, dtype, tol, B=2, L=40, H=4, N=16, R=16, A=32, V=16,
         return torch.einsum("blha,hva->blhv", out, args[5]), p, lse
 
     def chunked(*args):
-        return AbsorbedSparseMLA.apply(kernels, *args, chunk)
+        return AbsorbedSparseMLA.apply(kernels, *args, chunk, True)
     want = run(twin)
     names = ("out", "p", "lse", "dq_nope", "dq_rope", "dkv", "dw_uk", "dw_uv")
     return [_assert_close(run(chunked), want, names, 3, tol, tol_fwd),

@@ -5,7 +5,8 @@ import torch
 
 from tests.conftest import TINY_INDEX, perturb_
 from train.model import ModelConfig, build_model
-from train.stages import STAGES, StageConfig, compute_loss, mode_of, param_groups
+from train import metrics as M
+from train.stages import STAGES, StageConfig, compute_loss, mode_of, param_groups, settle_metrics
 
 
 def _setup(tiny_arch, stage):
@@ -57,8 +58,9 @@ def test_warmup_trains_only_indexers_without_a_backbone_graph(tiny_arch):
 
 
 def test_activation_checkpointing_keeps_topk_for_recompute(tiny_arch, monkeypatch):
-    """Under checkpointing, the sparse step's loss and every gradient equal the plain run's, whether each
-    layer's top-k is kept for the recomputation (one selection per layer) or recomputed (two)."""
+    """Under checkpointing, the sparse step's metrics and every gradient equal the plain run's, whether each
+    layer's top-k is kept for the recomputation (one selection per layer) or recomputed (two). The indexer KL is
+    computed in backward there: the forward leaves it at zeros and its metrics out until `settle_metrics`."""
     from train import ops
 
     calls = []
@@ -66,19 +68,30 @@ def test_activation_checkpointing_keeps_topk_for_recompute(tiny_arch, monkeypatc
     monkeypatch.setattr(ops, "indexer_topk", lambda *a, **k: calls.append(1) or real(*a, **k))
     model, groups, ids, labels = _setup(tiny_arch, "sparse")
     params = [p for g in groups for p in g["params"]]
+    stage, cfg = STAGES["sparse"], StageConfig(name="sparse")
     res = {}
     for name, ckpt, keep in (("plain", False, True), ("kept", True, True), ("recomputed", True, False)):
         model.activation_checkpointing, model.keep_topk_for_recompute = ckpt, keep
         calls.clear()
-        loss, _ = compute_loss(model, STAGES["sparse"], StageConfig(name="sparse"), ids, labels)
+        loss, metrics = compute_loss(model, stage, cfg, ids, labels)
         kl_before = [s.kl_BL for s in model.layer_stats()]
+        assert all(s.kl_in_backward == ckpt for s in model.layer_stats())
+        assert (M.INDEXER_KL in metrics) == (not ckpt) and (M.TOTAL_LOSS in metrics) == (not ckpt)
+        if ckpt:
+            assert all(torch.equal(kl, torch.zeros_like(kl)) for kl in kl_before)
+            assert torch.equal(loss, metrics[M.LM_LOSS])
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         # The recomputation leaves the stats alone: a recomputed KL there would keep its graph alive.
         assert all(s.kl_BL is kl for s, kl in zip(model.layer_stats(), kl_before))
-        res[name] = (loss, grads, len(calls))
+        res[name] = (settle_metrics(model, stage, cfg, metrics), grads, len(calls),
+                     [s.kl_BL.detach().clone() for s in model.layer_stats()])
     layers = tiny_arch["num_hidden_layers"]
     assert [res[n][2] for n in ("plain", "kept", "recomputed")] == [layers, layers, 2 * layers]
+    assert res["plain"][0][M.INDEXER_KL] > 0
     for name in ("kept", "recomputed"):
-        assert torch.equal(res[name][0], res["plain"][0])
+        assert res[name][0].keys() == res["plain"][0].keys()
+        for key, want in res["plain"][0].items():
+            assert torch.equal(res[name][0][key], want), (name, key)
+        assert all(torch.equal(a, b) for a, b in zip(res[name][3], res["plain"][3]))
         for g, ref in zip(res[name][1], res["plain"][1]):
             assert (g is None and ref is None) or torch.allclose(g, ref, rtol=1e-5, atol=1e-7)

@@ -43,6 +43,7 @@ class AttentionStats:
     """Per-layer side outputs of the last forward, read by the stage after the model call."""
 
     kl_BL: torch.Tensor | None = None       # indexer KL per query (differentiable w.r.t. the indexer)
+    kl_in_backward: bool = False            # kl_BL holds zeros until backward writes the KL (checkpointed layers)
     recall_BL: torch.Tensor | None = None   # share of head-averaged dense attention inside the indexer's top-k
     topk_BLK: torch.Tensor | None = None    # selected positions (sparse mode), -1 = none
 
@@ -105,14 +106,21 @@ class IndexedAttention(nn.Module):
                 slot.keep(topk_BLK)
         return topk_BLK
 
-    def _lse(self) -> torch.Tensor | None:
-        """The forward's log-sum-exp during the checkpoint recomputation, else None."""
+    def _attend_sparse(self, attend, qi_BLGD, ki_BLD, wi_BLG, topk_BLK, mode: AttentionMode):
+        """The sparse attention, `attend(lse, probs) -> (out, p, lse)`, then the indexer KL over the selection:
+        (out, stats). Without the KL the probabilities are not computed. In a checkpointed layer the KL is
+        deferred to backward (`ops.sparse_indexer_kl`): the backward takes its target from the recomputation,
+        which gets the output and probabilities in one pass from the forward's log-sum-exp, so the forward computes
+        neither the probabilities nor the KL, and `stats.kl_BL` holds the KL once backward has run."""
         slot = self.slot
-        return slot.take_lse() if slot is not None and slot.replay else None
-
-    def _keep_lse(self, lse_BLH: torch.Tensor) -> None:
-        if self.slot is not None and not self.slot.replay:
-            self.slot.lse_BLH = lse_BLH
+        deferred = mode.indexer_loss and slot is not None and any(x.requires_grad for x in (qi_BLGD, ki_BLD, wi_BLG))
+        out, p_BLK, lse_BLH = attend(slot.take_lse() if slot is not None and slot.replay else None,
+                                     mode.indexer_loss and not deferred)
+        if slot is not None and not slot.replay:
+            slot.lse_BLH = lse_BLH
+        kl_BL = ops.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, topk_BLK, p_BLK, deferred) if mode.indexer_loss else None
+        return out, AttentionStats(kl_BL=kl_BL, kl_in_backward=deferred,
+                                   topk_BLK=topk_BLK if mode.keep_topk else None)
 
     def _set_stats(self, stats: AttentionStats) -> None:
         if self.slot is None or not self.slot.replay:
@@ -216,11 +224,9 @@ class DSAAttention(IndexedAttention):
     def _sparse(self, q_nope_BLHN, q_rope_BLHR, kv_BLD, qi_BLGD, ki_BLD, wi_BLG, mode):
         topk_BLK = self._select(qi_BLGD, ki_BLD, wi_BLG, mode.topk or self.indexer.topk, mode.cp)
         w_uk_HNA, w_uv_HVA = self.absorbed_weights()
-        out_BLHV, p_BLK, lse_BLH = ops.absorbed_sparse_mla(q_nope_BLHN, q_rope_BLHR, kv_BLD, topk_BLK, w_uk_HNA,
-                                                           w_uv_HVA, self.softmax_scale, self._lse())
-        self._keep_lse(lse_BLH)
-        kl_BL = ops.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, topk_BLK, p_BLK) if mode.indexer_loss else None
-        return out_BLHV, AttentionStats(kl_BL=kl_BL, topk_BLK=topk_BLK if mode.keep_topk else None)
+        return self._attend_sparse(lambda lse_BLH, probs: ops.absorbed_sparse_mla(
+            q_nope_BLHN, q_rope_BLHR, kv_BLD, topk_BLK, w_uk_HNA, w_uv_HVA, self.softmax_scale, lse_BLH, probs=probs),
+            qi_BLGD, ki_BLD, wi_BLG, topk_BLK, mode)
 
 
 class GQAAttention(IndexedAttention):
@@ -273,11 +279,9 @@ class GQAAttention(IndexedAttention):
                 -1, (J, 2 * D)).split([D, D], dim=-1)
         if mode.sparse:
             topk_BLK = self._select(qi_BLGD, ki_BLD, wi_BLG, mode.topk or self.indexer.topk, mode.cp)
-            out_BLHD, p_BLK, lse_BLH = ops.sparse_gqa(q_BLHD, k_BSJD, v_BSJD, topk_BLK, self.softmax_scale,
-                                                      self._lse())
-            self._keep_lse(lse_BLH)
-            kl_BL = ops.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, topk_BLK, p_BLK) if mode.indexer_loss else None
-            stats = AttentionStats(kl_BL=kl_BL, topk_BLK=topk_BLK if mode.keep_topk else None)
+            out_BLHD, stats = self._attend_sparse(lambda lse_BLH, probs: ops.sparse_gqa(
+                q_BLHD, k_BSJD, v_BSJD, topk_BLK, self.softmax_scale, lse_BLH, probs=probs),
+                qi_BLGD, ki_BLD, wi_BLG, topk_BLK, mode)
         else:
             pieces = mode.cp.chunks(k_BSJD.shape[1])
             out_BLHD = _by_piece(pieces, lambda lo, g, n: ops.dense_attention(

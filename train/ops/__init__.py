@@ -33,7 +33,7 @@ import os
 import torch
 
 from train.ops import common, cudnn_sparse_mla, cudnn_topk, flashmla_sparse_mla, reference
-from train.ops.autograd import AbsorbedSparseMLA, ComposedSparseMLA, absorbed_query
+from train.ops.autograd import AbsorbedSparseMLA, ComposedSparseMLA, DeferredSparseIndexerKL, absorbed_query, no_probs
 from train.ops.reference import dense_attention, indexer_logits
 
 try:
@@ -158,10 +158,19 @@ def _topk_select(q: torch.Tensor):
 
 
 def sparse_mla(q_BLHD: torch.Tensor, kv_BLD: torch.Tensor, idx_BLK: torch.Tensor, scale: float, v_dim: int,
-               lse_BLH: torch.Tensor | None = None):
-    """Sparse MLA in absorbed form (see `reference.sparse_mla`): (out, p, lse)."""
+               lse_BLH: torch.Tensor | None = None, probs: bool = True):
+    """Sparse MLA in absorbed form (see `reference.sparse_mla`): (out, p, lse). With probs=False and no lse_BLH
+    the probabilities are not computed: p is `no_probs` (zeros, no memory)."""
     kernels = _sparse_mla_kernels(q_BLHD, kv_BLD, v_dim)
-    return (kernels or reference).sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH)
+    if kernels is not None:
+        return kernels.sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH, probs)
+    return _probs_or_none(reference.sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH), lse_BLH, probs)
+
+
+def _probs_or_none(out_p_lse: tuple, lse_BLH: torch.Tensor | None, probs: bool) -> tuple:
+    """The twins compute p with the output; where the kernels would skip it, it is dropped the same way."""
+    out, p, lse = out_p_lse
+    return (out, p, lse) if probs or lse_BLH is not None else (out, no_probs(p), lse)
 
 
 def _sparse_mla_kernels(q: torch.Tensor, kv_BLD: torch.Tensor, v_dim: int):
@@ -224,29 +233,32 @@ ABSORBED_CHUNK_ELEMS = 1 << 29
 
 def absorbed_sparse_mla(q_nope_BLHN: torch.Tensor, q_rope_BLHR: torch.Tensor, kv_BLD: torch.Tensor,
                         idx_BLK: torch.Tensor, w_uk_HNA: torch.Tensor, w_uv_HVA: torch.Tensor, scale: float,
-                        lse_BLH: torch.Tensor | None = None, chunk: int | None = None):
+                        lse_BLH: torch.Tensor | None = None, chunk: int | None = None, probs: bool = True):
     """MLA's sparse attention in absorbed form from its own parts: (out [B, L, H, V], p, lse), where the
     attention is `sparse_mla` of [q_nope · W_UK | q_rope] over the latent rows kv = [latent | rope key], and
-    out = its latent output · W_UV per head. With a kernel, queries run in chunks of `chunk` tokens (default:
-    ABSORBED_CHUNK_ELEMS absorbed elements), which bounds the layer's working set; the twin is the plain
-    composition."""
+    out = its latent output · W_UV per head (probs=False: as in `sparse_mla`). With a kernel, queries run in
+    chunks of `chunk` tokens (default: ABSORBED_CHUNK_ELEMS absorbed elements), which bounds the layer's working
+    set; the twin is the plain composition."""
     A, H, D = kv_BLD.shape[-1] - q_rope_BLHR.shape[-1], q_nope_BLHN.shape[2], kv_BLD.shape[-1]
     kernels = _sparse_mla_kernels(q_nope_BLHN, kv_BLD, A)
     if kernels is None:
         q_BLHD = absorbed_query(q_nope_BLHN, q_rope_BLHR, w_uk_HNA)
-        out_BLHA, p_BLK, lse = reference.sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, A, lse_BLH)
+        out_BLHA, p_BLK, lse = _probs_or_none(reference.sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale, A, lse_BLH),
+                                              lse_BLH, probs)
         return torch.einsum("blha,hva->blhv", out_BLHA, w_uv_HVA), p_BLK, lse
     chunk = chunk or max(1, ABSORBED_CHUNK_ELEMS // (H * D))
     return AbsorbedSparseMLA.apply(kernels, q_nope_BLHN, q_rope_BLHR, kv_BLD, idx_BLK, w_uk_HNA, w_uv_HVA, scale,
-                                   lse_BLH, chunk)
+                                   lse_BLH, chunk, probs)
 
 
 def sparse_gqa(q_BLHD: torch.Tensor, k_BSJD: torch.Tensor, v_BSJV: torch.Tensor, idx_BLK: torch.Tensor,
-               scale: float, lse_BLH: torch.Tensor | None = None):
+               scale: float, lse_BLH: torch.Tensor | None = None, probs: bool = True):
     """Sparse grouped-query attention, one selection per query for all heads (see `reference.sparse_gqa`):
-    (out, p, lse)."""
-    return (_sparse_gqa_kernels(q_BLHD, k_BSJD, v_BSJV) or reference).sparse_gqa(q_BLHD, k_BSJD, v_BSJV, idx_BLK,
-                                                                                 scale, lse_BLH)
+    (out, p, lse); probs=False as in `sparse_mla`."""
+    kernels = _sparse_gqa_kernels(q_BLHD, k_BSJD, v_BSJV)
+    if kernels is not None:
+        return kernels.sparse_gqa(q_BLHD, k_BSJD, v_BSJV, idx_BLK, scale, lse_BLH, probs)
+    return _probs_or_none(reference.sparse_gqa(q_BLHD, k_BSJD, v_BSJV, idx_BLK, scale, lse_BLH), lse_BLH, probs)
 
 
 def _sparse_gqa_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -274,11 +286,18 @@ def dense_indexer_kl(qi_BLGD: torch.Tensor, ki_BSD: torch.Tensor, wi_BLG: torch.
 
 
 def sparse_indexer_kl(qi_BLGD: torch.Tensor, ki_BLD: torch.Tensor, wi_BLG: torch.Tensor, idx_BLK: torch.Tensor,
-                      p_BLK: torch.Tensor) -> torch.Tensor:
-    """Sparse-stage indexer KL over the selected set (see `reference.sparse_indexer_kl`)."""
+                      p_BLK: torch.Tensor, deferred: bool = False) -> torch.Tensor:
+    """Sparse-stage indexer KL over the selected set (see `reference.sparse_indexer_kl`). deferred: in a
+    checkpointed layer, computed in backward from the recomputation's tensors (`DeferredSparseIndexerKL`; p may be
+    `no_probs`): the returned KL holds zeros until the backward has run, then the KL."""
     if _use_triton(qi_BLGD, _pow2(qi_BLGD.shape[-1])):
-        return triton_sparse_indexer_kl.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, idx_BLK, p_BLK)
-    return reference.sparse_indexer_kl(qi_BLGD, ki_BLD, wi_BLG, idx_BLK, p_BLK)
+        kl_fn = triton_sparse_indexer_kl.sparse_indexer_kl
+    else:
+        kl_fn = reference.sparse_indexer_kl
+    if deferred:
+        value_BL = torch.zeros(qi_BLGD.shape[:2], dtype=torch.float32, device=qi_BLGD.device)
+        return DeferredSparseIndexerKL.apply(kl_fn, qi_BLGD, ki_BLD, wi_BLG, idx_BLK, p_BLK.detach(), value_BL)
+    return kl_fn(qi_BLGD, ki_BLD, wi_BLG, idx_BLK, p_BLK)
 
 
 __all__ = [

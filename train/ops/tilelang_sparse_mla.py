@@ -34,7 +34,7 @@ __all__ = ["sparse_mla", "sparse_mla_backward", "sparse_mla_forward", "sparse_ml
 SparseMLA = sparse_mla_function(sys.modules[__name__])
 
 
-def sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale: float, v_dim: int, lse_BLH=None):
-    """Same contract as `reference.sparse_mla`: (out [B, L, H, v_dim], p [B, L, K] fp32, lse [B, L, H] fp32);
+def sparse_mla(q_BLHD, kv_BLD, idx_BLK, scale: float, v_dim: int, lse_BLH=None, probs: bool = True):
+    """Same contract as `ops.sparse_mla`: (out [B, L, H, v_dim], p [B, L, K] fp32, lse [B, L, H] fp32);
     given `lse_BLH` (from a forward on the same inputs) the output and p come from one pass."""
-    return SparseMLA.apply(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH)
+    return SparseMLA.apply(q_BLHD, kv_BLD, idx_BLK, scale, v_dim, lse_BLH, probs)

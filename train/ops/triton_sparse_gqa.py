@@ -210,7 +210,7 @@ def sparse_gqa_backward(q, k, v, idx, out, lse, grad_out, scale: float):
 SparseGQA = sparse_gqa_function(sys.modules[__name__])
 
 
-def sparse_gqa(q_BLHD, k_BSJD, v_BSJV, idx_BLK, scale: float, lse_BLH=None):
-    """Same contract as `reference.sparse_gqa`: (out [B, L, H, V], p [B, L, K] fp32, lse [B, L, H] fp32); given
+def sparse_gqa(q_BLHD, k_BSJD, v_BSJV, idx_BLK, scale: float, lse_BLH=None, probs: bool = True):
+    """Same contract as `ops.sparse_gqa`: (out [B, L, H, V], p [B, L, K] fp32, lse [B, L, H] fp32); given
     `lse_BLH` (from a forward on the same inputs) the output and p come from one pass."""
-    return SparseGQA.apply(q_BLHD, k_BSJD, v_BSJV, idx_BLK, scale, lse_BLH)
+    return SparseGQA.apply(q_BLHD, k_BSJD, v_BSJV, idx_BLK, scale, lse_BLH, probs)
