@@ -161,8 +161,8 @@ class DSAAttention(IndexedAttention):
         else:
             qr_BLQ = self.q_a_layernorm(self.q_a_proj(x_BLC))
             q_BLHD = self.q_b_proj(qr_BLQ).view(B, L, H, N + R)
-        q_nope_BLHN = q_BLHD[..., :N]
-        q_rope_BLHR = rope_interleaved(q_BLHD[..., N:], cos_BLR[:, :, None], sin_BLR[:, :, None])
+        q_nope_BLHN, q_rope_BLHR = q_BLHD.split([N, R], dim=-1)  # split, not slices: its backward is one cat
+        q_rope_BLHR = rope_interleaved(q_rope_BLHR, cos_BLR[:, :, None], sin_BLR[:, :, None])
         latent_BLA, k_rope_BLR = self.kv_a_proj_with_mqa(x_BLC).split([self.latent_dim, R], dim=-1)
         latent_BLA = self.kv_a_layernorm(latent_BLA)
         k_rope_BLR = rope_interleaved(k_rope_BLR, cos_BLR, sin_BLR)
@@ -188,9 +188,8 @@ class DSAAttention(IndexedAttention):
         parallelism. Per-head keys and values come from the latent here, never from another rank."""
         B, L, H, N = q_nope_BLHN.shape
         S = latent_BSA.shape[1]
-        kv_BSHX = self.kv_b_proj(latent_BSA).view(B, S, H, N + self.v_dim)
-        k_BSHD = torch.cat((kv_BSHX[..., :N], k_rope_BSR[:, :, None].expand(B, S, H, self.rope_dim)), dim=-1)
-        v_BSHV = kv_BSHX[..., N:]
+        k_nope_BSHN, v_BSHV = self.kv_b_proj(latent_BSA).view(B, S, H, N + self.v_dim).split([N, self.v_dim], -1)
+        k_BSHD = torch.cat((k_nope_BSHN, k_rope_BSR[:, :, None].expand(B, S, H, self.rope_dim)), dim=-1)
         q_BLHD = torch.cat((q_nope_BLHN, q_rope_BLHR), dim=-1)
         pieces = mode.cp.chunks(S)
         out_BLHV = _by_piece(pieces, lambda lo, g, n: ops.dense_attention(
@@ -219,7 +218,8 @@ class DSAAttention(IndexedAttention):
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head into W_UK [H, N, A] (absorbed into q) and W_UV [H, V, A] (applied after)."""
         w_HXA = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)
-        return w_HXA[:, : self.nope_dim], w_HXA[:, self.nope_dim :]
+        w_uk_HNA, w_uv_HVA = w_HXA.split([self.nope_dim, self.v_dim], dim=1)
+        return w_uk_HNA, w_uv_HVA
 
     def _sparse(self, q_nope_BLHN, q_rope_BLHR, kv_BLD, qi_BLGD, ki_BLD, wi_BLG, mode):
         topk_BLK = self._select(qi_BLGD, ki_BLD, wi_BLG, mode.topk or self.indexer.topk, mode.cp)
@@ -250,7 +250,8 @@ class GQAAttention(IndexedAttention):
         R = self.rope_dim
         if R == x.shape[-1]:
             return rope_non_interleaved(x, cos, sin)
-        return torch.cat((rope_non_interleaved(x[..., :R], cos, sin), x[..., R:]), dim=-1)
+        x_rot, x_pass = x.split([R, x.shape[-1] - R], dim=-1)
+        return torch.cat((rope_non_interleaved(x_rot, cos, sin), x_pass), dim=-1)
 
     def project(self, x_BLC: torch.Tensor, cos_BLR: torch.Tensor, sin_BLR: torch.Tensor):
         """The attention's queries [B, L, H, D], keys and values [B, L, J, D], RoPE applied."""

@@ -24,7 +24,7 @@ def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     """DeepSeek's interleaved RoPE: pairs (2i, 2i+1), output de-interleaved as [evens' | odds'] (as MLA does)."""
     half = cos.shape[-1] // 2
     cos, sin = cos[..., :half], sin[..., :half]
-    x1, x2 = x[..., 0::2], x[..., 1::2]
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # not strided slices: the backward is one stack
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
@@ -70,8 +70,9 @@ class Indexer(nn.Module):
         G, D, R = self.num_heads, self.head_dim, self.rope_dim
         rope = rope_interleaved if interleaved else rope_non_interleaved
         q_BLGD = self.wq_b(qr_BLQ).view(B, L, G, D)
-        q_BLGD = torch.cat((rope(q_BLGD[..., :R], cos_BLR[:, :, None], sin_BLR[:, :, None]), q_BLGD[..., R:]), -1)
-        k_BLD = self.k_norm(self.wk(x_BLC))
-        k_BLD = torch.cat((rope(k_BLD[..., :R], cos_BLR, sin_BLR), k_BLD[..., R:]), dim=-1)
+        q_rot_BLGR, q_pass_BLGX = q_BLGD.split([R, D - R], dim=-1)  # split, not slices: its backward is one cat
+        q_BLGD = torch.cat((rope(q_rot_BLGR, cos_BLR[:, :, None], sin_BLR[:, :, None]), q_pass_BLGX), -1)
+        k_rot_BLR, k_pass_BLX = self.k_norm(self.wk(x_BLC)).split([R, D - R], dim=-1)
+        k_BLD = torch.cat((rope(k_rot_BLR, cos_BLR, sin_BLR), k_pass_BLX), dim=-1)
         w_BLG = self.weights_proj(x_BLC).float() * (G**-0.5 * D**-0.5)
         return q_BLGD, k_BLD, w_BLG

@@ -137,8 +137,9 @@ class DSAForCausalLM(nn.Module):
         h_NC = self.hidden_states(input_ids_BL, mode).flatten(0, 1)
         labels_N = self.context_parallel.shard(labels_BL).flatten()
         total = h_NC.new_zeros((), dtype=torch.float32)
-        for n0 in range(0, h_NC.shape[0], chunk_tokens):
-            h, y = h_NC[n0 : n0 + chunk_tokens], labels_N[n0 : n0 + chunk_tokens]
+        # split, not slices: the hidden states' gradient is then one cat of the chunks', not a zero-filled
+        # [tokens, hidden] tensor per chunk added up
+        for h, y in zip(h_NC.split(chunk_tokens), labels_N.split(chunk_tokens)):
             total = total + checkpoint(_chunk_ce, self.lm_head, h, y, use_reentrant=False)
         return total, (labels_N != -100).sum()
 
